@@ -1,0 +1,165 @@
+# The server's lifecycle: start -> serve -> shut down, in that fixed order.
+#
+# Shutdown stops accepting connections, lets requests in flight finish (their
+# writes reach the disk and their replies go out) within a grace period, then
+# closes every WebSocket with 1001 and closes storage.
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from websockets.asyncio.server import Server, serve
+
+from .chat import Chat
+from .config import Config
+from .http import HttpRoutes, load_static
+from .storage.base import Storage, StorageError
+from .storage.file import FileStorage
+from .transport import Transport
+
+logger = logging.getLogger("sectionchat")
+
+SWEEP_INTERVAL_S = 5.0
+
+
+class StartupError(Exception):
+    """The server cannot start; the message says why in one line."""
+
+
+def make_storage(config: Config) -> Storage:
+    if config.storage == "file":
+        return FileStorage(config.data_dir)
+    if config.storage.startswith("redis://"):
+        raise StartupError("--storage redis:// is not available in this version; use --storage file")
+    raise StartupError(f"--storage must be 'file' or redis://HOST:PORT/DB, not {config.storage!r}")
+
+
+class App:
+    """One running sectionchat server."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.state = "starting"
+        self.storage: Storage | None = None
+        self.chat: Chat | None = None
+        self.transport: Transport | None = None
+        self.server: Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None, "server is not started"
+        return self.server.sockets[0].getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.config.host}:{self.port}/ws"
+
+    def health(self) -> tuple[int, dict[str, object]]:
+        status = 200 if self.state == "serving" else 503
+        return status, {"status": self.state, "connections": len(self.server.connections) if self.server else 0}
+
+    async def start(self) -> None:
+        if self.config.auth_secret:
+            raise StartupError("--auth-secret (token mode) is not available in this version")
+        storage = make_storage(self.config)
+        try:
+            await storage.open()
+        except StorageError as error:
+            raise StartupError(str(error)) from None
+        self.storage = storage
+        self.chat = Chat(
+            storage,
+            max_text_chars=self.config.max_text_chars,
+            recovery_window=self.config.recovery_window,
+            section_idle_s=self.config.section_idle_s,
+        )
+        self.transport = Transport(self.chat, self.config, HttpRoutes(self.health, load_static()))
+        try:
+            self.server = await serve(
+                self.transport.handle,
+                self.config.host,
+                self.config.port,
+                process_request=self.transport.process_request,
+                select_subprotocol=self.transport.select_subprotocol,
+                server_header=None,
+                compression=None,
+                max_size=self.config.max_frame_bytes,
+                logger=logging.getLogger("websockets.server"),
+            )
+        except OSError as error:
+            await storage.close()
+            reason = os.strerror(error.errno).lower() if error.errno else str(error)
+            raise StartupError(f"cannot listen on {self.config.host}:{self.config.port}: {reason}") from None
+        self._sweeper = asyncio.create_task(self._sweep())
+        self.state = "serving"
+        host = self.server.sockets[0].getsockname()[0]
+        logger.info("listening on %s:%d (http://%s:%d/, ws://%s:%d/ws)", host, self.port, host, self.port, host, self.port)
+
+    async def _sweep(self) -> None:
+        assert self.chat is not None
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            evicted = await self.chat.evict_idle()
+            if evicted:
+                logger.debug("%d idle sections left memory", evicted)
+
+    async def stop(self) -> None:
+        if self.state in ("draining", "stopped"):
+            return
+        self.state = "draining"
+        logger.info("shutting down")
+        if self.server is not None and self.transport is not None and self.chat is not None:
+            self.server.server.close()  # stop accepting; open connections stay for now
+            self.transport.draining = True
+            try:
+                await asyncio.wait_for(self.transport.wait_idle(), self.config.shutdown_grace_s)
+            except TimeoutError:
+                logger.warning("requests still in flight after %.1f s; closing anyway", self.config.shutdown_grace_s)
+            self.server.close()  # 1001 to every WebSocket
+            await self.server.wait_closed()
+            await self.chat.drain()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self.storage is not None:
+            await self.storage.close()
+        self.state = "stopped"
+        logger.info("stopped")
+
+
+@asynccontextmanager
+async def running(config: Config) -> AsyncIterator[App]:
+    """Start a server for the duration of a block (tests use port 0)."""
+    app = App(config)
+    await app.start()
+    try:
+        yield app
+    finally:
+        await app.stop()
+
+
+async def serve_until_signalled(config: Config) -> None:
+    """Run until SIGINT or SIGTERM; a second signal stops at once."""
+    app = App(config)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            logger.warning("second %s: exiting now", signal.Signals(signum).name)
+            raise SystemExit(1)
+        stop.set()
+
+    # Handlers first: a signal that arrives while starting still stops cleanly.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
+    await app.start()
+    try:
+        await stop.wait()
+    finally:
+        await app.stop()

@@ -1,0 +1,514 @@
+# The chat logic: sections, sessions, offsets, presence. No sockets.
+#
+# Rules kept here:
+# - One asyncio.Lock per section serializes its writes: offsets and seqs are
+#   assigned under it, stored, and only then applied to memory and announced.
+#   Nothing awaits a socket: peers' `send` methods queue bytes and return.
+# - Replies and events are sent in the same synchronous step that applies a
+#   change, so every peer sees a section's events in offset order and a
+#   subscriber's `subscribed` reply comes before any event that follows it.
+# - A record is applied the same way whether it was just stored or is being
+#   replayed from storage (`Section.apply`).
+# - Sections nobody uses leave memory and are loaded back on demand.
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from typing import Protocol
+
+import msgspec
+
+from protocol import errors
+from protocol.codec import Codec
+from protocol.errors import ChatError
+from protocol.messages import (
+    ClientRequest,
+    CloseSession,
+    CreateSession,
+    Error,
+    GetSession,
+    History,
+    HistoryPage,
+    ListSessions,
+    Message,
+    MessageAck,
+    MessageEvent,
+    Ping,
+    Pong,
+    Presence,
+    SendMessage,
+    ServerFrame,
+    Session,
+    SessionClosed,
+    SessionCreated,
+    SessionInfo,
+    SessionList,
+    StoredEvent,
+    Subscribe,
+    Subscribed,
+    Typing,
+    TypingEvent,
+    Unsubscribe,
+    Unsubscribed,
+)
+
+from .storage.base import (
+    MessageRecord,
+    SectionKey,
+    SessionClosedRecord,
+    SessionCreatedRecord,
+    Storage,
+    StorageError,
+    StoredRecord,
+)
+
+logger = logging.getLogger("sectionchat.chat")
+
+
+class Peer(Protocol):
+    """One client connection as the chat logic sees it."""
+
+    connection_id: str
+    user: str
+    codec: Codec
+
+    def send(self, data: bytes) -> None:
+        """Queue one encoded frame; never blocks."""
+
+
+def rfc3339_now() -> str:
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
+
+
+def reply(peer: Peer, frame: ServerFrame) -> None:
+    peer.send(peer.codec.encode(frame))
+
+
+class SessionState:
+    __slots__ = ("session", "messages", "by_client_msg_id")
+
+    def __init__(self, session: Session):
+        self.session = session
+        self.messages: list[Message] = []  # messages[i].seq == i + 1
+        self.by_client_msg_id: dict[str, Message] = {}
+
+
+class Section:
+    """One section of one document: its stored stream in memory, and who listens."""
+
+    def __init__(self, key: SectionKey, recovery_window: int):
+        self.key = key
+        self.lock = asyncio.Lock()
+        self.loaded = False
+        self.epoch = ""
+        self.epoch_stored = False
+        self.offset = 0
+        self.sessions: dict[str, SessionState] = {}
+        self.idempotency: dict[tuple[str, str], str] = {}
+        self.recent: deque[StoredEvent] = deque(maxlen=recovery_window)
+        self.subscribers: set[Peer] = set()
+        self.presence: Counter[str] = Counter()
+        # Presence as last announced, and the snapshot each peer that
+        # subscribed since then was given (see Chat._flush_presence).
+        self.announced: set[str] = set()
+        self.snapshots: dict[Peer, set[str]] = {}
+        self.presence_flush: asyncio.TimerHandle | None = None
+        self.pins = 0
+        self.last_used = time.monotonic()
+
+    def apply(self, record: StoredRecord) -> StoredEvent:
+        """Make a stored record part of the section's state; return its event."""
+        event: StoredEvent
+        match record:
+            case SessionCreatedRecord(session=session, idempotency_key=key):
+                self.sessions[session.session_id] = SessionState(msgspec.structs.replace(session))
+                if key is not None:
+                    self.idempotency[(session.created_by, key)] = session.session_id
+                event = SessionCreated(session=session, offset=record.offset)
+            case MessageRecord(message=message):
+                state = self.sessions[message.session_id]
+                state.messages.append(message)
+                state.session.last_seq = message.seq
+                if message.client_msg_id is not None:
+                    state.by_client_msg_id[message.client_msg_id] = message
+                event = MessageEvent(message=message, offset=record.offset)
+            case SessionClosedRecord(session=session):
+                self.sessions[session.session_id].session.closed = True
+                event = SessionClosed(session=session, offset=record.offset)
+        self.offset = record.offset
+        self.recent.append(event)
+        return event
+
+    def session(self, session_id: str) -> SessionState:
+        state = self.sessions.get(session_id)
+        if state is None:
+            raise ChatError(errors.NOT_FOUND, f"no session {session_id!r}")
+        return state
+
+    def events_after(self, offset: int) -> list[StoredEvent] | None:
+        """Stored events after `offset`, or None if some have left the recovery window."""
+        missed = self.offset - offset
+        if missed < 0 or missed > len(self.recent):
+            return None
+        return list(self.recent)[len(self.recent) - missed :] if missed else []
+
+    def evictable(self, now: float, idle_s: float) -> bool:
+        return self.pins == 0 and not self.subscribers and not self.lock.locked() and now - self.last_used >= idle_s
+
+
+class Chat:
+    """Everything the server decides; transports only feed it requests."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        max_text_chars: int = 8000,
+        recovery_window: int = 1000,
+        presence_window_s: float = 0.1,
+        section_idle_s: float = 60.0,
+        max_cached_sections: int = 10_000,
+    ):
+        self.storage = storage
+        self.max_text_chars = max_text_chars
+        self.recovery_window = recovery_window
+        self.presence_window_s = presence_window_s
+        self.section_idle_s = section_idle_s
+        self.max_cached_sections = max_cached_sections
+        self._sections: dict[SectionKey, Section] = {}
+        self._subscriptions: dict[Peer, set[SectionKey]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # Requests -------------------------------------------------------------------
+
+    async def handle(self, peer: Peer, request: ClientRequest) -> None:
+        """Carry out one request; its reply (or error) goes to `peer`."""
+        try:
+            match request:
+                case CreateSession():
+                    await self._write(self._create_session(peer, request))
+                case GetSession():
+                    section = await self._section_of(request.session_id)
+                    reply(peer, SessionInfo(session=section.session(request.session_id).session, reply_to=request.id))
+                case ListSessions():
+                    reply(peer, SessionList(sessions=await self._list_sessions(request), reply_to=request.id))
+                case SendMessage():
+                    await self._write(self._send_message(peer, request))
+                case History():
+                    section = await self._section_of(request.session_id)
+                    reply(peer, _history_page(section.session(request.session_id), request))
+                case CloseSession():
+                    await self._write(self._close_session(peer, request))
+                case Subscribe():
+                    await self._subscribe(peer, request)
+                case Unsubscribe():
+                    key = SectionKey(request.document_id, request.section_id)
+                    self._unsubscribe(peer, key)
+                    reply(peer, Unsubscribed(document_id=key.document_id, section_id=key.section_id, reply_to=request.id))
+                case Typing():
+                    section = await self._section_of(request.session_id)
+                    if section.session(request.session_id).session.closed:
+                        raise ChatError(errors.CONFLICT, "the session is closed")
+                    self._broadcast(section, TypingEvent(session_id=request.session_id, user=peer.user), peer)
+                case Ping():
+                    reply(peer, Pong(reply_to=request.id))
+        except ChatError as error:
+            reply(peer, Error(code=error.code, message=error.message, temporary=error.temporary, reply_to=request.id))
+        except StorageError as error:
+            logger.warning("storage failed: %s", error)
+            reply(peer, _unavailable(request.id))
+
+    async def _write(self, operation: Awaitable[None]) -> None:
+        # A write runs to its end even if the connection that asked for it
+        # goes away: half an operation would leave memory and disk apart.
+        task = asyncio.ensure_future(operation)
+        self._tasks.add(task)
+        task.add_done_callback(_forget_task(self._tasks))
+        await asyncio.shield(task)
+
+    async def _store(self, section: Section, records: list[StoredRecord]) -> list[StoredEvent]:
+        await self.storage.append(section.key, section.epoch, records)
+        section.epoch_stored = True
+        return [section.apply(record) for record in records]
+
+    async def _create_session(self, peer: Peer, request: CreateSession) -> None:
+        key = SectionKey(request.document_id, request.section_id)
+        async with self._locked(key) as section:
+            if request.idempotency_key is not None:
+                existing = section.idempotency.get((peer.user, request.idempotency_key))
+                if existing is not None:
+                    reply(peer, SessionCreated(session=section.sessions[existing].session, reply_to=request.id))
+                    return
+            session = Session(
+                session_id=str(uuid.uuid4()),
+                document_id=key.document_id,
+                section_id=key.section_id,
+                title=request.title,
+                created_by=peer.user,
+                created_at=rfc3339_now(),
+                closed=False,
+                last_seq=0,
+            )
+            record = SessionCreatedRecord(offset=section.offset + 1, session=session, idempotency_key=request.idempotency_key)
+            [event] = await self._store(section, [record])
+            reply(peer, SessionCreated(session=session, reply_to=request.id))
+            self._broadcast(section, event, peer)
+
+    async def _send_message(self, peer: Peer, request: SendMessage) -> None:
+        if len(request.text) > self.max_text_chars:
+            raise ChatError(errors.TOO_LARGE, f"text is {len(request.text)} characters; the limit is {self.max_text_chars}")
+        key = await self._key_of(request.session_id)
+        async with self._locked(key) as section:
+            state = section.session(request.session_id)
+            if request.client_msg_id is not None:
+                original = state.by_client_msg_id.get(request.client_msg_id)
+                if original is not None:
+                    reply(peer, MessageAck(message=original, reply_to=request.id))
+                    return
+            if state.session.closed:
+                raise ChatError(errors.CONFLICT, "the session is closed")
+            message = Message(
+                session_id=request.session_id,
+                seq=state.session.last_seq + 1,
+                message_id=str(uuid.uuid4()),
+                author=peer.user,
+                text=request.text,
+                client_msg_id=request.client_msg_id,
+                sent_at=rfc3339_now(),
+            )
+            [event] = await self._store(section, [MessageRecord(offset=section.offset + 1, message=message)])
+            reply(peer, MessageAck(message=message, reply_to=request.id))
+            self._broadcast(section, event, peer)
+
+    async def _close_session(self, peer: Peer, request: CloseSession) -> None:
+        key = await self._key_of(request.session_id)
+        async with self._locked(key) as section:
+            session = section.session(request.session_id).session
+            if session.closed:
+                raise ChatError(errors.CONFLICT, "the session is already closed")
+            closed = msgspec.structs.replace(session, closed=True)
+            [event] = await self._store(section, [SessionClosedRecord(offset=section.offset + 1, session=closed)])
+            reply(peer, SessionClosed(session=closed, reply_to=request.id))
+            self._broadcast(section, event, peer)
+
+    async def _list_sessions(self, request: ListSessions) -> list[Session]:
+        if request.section_id is not None:
+            keys = [SectionKey(request.document_id, request.section_id)]
+        else:
+            keys = await self.storage.document_sections(request.document_id)
+        sessions = []
+        for key in keys:
+            section = await self._loaded(key)
+            sessions.extend(state.session for state in section.sessions.values())
+        if len(keys) > 1:
+            sessions.sort(key=lambda session: session.created_at)
+        return sessions
+
+    async def _subscribe(self, peer: Peer, request: Subscribe) -> None:
+        key = SectionKey(request.document_id, request.section_id)
+        section = await self._loaded(key)
+        # From here to the reply nothing awaits, so no event can slip between
+        # the snapshot and the live stream.
+        if peer not in section.subscribers:
+            section.subscribers.add(peer)
+            self._subscriptions.setdefault(peer, set()).add(key)
+            section.presence[peer.user] += 1
+            if section.presence[peer.user] == 1:
+                self._presence_changed(section)
+            if section.presence_flush is not None:
+                section.snapshots[peer] = set(section.presence)
+        # A plain subscribe recovers nothing; the client loads the snapshot.
+        events: list[StoredEvent] | None = None
+        if request.since_offset is not None:
+            # Having seen nothing, a client misses nothing by a change of epoch.
+            same_stream = request.epoch in (None, section.epoch) or request.since_offset == 0
+            events = section.events_after(request.since_offset) if same_stream else None
+        reply(
+            peer,
+            Subscribed(
+                document_id=key.document_id,
+                section_id=key.section_id,
+                epoch=section.epoch,
+                offset=section.offset,
+                sessions=[state.session for state in section.sessions.values()],
+                presence=sorted(section.presence),
+                recovered=events is not None,
+                events=events or [],
+                reply_to=request.id,
+            ),
+        )
+
+    def _unsubscribe(self, peer: Peer, key: SectionKey) -> None:
+        section = self._sections.get(key)
+        if section is None or peer not in section.subscribers:
+            return
+        section.subscribers.discard(peer)
+        section.snapshots.pop(peer, None)
+        keys = self._subscriptions.get(peer)
+        if keys is not None:
+            keys.discard(key)
+        section.presence[peer.user] -= 1
+        if section.presence[peer.user] == 0:
+            del section.presence[peer.user]
+            self._presence_changed(section)
+        section.last_used = time.monotonic()
+
+    def disconnect(self, peer: Peer) -> None:
+        """Forget a connection that has gone: its subscriptions end and its presence with them."""
+        for key in list(self._subscriptions.get(peer, ())):
+            self._unsubscribe(peer, key)
+        self._subscriptions.pop(peer, None)
+
+    # Fan-out ----------------------------------------------------------------
+
+    def _broadcast(self, section: Section, frame: ServerFrame, cause: Peer | None) -> None:
+        encoded: dict[Codec, bytes] = {}
+        for peer in section.subscribers:
+            if peer is cause:
+                continue
+            data = encoded.get(peer.codec)
+            if data is None:
+                data = encoded[peer.codec] = peer.codec.encode(frame)
+            peer.send(data)
+
+    def _presence_changed(self, section: Section) -> None:
+        if section.presence_flush is None:
+            loop = asyncio.get_running_loop()
+            section.presence_flush = loop.call_later(self.presence_window_s, self._flush_presence, section)
+
+    def _flush_presence(self, section: Section) -> None:
+        """Announce the net presence change of the window to every subscriber."""
+        section.presence_flush = None
+        present = set(section.presence)
+        snapshots, section.snapshots = section.snapshots, {}
+        common = _presence_frame(section.key, section.announced, present)
+        section.announced = present
+        encoded: dict[Codec, bytes] = {}
+        for peer in section.subscribers:
+            if peer in snapshots:
+                frame = _presence_frame(section.key, snapshots[peer], present)
+                if frame is not None:
+                    reply(peer, frame)
+            elif common is not None:
+                data = encoded.get(peer.codec)
+                if data is None:
+                    data = encoded[peer.codec] = peer.codec.encode(common)
+                peer.send(data)
+
+    # Sections in memory -----------------------------------------------------
+
+    async def _key_of(self, session_id: str) -> SectionKey:
+        key = await self.storage.find_section(session_id)
+        if key is None:
+            raise ChatError(errors.NOT_FOUND, f"no session {session_id!r}")
+        return key
+
+    async def _section_of(self, session_id: str) -> Section:
+        return await self._loaded(await self._key_of(session_id))
+
+    async def _loaded(self, key: SectionKey) -> Section:
+        """The section, loaded, for reading: reads never wait behind a write's fsync."""
+        section = self._sections.get(key)
+        if section is not None and section.loaded:
+            section.last_used = time.monotonic()
+            return section
+        async with self._locked(key) as section:
+            return section
+
+    @asynccontextmanager
+    async def _locked(self, key: SectionKey) -> AsyncIterator[Section]:
+        section = self._sections.get(key)
+        if section is None:
+            section = self._sections[key] = Section(key, self.recovery_window)
+        # Pinned sections are never evicted, so the object we lock is the one
+        # the registry holds.
+        section.pins += 1
+        try:
+            async with section.lock:
+                if not section.loaded:
+                    await self._load(section)
+                yield section
+        finally:
+            section.pins -= 1
+            section.last_used = time.monotonic()
+
+    async def _load(self, section: Section) -> None:
+        log = await self.storage.load_section(section.key)
+        for record in log.records:
+            section.apply(record)
+        section.epoch = log.epoch or secrets.token_hex(8)
+        section.epoch_stored = log.epoch is not None
+        section.loaded = True
+
+    async def evict_idle(self) -> int:
+        """Drop sections nobody has used for a while; returns how many."""
+        now = time.monotonic()
+        candidates = [s for s in self._sections.values() if s.evictable(now, self.section_idle_s)]
+        excess = len(self._sections) - self.max_cached_sections
+        if excess > 0:
+            # Over the cap: also drop the least recently used of the rest.
+            others = sorted(
+                (s for s in self._sections.values() if s.evictable(now, 0.0) and s not in candidates),
+                key=lambda s: s.last_used,
+            )
+            candidates.extend(others[: max(0, excess - len(candidates))])
+        for section in candidates:
+            del self._sections[section.key]
+            if section.presence_flush is not None:
+                section.presence_flush.cancel()  # nobody is left to tell
+        for section in candidates:
+            await self.storage.release(section.key)
+        return len(candidates)
+
+    @property
+    def cached_sections(self) -> int:
+        return len(self._sections)
+
+    async def drain(self) -> None:
+        """Wait for writes in flight (a connection that went away may have left some)."""
+        while self._tasks:
+            await asyncio.wait(list(self._tasks))
+
+
+def _forget_task(tasks: set[asyncio.Task[None]]):
+    def done(task: asyncio.Task[None]) -> None:
+        tasks.discard(task)
+        # The awaiting handler reports the outcome; if it went away, nobody
+        # will, so retrieve it here to keep asyncio from warning about it.
+        if not task.cancelled():
+            task.exception()
+
+    return done
+
+
+def _presence_frame(key: SectionKey, before: set[str], after: set[str]) -> Presence | None:
+    joined, left = sorted(after - before), sorted(before - after)
+    if not joined and not left:
+        return None
+    return Presence(document_id=key.document_id, section_id=key.section_id, joined=joined, left=left)
+
+
+def _history_page(state: SessionState, request: History) -> HistoryPage:
+    messages, limit = state.messages, request.limit
+    if request.after_seq is not None:
+        start = min(request.after_seq, len(messages))
+        page = messages[start : start + limit]
+        has_more = start + limit < len(messages)
+    else:
+        end = len(messages) if request.before_seq is None else min(max(request.before_seq - 1, 0), len(messages))
+        start = max(end - limit, 0)
+        page = messages[start:end]
+        has_more = start > 0
+    return HistoryPage(session_id=request.session_id, messages=page, has_more=has_more, reply_to=request.id)
+
+
+def _unavailable(reply_to: str | int | None) -> Error:
+    return Error(code=errors.UNAVAILABLE, message="storage is unavailable; nothing was stored", temporary=True, reply_to=reply_to)

@@ -1,0 +1,103 @@
+# The server's configuration: one Config with safe defaults, and the command
+# line and environment that fill it. Precedence: command line > environment
+# (SECTIONCHAT_<OPTION>) > default.
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+
+ENV_PREFIX = "SECTIONCHAT_"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    # Network
+    host: str = "127.0.0.1"
+    port: int = 8765
+    # Storage
+    data_dir: str = "./data"
+    storage: str = "file"
+    # Access
+    auth_secret: str | None = dataclasses.field(default=None, repr=False)
+    allowed_origins: tuple[str, ...] = ()
+    # Limits
+    rate_limit: float = 20.0
+    max_frame_bytes: int = 65536
+    max_text_chars: int = 8000
+    recovery_window: int = 1000
+    # Timeouts
+    shutdown_grace_s: float = 10.0
+    section_idle_s: float = 60.0
+    # Logging
+    log_level: str = "info"
+
+
+# option name -> (type, help); the option's flag is --name-with-dashes.
+_OPTIONS: dict[str, tuple[type, str]] = {
+    "host": (str, "address to listen on"),
+    "port": (int, "port to listen on; 0 picks a free one"),
+    "data_dir": (str, "directory for file storage"),
+    "storage": (str, "'file' or redis://HOST:PORT/DB"),
+    "auth_secret": (str, "HS256 secret: turns on token mode"),
+    "rate_limit": (float, "requests per second per connection; 0 turns the limit off"),
+    "max_frame_bytes": (int, "largest frame accepted; larger ones close the connection with 1009"),
+    "max_text_chars": (int, "longest message text accepted"),
+    "recovery_window": (int, "how many events a section keeps for recovery"),
+    "shutdown_grace_s": (float, "how long shutdown waits for requests in flight"),
+    "section_idle_s": (float, "how long an unused section stays in memory"),
+    "log_level": (str, "debug, info, warning or error"),
+}
+
+
+def _env_value(name: str, kind: type, environ: Mapping[str, str]) -> object:
+    raw = environ[ENV_PREFIX + name.upper()]
+    try:
+        return kind(raw)
+    except ValueError:
+        raise SystemExit(f"sectionchat: {ENV_PREFIX}{name.upper()}={raw!r} is not a valid {kind.__name__}") from None
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    for name, (kind, text) in _OPTIONS.items():
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=text)
+    parser.add_argument(
+        "--allowed-origin",
+        dest="allowed_origins",
+        action="append",
+        default=None,
+        metavar="ORIGIN",
+        help="an Origin allowed to open WebSockets (repeatable); any other gets HTTP 403",
+    )
+
+
+def load(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> Config:
+    """Resolve the configuration from parsed arguments and the environment."""
+    values: dict[str, object] = {}
+    for name, (kind, _) in _OPTIONS.items():
+        if getattr(args, name, None) is not None:
+            values[name] = getattr(args, name)
+        elif ENV_PREFIX + name.upper() in environ:
+            values[name] = _env_value(name, kind, environ)
+    origins: Sequence[str] | None = getattr(args, "allowed_origins", None)
+    if origins is None and ENV_PREFIX + "ALLOWED_ORIGINS" in environ:
+        origins = environ[ENV_PREFIX + "ALLOWED_ORIGINS"].split()
+    if origins:
+        values["allowed_origins"] = tuple(origins)
+    config = Config(**values)  # type: ignore[arg-type]
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    if not 0 <= config.port <= 65535:
+        raise SystemExit(f"sectionchat: --port {config.port} is not a port number")
+    if config.rate_limit < 0:
+        raise SystemExit("sectionchat: --rate-limit must be 0 (off) or positive")
+    if config.log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise SystemExit(f"sectionchat: --log-level {config.log_level!r} is not one of debug, info, warning, error")
+    for name in ("max_frame_bytes", "max_text_chars", "recovery_window"):
+        if getattr(config, name) < 1:
+            raise SystemExit(f"sectionchat: --{name.replace('_', '-')} must be at least 1")

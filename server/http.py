@@ -1,0 +1,72 @@
+# Plain HTTP on the WebSocket port: the browser client, its assets, health.
+#
+# Static files are read once at startup into a table of url -> response body,
+# so a request path is only ever looked up, never joined onto the filesystem.
+
+from __future__ import annotations
+
+import email.utils
+import http
+import mimetypes
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+from websockets.datastructures import Headers
+from websockets.http11 import Response
+
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+
+
+def response(status: int, body: bytes, content_type: str, *, cache: bool = False) -> Response:
+    headers = Headers(
+        [
+            ("Date", email.utils.formatdate(usegmt=True)),
+            ("Connection", "close"),
+            ("Content-Length", str(len(body))),
+            ("Content-Type", content_type),
+            ("Cache-Control", "no-cache" if cache else "no-store"),
+            ("X-Content-Type-Options", "nosniff"),
+        ]
+    )
+    return Response(status, http.HTTPStatus(status).phrase, headers, body)
+
+
+def json_response(status: int, document: object) -> Response:
+    return response(status, msgspec.json.encode(document), "application/json")
+
+
+def not_found() -> Response:
+    return response(404, b"not found\n", "text/plain; charset=utf-8")
+
+
+def load_static(directory: Path = STATIC_DIR) -> dict[str, tuple[bytes, str]]:
+    """Every file under `directory` as url path -> (body, content type)."""
+    files: dict[str, tuple[bytes, str]] = {}
+    if not directory.is_dir():
+        return files
+    for path in sorted(directory.rglob("*")):
+        if path.is_file() and not path.name.startswith("."):
+            content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+            if content_type.startswith("text/") or content_type in ("application/javascript", "application/json"):
+                content_type += "; charset=utf-8"
+            files["/static/" + path.relative_to(directory).as_posix()] = (path.read_bytes(), content_type)
+    if "/static/index.html" in files:
+        files["/"] = files["/static/index.html"]
+    return files
+
+
+class HttpRoutes:
+    """Answers the plain HTTP requests that reach the WebSocket port."""
+
+    def __init__(self, health: Callable[[], tuple[int, dict[str, object]]], static: dict[str, tuple[bytes, str]]):
+        self._health = health
+        self._static = static
+
+    def __call__(self, path: str) -> Response:
+        if path == "/healthz":
+            return json_response(*self._health())
+        found = self._static.get(path)
+        if found is None:
+            return not_found()
+        return response(200, found[0], found[1], cache=True)

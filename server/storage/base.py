@@ -1,0 +1,70 @@
+# The storage interface: what the chat logic asks of a backend, and nothing more.
+#
+# A section's stored history is an ordered list of records, numbered by
+# `offset` 1, 2, 3… with no gaps. Backends keep that list durably, plus the
+# index that finds a session's section. `append` returns only once the records
+# are durable; when it raises, none of them will ever be read back.
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol, Union
+
+from msgspec import Struct
+
+from protocol.messages import Message, Session
+
+
+class SectionKey(NamedTuple):
+    document_id: str
+    section_id: str
+
+
+class Record(Struct, tag_field="kind", kw_only=True, omit_defaults=True):
+    offset: int
+
+
+class SessionCreatedRecord(Record, tag="session_created"):
+    session: Session
+    idempotency_key: str | None = None
+
+
+class MessageRecord(Record, tag="message"):
+    message: Message
+
+
+class SessionClosedRecord(Record, tag="session_closed"):
+    session: Session
+
+
+StoredRecord = Union[SessionCreatedRecord, MessageRecord, SessionClosedRecord]
+
+
+class SectionLog(NamedTuple):
+    """A section as loaded from storage: its epoch (None if nothing was ever stored) and records."""
+
+    epoch: str | None
+    records: list[StoredRecord]
+
+
+class StorageError(Exception):
+    """Storage could not do what was asked; nothing of the request was stored."""
+
+
+class Storage(Protocol):
+    async def open(self) -> None:
+        """Check the backend is usable and load what must be in memory; raise StorageError if not."""
+
+    async def close(self) -> None: ...
+
+    async def load_section(self, key: SectionKey) -> SectionLog: ...
+
+    async def append(self, key: SectionKey, epoch: str, records: list[StoredRecord]) -> None:
+        """Store records durably after those already stored; `epoch` names a new section's stream."""
+
+    async def find_section(self, session_id: str) -> SectionKey | None: ...
+
+    async def document_sections(self, document_id: str) -> list[SectionKey]:
+        """The sections of a document that hold at least one session, oldest first."""
+
+    async def release(self, key: SectionKey) -> None:
+        """The chat logic no longer holds this section in memory: drop what is cached for it."""

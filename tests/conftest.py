@@ -1,0 +1,122 @@
+"""Fixtures: real servers on port 0 with real data dirs, in-process or as a process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from client import ScriptClient
+from server.app import running
+from server.config import Config
+
+ROOT = Path(__file__).resolve().parent.parent
+LISTENING = re.compile(rb"listening on (\S+):(\d+)")
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return tmp_path / "data"
+
+
+@pytest.fixture
+async def app(data_dir: Path) -> AsyncIterator:
+    """A server in this event loop, on a free port, with a fresh data dir."""
+    async with running(Config(port=0, data_dir=str(data_dir), rate_limit=0)) as app:
+        yield app
+
+
+@pytest.fixture
+def connect(app):
+    """connect(name) -> an async context manager for a ScriptClient to `app`."""
+
+    def connect(name: str | None = None, **options) -> ScriptClient:
+        return ScriptClient.connect(app.url, name=name, **options)
+
+    return connect
+
+
+class ServerProcess:
+    """`python -m server serve` as a child process, as operators run it."""
+
+    def __init__(self, data_dir: Path, *args: str):
+        self.data_dir = data_dir
+        self.args = args
+        self.process: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self.output = b""
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def start(self, port: int = 0, timeout: float = 20.0) -> ServerProcess:
+        """Start the server and wait for its "listening on" line."""
+        command = [sys.executable, "-m", "server", "serve", "--port", str(port), "--data-dir", str(self.data_dir), *self.args]
+        self.process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.output = b""
+        assert self.process.stdout is not None
+        os.set_blocking(self.process.stdout.fileno(), True)
+        while True:
+            line = self.process.stdout.readline()
+            if not line:
+                raise AssertionError(f"server exited before listening:\n{self.output.decode(errors='replace')}")
+            self.output += line
+            found = LISTENING.search(line)
+            if found:
+                self.port = int(found.group(2))
+                return self
+
+    def read_rest(self) -> str:
+        """Everything the process printed, once it has exited."""
+        assert self.process is not None and self.process.stdout is not None
+        self.output += self.process.stdout.read()
+        return self.output.decode(errors="replace")
+
+    def kill(self) -> None:
+        """kill -9: no shutdown code runs."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(10)
+        self.read_rest()
+
+    def terminate(self, timeout: float = 20.0) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout)
+        self.read_rest()
+        return code
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+@pytest.fixture
+def server_process(data_dir: Path) -> Iterator:
+    """server_process(*extra_args) -> a started ServerProcess on this test's data dir."""
+    started: list[ServerProcess] = []
+
+    def start(*args: str) -> ServerProcess:
+        server = ServerProcess(data_dir, *args).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+async def until(predicate, timeout: float = 5.0, interval: float = 0.01) -> None:
+    """Poll a condition that no event signals (e.g. a file appearing)."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(interval)

@@ -1,0 +1,67 @@
+"""Storage failures: nothing is acknowledged, reads go on, writing recovers."""
+
+from __future__ import annotations
+
+import resource
+
+import pytest
+
+from client import ScriptClient
+
+FILE_SIZE_LIMIT = 64 * 1024
+
+
+def set_file_size_limit(pid: int, limit: int) -> None:
+    # Only the soft limit: raising a hard limit again needs CAP_SYS_RESOURCE.
+    resource.prlimit(pid, resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+
+@pytest.mark.timeout(60)
+async def test_write_failure_is_unavailable_and_recovers(server_process, data_dir):
+    """A write that fails (file size limit) is `unavailable`, leaves no trace, and writing resumes later."""
+    server = server_process()
+    async with ScriptClient.connect(server.url, name="alice") as alice, ScriptClient.connect(server.url, name="bob") as bob:
+        sid = (await alice.call("create_session", document_id="d", section_id="s"))["session"]["session_id"]
+        await bob.call("subscribe", document_id="d", section_id="s")
+        set_file_size_limit(server.process.pid, FILE_SIZE_LIMIT)
+        acked = []
+        while True:
+            reply = await alice.request("send_message", session_id=sid, text="x" * 1000, client_msg_id=f"m{len(acked)}")
+            if reply["type"] == "error":
+                break
+            acked.append(reply["message"])
+        assert reply["code"] == "unavailable" and reply["temporary"] is True
+        assert len(acked) > 10
+        # Reads still work and show exactly what was acknowledged.
+        history = await alice.call("history", session_id=sid, limit=200)
+        assert history["messages"] == acked
+        # Subscribers saw every acknowledged message and nothing else.
+        seen = await bob.next_events("message", len(acked))
+        assert [e["message"] for e in seen] == acked
+        # Space returns: the same request now succeeds, with the next seq.
+        set_file_size_limit(server.process.pid, resource.RLIM_INFINITY)
+        retry = await alice.call("send_message", session_id=sid, text="x" * 1000, client_msg_id=f"m{len(acked)}")
+        assert retry["message"]["seq"] == len(acked) + 1
+        assert (await bob.next_event("message"))["message"] == retry["message"]
+    server.kill()
+    leftovers = [p.name for p in data_dir.rglob("*") if p.is_file() and p.suffix not in (".log", ".idx") and p.name != "LOCK"]
+    assert leftovers == []
+    restarted = server_process()
+    async with ScriptClient.connect(restarted.url, name="alice") as alice:
+        history = await alice.call("history", session_id=sid, limit=200)
+        assert history["messages"] == [*acked, retry["message"]]
+
+
+@pytest.mark.timeout(60)
+async def test_create_session_failure_is_unavailable(server_process):
+    """A session that cannot be stored is not created, and `list_sessions` does not show it."""
+    server = server_process()
+    async with ScriptClient.connect(server.url, name="alice") as alice:
+        await alice.call("create_session", document_id="d", section_id="s")
+        set_file_size_limit(server.process.pid, 1)
+        failed = await alice.request("create_session", document_id="d", section_id="s2")
+        assert failed["code"] == "unavailable" and failed["temporary"] is True
+        assert len((await alice.call("list_sessions", document_id="d"))["sessions"]) == 1
+        set_file_size_limit(server.process.pid, resource.RLIM_INFINITY)
+        await alice.call("create_session", document_id="d", section_id="s2")
+        assert len((await alice.call("list_sessions", document_id="d"))["sessions"]) == 2
