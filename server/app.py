@@ -65,8 +65,6 @@ class App:
         return status, {"status": self.state, "connections": len(self.server.connections) if self.server else 0}
 
     async def start(self) -> None:
-        if self.config.auth_secret:
-            raise StartupError("--auth-secret (token mode) is not available in this version")
         storage = make_storage(self.config)
         try:
             await storage.open()
@@ -76,6 +74,8 @@ class App:
         self.chat = Chat(
             storage,
             max_text_chars=self.config.max_text_chars,
+            max_subscriptions=self.config.max_subscriptions,
+            sessions_per_minute=self.config.sessions_per_minute,
             recovery_window=self.config.recovery_window,
             section_idle_s=self.config.section_idle_s,
         )
@@ -90,6 +90,9 @@ class App:
                 server_header=None,
                 compression=None,
                 max_size=self.config.max_frame_bytes,
+                open_timeout=self.config.open_timeout_s,
+                ping_interval=self.config.ping_interval_s,
+                ping_timeout=self.config.ping_timeout_s,
                 logger=logging.getLogger("websockets.server"),
             )
         except OSError as error:

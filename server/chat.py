@@ -59,6 +59,7 @@ from protocol.messages import (
     Unsubscribed,
 )
 
+from .limits import PerUserQuota
 from .storage.base import (
     MessageRecord,
     SectionKey,
@@ -77,6 +78,7 @@ class Peer(Protocol):
 
     connection_id: str
     user: str
+    documents: frozenset[str] | None  # the documents this peer may use; None: all
     codec: Codec
 
     def send(self, data: bytes) -> None:
@@ -172,6 +174,8 @@ class Chat:
         storage: Storage,
         *,
         max_text_chars: int = 8000,
+        max_subscriptions: int = 100,
+        sessions_per_minute: int = 0,
         recovery_window: int = 1000,
         presence_window_s: float = 0.1,
         section_idle_s: float = 60.0,
@@ -179,6 +183,8 @@ class Chat:
     ):
         self.storage = storage
         self.max_text_chars = max_text_chars
+        self.max_subscriptions = max_subscriptions
+        self._session_quota = PerUserQuota(sessions_per_minute, 60.0)
         self.recovery_window = recovery_window
         self.presence_window_s = presence_window_s
         self.section_idle_s = section_idle_s
@@ -196,25 +202,27 @@ class Chat:
                 case CreateSession():
                     await self._write(self._create_session(peer, request))
                 case GetSession():
-                    section = await self._section_of(request.session_id)
+                    section = await self._section_of(peer, request.session_id)
                     reply(peer, SessionInfo(session=section.session(request.session_id).session, reply_to=request.id))
                 case ListSessions():
+                    _check_access(peer, request.document_id)
                     reply(peer, SessionList(sessions=await self._list_sessions(request), reply_to=request.id))
                 case SendMessage():
                     await self._write(self._send_message(peer, request))
                 case History():
-                    section = await self._section_of(request.session_id)
+                    section = await self._section_of(peer, request.session_id)
                     reply(peer, _history_page(section.session(request.session_id), request))
                 case CloseSession():
                     await self._write(self._close_session(peer, request))
                 case Subscribe():
                     await self._subscribe(peer, request)
                 case Unsubscribe():
+                    _check_access(peer, request.document_id)
                     key = SectionKey(request.document_id, request.section_id)
                     self._unsubscribe(peer, key)
                     reply(peer, Unsubscribed(document_id=key.document_id, section_id=key.section_id, reply_to=request.id))
                 case Typing():
-                    section = await self._section_of(request.session_id)
+                    section = await self._section_of(peer, request.session_id)
                     if section.session(request.session_id).session.closed:
                         raise ChatError(errors.CONFLICT, "the session is closed")
                     self._broadcast(section, TypingEvent(session_id=request.session_id, user=peer.user), peer)
@@ -240,6 +248,7 @@ class Chat:
         return [section.apply(record) for record in records]
 
     async def _create_session(self, peer: Peer, request: CreateSession) -> None:
+        _check_access(peer, request.document_id)
         key = SectionKey(request.document_id, request.section_id)
         async with self._locked(key) as section:
             if request.idempotency_key is not None:
@@ -247,6 +256,10 @@ class Chat:
                 if existing is not None:
                     reply(peer, SessionCreated(session=section.sessions[existing].session, reply_to=request.id))
                     return
+            if not self._session_quota.allow(peer.user):
+                raise ChatError(
+                    errors.RATE_LIMITED, f"at most {self._session_quota.count} new sessions per minute; try again shortly"
+                )
             session = Session(
                 session_id=str(uuid.uuid4()),
                 document_id=key.document_id,
@@ -265,7 +278,7 @@ class Chat:
     async def _send_message(self, peer: Peer, request: SendMessage) -> None:
         if len(request.text) > self.max_text_chars:
             raise ChatError(errors.TOO_LARGE, f"text is {len(request.text)} characters; the limit is {self.max_text_chars}")
-        key = await self._key_of(request.session_id)
+        key = await self._key_of(peer, request.session_id)
         async with self._locked(key) as section:
             state = section.session(request.session_id)
             if request.client_msg_id is not None:
@@ -289,7 +302,7 @@ class Chat:
             self._broadcast(section, event, peer)
 
     async def _close_session(self, peer: Peer, request: CloseSession) -> None:
-        key = await self._key_of(request.session_id)
+        key = await self._key_of(peer, request.session_id)
         async with self._locked(key) as section:
             session = section.session(request.session_id).session
             if session.closed:
@@ -313,7 +326,13 @@ class Chat:
         return sessions
 
     async def _subscribe(self, peer: Peer, request: Subscribe) -> None:
+        _check_access(peer, request.document_id)
         key = SectionKey(request.document_id, request.section_id)
+        subscribed = self._subscriptions.get(peer, ())
+        if key not in subscribed and len(subscribed) >= self.max_subscriptions:
+            raise ChatError(
+                errors.BAD_REQUEST, f"this connection is subscribed to {len(subscribed)} sections, the limit; unsubscribe first"
+            )
         section = await self._loaded(key)
         # From here to the reply nothing awaits, so no event can slip between
         # the snapshot and the live stream.
@@ -405,14 +424,15 @@ class Chat:
 
     # Sections in memory -----------------------------------------------------
 
-    async def _key_of(self, session_id: str) -> SectionKey:
+    async def _key_of(self, peer: Peer, session_id: str) -> SectionKey:
         key = await self.storage.find_section(session_id)
         if key is None:
             raise ChatError(errors.NOT_FOUND, f"no session {session_id!r}")
+        _check_access(peer, key.document_id)
         return key
 
-    async def _section_of(self, session_id: str) -> Section:
-        return await self._loaded(await self._key_of(session_id))
+    async def _section_of(self, peer: Peer, session_id: str) -> Section:
+        return await self._loaded(await self._key_of(peer, session_id))
 
     async def _loaded(self, key: SectionKey) -> Section:
         """The section, loaded, for reading: reads never wait behind a write's fsync."""
@@ -487,6 +507,11 @@ def _forget_task(tasks: set[asyncio.Task[None]]):
             task.exception()
 
     return done
+
+
+def _check_access(peer: Peer, document_id: str) -> None:
+    if peer.documents is not None and document_id not in peer.documents:
+        raise ChatError(errors.FORBIDDEN, f"your token does not grant document {document_id!r}")
 
 
 def _presence_frame(key: SectionKey, before: set[str], after: set[str]) -> Presence | None:

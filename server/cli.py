@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
 
 from . import config as config_module
 from .app import StartupError, serve_until_signalled
+from .auth import mint_token
 
 
 class _UTCFormatter(logging.Formatter):
@@ -36,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = commands.add_parser("serve", help="run the server")
     config_module.add_serve_arguments(serve)
+    token = commands.add_parser("token", help="mint a token for token mode (development and tests)")
+    token.add_argument("--sub", required=True, help="the user")
+    token.add_argument("--docs", nargs="+", metavar="DOCUMENT_ID", help="documents granted ('*': all); default: all")
+    token.add_argument("--ttl", type=float, default=3600.0, help="seconds until it expires (default 3600)")
+    token.add_argument("--secret", help=f"the server's secret (default: ${config_module.ENV_PREFIX}AUTH_SECRET)")
     return parser
 
 
@@ -49,6 +56,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except StartupError as error:
             print(f"sectionchat: {error}", file=sys.stderr)
             return 1
+    elif args.command == "token":
+        secret = args.secret or os.environ.get(config_module.ENV_PREFIX + "AUTH_SECRET")
+        if not secret:
+            print(f"sectionchat: give --secret or set {config_module.ENV_PREFIX}AUTH_SECRET", file=sys.stderr)
+            return 1
+        print(mint_token(secret, args.sub, args.docs, args.ttl))
     return 0
 
 

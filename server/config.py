@@ -27,8 +27,15 @@ class Config:
     rate_limit: float = 20.0
     max_frame_bytes: int = 65536
     max_text_chars: int = 8000
+    max_subscriptions: int = 100
+    sessions_per_minute: int = 60
+    max_connections_per_user: int = 20
+    max_outgoing_bytes: int = 1024 * 1024
     recovery_window: int = 1000
     # Timeouts
+    open_timeout_s: float = 10.0
+    ping_interval_s: float = 20.0
+    ping_timeout_s: float = 20.0
     shutdown_grace_s: float = 10.0
     section_idle_s: float = 60.0
     # Logging
@@ -45,7 +52,14 @@ _OPTIONS: dict[str, tuple[type, str]] = {
     "rate_limit": (float, "requests per second per connection; 0 turns the limit off"),
     "max_frame_bytes": (int, "largest frame accepted; larger ones close the connection with 1009"),
     "max_text_chars": (int, "longest message text accepted"),
+    "max_subscriptions": (int, "sections one connection may subscribe to"),
+    "sessions_per_minute": (int, "sessions one user may create per minute; 0: no limit"),
+    "max_connections_per_user": (int, "open connections per user; 0: no limit"),
+    "max_outgoing_bytes": (int, "unsent bytes a connection may queue before it is closed as a slow consumer (4008)"),
     "recovery_window": (int, "how many events a section keeps for recovery"),
+    "open_timeout_s": (float, "how long a client has to complete the opening handshake"),
+    "ping_interval_s": (float, "how often the server pings each connection"),
+    "ping_timeout_s": (float, "how long a ping may go unanswered before the connection is dropped"),
     "shutdown_grace_s": (float, "how long shutdown waits for requests in flight"),
     "section_idle_s": (float, "how long an unused section stays in memory"),
     "log_level": (str, "debug, info, warning or error"),
@@ -98,6 +112,6 @@ def validate(config: Config) -> None:
         raise SystemExit("sectionchat: --rate-limit must be 0 (off) or positive")
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise SystemExit(f"sectionchat: --log-level {config.log_level!r} is not one of debug, info, warning, error")
-    for name in ("max_frame_bytes", "max_text_chars", "recovery_window"):
+    for name in ("max_frame_bytes", "max_text_chars", "max_subscriptions", "max_outgoing_bytes", "recovery_window"):
         if getattr(config, name) < 1:
             raise SystemExit(f"sectionchat: --{name.replace('_', '-')} must be at least 1")

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import secrets
 import uuid
+from collections import Counter
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import ServerConnection
@@ -22,41 +23,68 @@ from protocol.codec import Codec, codec_for_subprotocol
 from protocol.errors import ChatError
 from protocol.messages import PROTOCOL_VERSION, Error, Limits, Welcome
 
+from .auth import AuthError, Identity, authenticate, bearer_token
 from .chat import Chat, reply
 from .config import Config
 from .http import HttpRoutes, response
+from .limits import RequestRate
 
 logger = logging.getLogger("sectionchat.transport")
 
 SERVER_NAME = "sectionchat/0.1.0"
 WEBSOCKET_PATH = "/ws"
+SUBPROTOCOLS = ("sectionchat.v1", "sectionchat.v1.msgpack")
+CLOSE_POLICY_VIOLATION = 1008
+CLOSE_SLOW_CONSUMER = 4008
 
 
 def valid_name(name: str) -> bool:
     return 1 <= len(name) <= 64 and all(c.isprintable() for c in name)
 
 
+def _text(status: int, message: str) -> Response:
+    return response(status, message.encode() + b"\n", "text/plain; charset=utf-8")
+
+
 class Connection:
     """A WebSocket connection as the chat logic's Peer."""
 
-    __slots__ = ("connection_id", "user", "codec", "_websocket", "_send_frame")
+    __slots__ = ("connection_id", "user", "documents", "codec", "_websocket", "_send_frame", "_transport", "_closing")
 
-    def __init__(self, websocket: ServerConnection, user: str, codec: Codec):
+    def __init__(self, websocket: ServerConnection, identity: Identity, codec: Codec, transport: Transport):
         self.connection_id = secrets.token_hex(8)
-        self.user = user
+        self.user = identity.user
+        self.documents = identity.documents
         self.codec = codec
         self._websocket = websocket
         protocol = websocket.protocol
         self._send_frame = protocol.send_binary if codec.binary else protocol.send_text
+        self._transport = transport
+        self._closing: asyncio.Task[None] | None = None
 
     def send(self, data: bytes) -> None:
         # What websockets.broadcast() does for one connection: queue the frame
-        # in the transport's buffer without awaiting.
+        # in the transport's buffer without awaiting. That buffer is the
+        # connection's outgoing queue; past its bound the reader is too slow.
         websocket = self._websocket
         if websocket.protocol.state is not State.OPEN:
             return
         self._send_frame(data)
         websocket.send_data()
+        if websocket.transport.get_write_buffer_size() > self._transport.config.max_outgoing_bytes:
+            logger.warning("connection %s of %s cannot keep up: closing with 4008", self.connection_id, self.user)
+            self._transport.slow_consumers_closed += 1
+            self.close(CLOSE_SLOW_CONSUMER, "slow consumer")
+
+    def close(self, code: int, reason: str) -> None:
+        """Start closing now (nothing more is queued after the close frame), finish in the background."""
+        websocket = self._websocket
+        if websocket.protocol.state is State.OPEN:
+            websocket.protocol.send_close(code, reason)
+            websocket.send_data()
+        if self._closing is None:
+            # close() waits for the peer's close frame, up to close_timeout, then aborts.
+            self._closing = asyncio.get_running_loop().create_task(websocket.close())
 
 
 class Transport:
@@ -72,59 +100,86 @@ class Transport:
             messages_per_s=int(config.rate_limit) if config.rate_limit == int(config.rate_limit) else config.rate_limit,
         )
         self.draining = False
+        self.slow_consumers_closed = 0
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._connections_per_user: Counter[str] = Counter()
 
     def process_request(self, websocket: ServerConnection, request: Request) -> Response | None:
+        """Answer plain HTTP, or check a WebSocket handshake (origin, identity, connection count)."""
         url = urlsplit(request.path)
         if url.path != WEBSOCKET_PATH:
             return self.routes(url.path)
-        if self.config.allowed_origins:
-            origin = request.headers.get("Origin")
-            if origin not in self.config.allowed_origins:
-                return response(403, b"origin not allowed\n", "text/plain; charset=utf-8")
-        names = parse_qs(url.query).get("name")
-        if names is not None and not valid_name(names[0]):
-            return response(400, b"name must be 1-64 printable characters\n", "text/plain; charset=utf-8")
+        origin = request.headers.get("Origin")
+        # Browsers always send Origin; only they can be hijacked cross-site.
+        if self.config.allowed_origins and origin is not None and origin not in self.config.allowed_origins:
+            return _text(403, "origin not allowed")
+        query = parse_qs(url.query)
+        if self.config.auth_secret:
+            try:
+                identity = authenticate(bearer_token(query, request.headers), self.config.auth_secret, valid_name)
+            except AuthError as error:
+                denied = _text(401, str(error))
+                denied.headers["WWW-Authenticate"] = "Bearer"
+                return denied
+        else:
+            names = query.get("name")
+            if names is not None and not valid_name(names[0]):
+                return _text(400, "name must be 1-64 printable characters")
+            identity = Identity(names[0] if names else f"anon-{secrets.token_hex(3)}", None)
+        limit = self.config.max_connections_per_user
+        if limit and self._connections_per_user[identity.user] >= limit:
+            return _text(429, f"too many connections for this user (limit {limit})")
+        websocket.identity = identity  # type: ignore[attr-defined]
         return None
 
     @staticmethod
     def select_subprotocol(websocket: ServerConnection, subprotocols: list[str]) -> str | None:
-        for offered in subprotocols:
-            if offered in ("sectionchat.v1", "sectionchat.v1.msgpack"):
-                return offered
-        return None
+        return next((offered for offered in subprotocols if offered in SUBPROTOCOLS), None)
 
     async def handle(self, websocket: ServerConnection) -> None:
-        names = parse_qs(urlsplit(websocket.request.path).query).get("name")
-        user = names[0] if names else f"anon-{secrets.token_hex(3)}"
-        peer = Connection(websocket, user, codec_for_subprotocol(websocket.subprotocol))
-        logger.info("connection %s opened by %s", peer.connection_id, user)
+        identity: Identity = websocket.identity  # type: ignore[attr-defined]
+        codec = codec_for_subprotocol(websocket.subprotocol)
+        peer = Connection(websocket, identity, codec, self)
+        rate = RequestRate(self.config.rate_limit) if self.config.rate_limit > 0 else None
+        self._connections_per_user[peer.user] += 1
+        logger.info("connection %s opened by %s", peer.connection_id, peer.user)
         reply(
             peer,
-            Welcome(connection_id=peer.connection_id, user=user, protocol=PROTOCOL_VERSION, server=SERVER_NAME, limits=self.limits),
+            Welcome(connection_id=peer.connection_id, user=peer.user, protocol=PROTOCOL_VERSION, server=SERVER_NAME, limits=self.limits),
         )
         try:
             async for data in websocket:
                 if self.draining:
                     continue  # the close with 1001 is on its way; the client retries elsewhere
-                await self._serve_one(peer, data)
+                await self._serve_one(peer, data, rate)
         except ConnectionClosed:
             pass
         finally:
             self.chat.disconnect(peer)
+            self._connections_per_user[peer.user] -= 1
+            if self._connections_per_user[peer.user] <= 0:
+                del self._connections_per_user[peer.user]
             logger.info(
                 "connection %s closed (code %s)",
                 peer.connection_id,
                 websocket.close_code if websocket.close_code is not None else "none",
             )
 
-    async def _serve_one(self, peer: Connection, data: str | bytes) -> None:
+    async def _serve_one(self, peer: Connection, data: str | bytes, rate: RequestRate | None) -> None:
         try:
             request = peer.codec.decode(data)
         except ChatError as error:
             reply(peer, Error(code=error.code, message=error.message, temporary=error.temporary, reply_to=error.reply_to))
+            return
+        if rate is not None and not rate.allow():
+            if rate.strike():
+                logger.warning("connection %s of %s keeps exceeding the rate limit: closing with 1008", peer.connection_id, peer.user)
+                peer.close(CLOSE_POLICY_VIOLATION, "rate limit exceeded")
+            else:
+                message = f"more than {self.limits.messages_per_s} requests per second; slow down"
+                reply(peer, Error(code=errors.RATE_LIMITED, message=message, temporary=True, reply_to=request.id))
             return
         self.in_flight += 1
         self._idle.clear()

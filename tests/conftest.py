@@ -29,7 +29,7 @@ def data_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 async def app(data_dir: Path) -> AsyncIterator:
     """A server in this event loop, on a free port, with a fresh data dir."""
-    async with running(Config(port=0, data_dir=str(data_dir), rate_limit=0)) as app:
+    async with running(Config(port=0, data_dir=str(data_dir), rate_limit=0, sessions_per_minute=0)) as app:
         yield app
 
 
@@ -100,13 +100,17 @@ class ServerProcess:
             self.process.wait(10)
 
 
+# Load tests must not trip the abuse limits; tests of the limits pass their own values after these.
+NO_RATE_LIMITS = ("--rate-limit", "0", "--sessions-per-minute", "0")
+
+
 @pytest.fixture
 def server_process(data_dir: Path) -> Iterator:
-    """server_process(*extra_args) -> a started ServerProcess on this test's data dir."""
+    """server_process(*extra_args) -> a started ServerProcess on this test's data dir, rate limits off."""
     started: list[ServerProcess] = []
 
     def start(*args: str) -> ServerProcess:
-        server = ServerProcess(data_dir, *args).start()
+        server = ServerProcess(data_dir, *NO_RATE_LIMITS, *args).start()
         started.append(server)
         return server
 

@@ -17,6 +17,7 @@ class CollectingPeer:
     """A Peer whose frames are kept, decoded, in a list."""
 
     codec = JSON
+    documents = None
 
     def __init__(self, user: str):
         self.user = user
