@@ -16,10 +16,12 @@ from contextlib import asynccontextmanager
 from websockets.asyncio.server import Server, serve
 
 from .chat import Chat
+from .cluster import RedisCluster
 from .config import Config
 from .http import HttpRoutes, load_static
 from .storage.base import Storage, StorageError
 from .storage.file import FileStorage
+from .storage.redis import RedisStorage
 from .transport import Transport
 
 logger = logging.getLogger("sectionchat")
@@ -34,8 +36,8 @@ class StartupError(Exception):
 def make_storage(config: Config) -> Storage:
     if config.storage == "file":
         return FileStorage(config.data_dir)
-    if config.storage.startswith("redis://"):
-        raise StartupError("--storage redis:// is not available in this version; use --storage file")
+    if config.storage.startswith(("redis://", "rediss://", "unix://")):
+        return RedisStorage(config.storage)
     raise StartupError(f"--storage must be 'file' or redis://HOST:PORT/DB, not {config.storage!r}")
 
 
@@ -49,6 +51,7 @@ class App:
         self.chat: Chat | None = None
         self.transport: Transport | None = None
         self.server: Server | None = None
+        self.cluster: RedisCluster | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
     @property
@@ -79,6 +82,14 @@ class App:
             recovery_window=self.config.recovery_window,
             section_idle_s=self.config.section_idle_s,
         )
+        if isinstance(storage, RedisStorage):
+            cluster = RedisCluster(storage.client, self.chat, presence_ttl_s=self.config.presence_ttl_s)
+            try:
+                await cluster.start()
+            except StorageError as error:
+                await storage.close()
+                raise StartupError(str(error)) from None
+            self.cluster = self.chat.cluster = cluster
         self.transport = Transport(self.chat, self.config, HttpRoutes(self.health, load_static()))
         try:
             self.server = await serve(
@@ -96,6 +107,8 @@ class App:
                 logger=logging.getLogger("websockets.server"),
             )
         except OSError as error:
+            if self.cluster is not None:
+                await self.cluster.stop()
             await storage.close()
             reason = os.strerror(error.errno).lower() if error.errno else str(error)
             raise StartupError(f"cannot listen on {self.config.host}:{self.config.port}: {reason}") from None
@@ -129,6 +142,8 @@ class App:
             await self.chat.drain()
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self.cluster is not None:
+            await self.cluster.stop()
         if self.storage is not None:
             await self.storage.close()
         self.state = "stopped"

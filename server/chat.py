@@ -19,8 +19,9 @@ import secrets
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Protocol
 
 import msgspec
@@ -65,12 +66,24 @@ from .storage.base import (
     SectionKey,
     SessionClosedRecord,
     SessionCreatedRecord,
+    StaleSection,
     Storage,
     StorageError,
     StoredRecord,
 )
 
 logger = logging.getLogger("sectionchat.chat")
+
+# What a write decides: the records to store (none: nothing to write) and the reply.
+Plan = tuple[list[StoredRecord], ServerFrame]
+
+
+class Cluster(Protocol):
+    """What the chat tells other nodes, and asks them."""
+
+    def local_presence_changed(self, key: SectionKey, users: set[str]) -> None: ...
+
+    async def remote_presence(self, key: SectionKey) -> set[str]: ...
 
 
 class Peer(Protocol):
@@ -117,7 +130,9 @@ class Section:
         self.idempotency: dict[tuple[str, str], str] = {}
         self.recent: deque[StoredEvent] = deque(maxlen=recovery_window)
         self.subscribers: set[Peer] = set()
-        self.presence: Counter[str] = Counter()
+        self.presence: Counter[str] = Counter()  # this node's users: subscribed connections each
+        self.remote_presence: set[str] = set()  # users present through other nodes
+        self.sync_scheduled = False
         # Presence as last announced, and the snapshot each peer that
         # subscribed since then was given (see Chat._flush_presence).
         self.announced: set[str] = set()
@@ -148,6 +163,9 @@ class Section:
         self.offset = record.offset
         self.recent.append(event)
         return event
+
+    def present(self) -> set[str]:
+        return set(self.presence) | self.remote_presence
 
     def session(self, session_id: str) -> SessionState:
         state = self.sessions.get(session_id)
@@ -192,6 +210,7 @@ class Chat:
         self._sections: dict[SectionKey, Section] = {}
         self._subscriptions: dict[Peer, set[SectionKey]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self.cluster: Cluster | None = None  # set when other nodes share the storage
 
     # Requests -------------------------------------------------------------------
 
@@ -200,7 +219,9 @@ class Chat:
         try:
             match request:
                 case CreateSession():
-                    await self._write(self._create_session(peer, request))
+                    _check_access(peer, request.document_id)
+                    key = SectionKey(request.document_id, request.section_id)
+                    await self._write(peer, key, partial(self._plan_create_session, peer, request))
                 case GetSession():
                     section = await self._section_of(peer, request.session_id)
                     reply(peer, SessionInfo(session=section.session(request.session_id).session, reply_to=request.id))
@@ -208,12 +229,18 @@ class Chat:
                     _check_access(peer, request.document_id)
                     reply(peer, SessionList(sessions=await self._list_sessions(request), reply_to=request.id))
                 case SendMessage():
-                    await self._write(self._send_message(peer, request))
+                    if len(request.text) > self.max_text_chars:
+                        raise ChatError(
+                            errors.TOO_LARGE, f"text is {len(request.text)} characters; the limit is {self.max_text_chars}"
+                        )
+                    key = await self._key_of(peer, request.session_id)
+                    await self._write(peer, key, partial(self._plan_send_message, peer, request))
                 case History():
                     section = await self._section_of(peer, request.session_id)
                     reply(peer, _history_page(section.session(request.session_id), request))
                 case CloseSession():
-                    await self._write(self._close_session(peer, request))
+                    key = await self._key_of(peer, request.session_id)
+                    await self._write(peer, key, partial(self._plan_close_session, peer, request))
                 case Subscribe():
                     await self._subscribe(peer, request)
                 case Unsubscribe():
@@ -234,83 +261,88 @@ class Chat:
             logger.warning("storage failed: %s", error)
             reply(peer, _unavailable(request.id))
 
-    async def _write(self, operation: Awaitable[None]) -> None:
+    async def _write(self, peer: Peer, key: SectionKey, plan: Callable[[Section], Plan]) -> None:
         # A write runs to its end even if the connection that asked for it
         # goes away: half an operation would leave memory and disk apart.
-        task = asyncio.ensure_future(operation)
+        task = asyncio.ensure_future(self._commit(peer, key, plan))
         self._tasks.add(task)
         task.add_done_callback(_forget_task(self._tasks))
         await asyncio.shield(task)
 
-    async def _store(self, section: Section, records: list[StoredRecord]) -> list[StoredEvent]:
-        await self.storage.append(section.key, section.epoch, records)
-        section.epoch_stored = True
-        return [section.apply(record) for record in records]
-
-    async def _create_session(self, peer: Peer, request: CreateSession) -> None:
-        _check_access(peer, request.document_id)
-        key = SectionKey(request.document_id, request.section_id)
+    async def _commit(self, peer: Peer, key: SectionKey, plan: Callable[[Section], Plan]) -> None:
+        """Under the section's lock: decide, store, apply, then reply and announce."""
         async with self._locked(key) as section:
-            if request.idempotency_key is not None:
-                existing = section.idempotency.get((peer.user, request.idempotency_key))
-                if existing is not None:
-                    reply(peer, SessionCreated(session=section.sessions[existing].session, reply_to=request.id))
-                    return
-            if not self._session_quota.allow(peer.user):
-                raise ChatError(
-                    errors.RATE_LIMITED, f"at most {self._session_quota.count} new sessions per minute; try again shortly"
-                )
-            session = Session(
-                session_id=str(uuid.uuid4()),
-                document_id=key.document_id,
-                section_id=key.section_id,
-                title=request.title,
-                created_by=peer.user,
-                created_at=rfc3339_now(),
-                closed=False,
-                last_seq=0,
-            )
-            record = SessionCreatedRecord(offset=section.offset + 1, session=session, idempotency_key=request.idempotency_key)
-            [event] = await self._store(section, [record])
-            reply(peer, SessionCreated(session=session, reply_to=request.id))
-            self._broadcast(section, event, peer)
+            while True:
+                records, response = plan(section)
+                if not records:
+                    break
+                try:
+                    await self.storage.append(section.key, section.epoch, records)
+                except StaleSection:
+                    # Another node wrote first: learn what it wrote, then decide again.
+                    await self._catch_up(section)
+                    continue
+                section.epoch_stored = True
+                events = [section.apply(record) for record in records]
+                reply(peer, response)
+                for event in events:
+                    self._broadcast(section, event, peer)
+                return
+            reply(peer, response)
 
-    async def _send_message(self, peer: Peer, request: SendMessage) -> None:
-        if len(request.text) > self.max_text_chars:
-            raise ChatError(errors.TOO_LARGE, f"text is {len(request.text)} characters; the limit is {self.max_text_chars}")
-        key = await self._key_of(peer, request.session_id)
-        async with self._locked(key) as section:
-            state = section.session(request.session_id)
-            if request.client_msg_id is not None:
-                original = state.by_client_msg_id.get(request.client_msg_id)
-                if original is not None:
-                    reply(peer, MessageAck(message=original, reply_to=request.id))
-                    return
-            if state.session.closed:
-                raise ChatError(errors.CONFLICT, "the session is closed")
-            message = Message(
-                session_id=request.session_id,
-                seq=state.session.last_seq + 1,
-                message_id=str(uuid.uuid4()),
-                author=peer.user,
-                text=request.text,
-                client_msg_id=request.client_msg_id,
-                sent_at=rfc3339_now(),
-            )
-            [event] = await self._store(section, [MessageRecord(offset=section.offset + 1, message=message)])
-            reply(peer, MessageAck(message=message, reply_to=request.id))
-            self._broadcast(section, event, peer)
+    def _plan_create_session(self, peer: Peer, request: CreateSession, section: Section) -> Plan:
+        if request.idempotency_key is not None:
+            existing = section.idempotency.get((peer.user, request.idempotency_key))
+            if existing is not None:
+                return [], SessionCreated(session=section.sessions[existing].session, reply_to=request.id)
+        if not self._session_quota.allow(peer.user):
+            raise ChatError(errors.RATE_LIMITED, f"at most {self._session_quota.count} new sessions per minute; try again shortly")
+        session = Session(
+            session_id=str(uuid.uuid4()),
+            document_id=section.key.document_id,
+            section_id=section.key.section_id,
+            title=request.title,
+            created_by=peer.user,
+            created_at=rfc3339_now(),
+            closed=False,
+            last_seq=0,
+        )
+        record = SessionCreatedRecord(offset=section.offset + 1, session=session, idempotency_key=request.idempotency_key)
+        return [record], SessionCreated(session=session, reply_to=request.id)
 
-    async def _close_session(self, peer: Peer, request: CloseSession) -> None:
-        key = await self._key_of(peer, request.session_id)
-        async with self._locked(key) as section:
-            session = section.session(request.session_id).session
-            if session.closed:
-                raise ChatError(errors.CONFLICT, "the session is already closed")
-            closed = msgspec.structs.replace(session, closed=True)
-            [event] = await self._store(section, [SessionClosedRecord(offset=section.offset + 1, session=closed)])
-            reply(peer, SessionClosed(session=closed, reply_to=request.id))
-            self._broadcast(section, event, peer)
+    def _plan_send_message(self, peer: Peer, request: SendMessage, section: Section) -> Plan:
+        state = section.session(request.session_id)
+        if request.client_msg_id is not None:
+            original = state.by_client_msg_id.get(request.client_msg_id)
+            if original is not None:
+                return [], MessageAck(message=original, reply_to=request.id)
+        if state.session.closed:
+            raise ChatError(errors.CONFLICT, "the session is closed")
+        message = Message(
+            session_id=request.session_id,
+            seq=state.session.last_seq + 1,
+            message_id=str(uuid.uuid4()),
+            author=peer.user,
+            text=request.text,
+            client_msg_id=request.client_msg_id,
+            sent_at=rfc3339_now(),
+        )
+        return [MessageRecord(offset=section.offset + 1, message=message)], MessageAck(message=message, reply_to=request.id)
+
+    def _plan_close_session(self, peer: Peer, request: CloseSession, section: Section) -> Plan:
+        session = section.session(request.session_id).session
+        if session.closed:
+            raise ChatError(errors.CONFLICT, "the session is already closed")
+        closed = msgspec.structs.replace(session, closed=True)
+        return [SessionClosedRecord(offset=section.offset + 1, session=closed)], SessionClosed(session=closed, reply_to=request.id)
+
+    async def _catch_up(self, section: Section) -> None:
+        """Apply and announce what other nodes stored in the section since we last looked."""
+        log = await self.storage.read_after(section.key, section.offset)
+        if log.epoch is not None and log.epoch != section.epoch:
+            section.epoch, section.epoch_stored = log.epoch, True
+        for record in log.records:
+            self._broadcast(section, section.apply(record), None)
 
     async def _list_sessions(self, request: ListSessions) -> list[Session]:
         if request.section_id is not None:
@@ -334,6 +366,12 @@ class Chat:
                 errors.BAD_REQUEST, f"this connection is subscribed to {len(subscribed)} sections, the limit; unsubscribe first"
             )
         section = await self._loaded(key)
+        if self.cluster is not None and not section.subscribers:
+            # Nobody here was watching this section's presence: ask the other nodes.
+            try:
+                section.remote_presence = await self.cluster.remote_presence(key)
+            except StorageError as error:
+                logger.warning("cannot read presence from other nodes: %s", error)
         # From here to the reply nothing awaits, so no event can slip between
         # the snapshot and the live stream.
         if peer not in section.subscribers:
@@ -341,9 +379,9 @@ class Chat:
             self._subscriptions.setdefault(peer, set()).add(key)
             section.presence[peer.user] += 1
             if section.presence[peer.user] == 1:
-                self._presence_changed(section)
+                self._local_presence_changed(section)
             if section.presence_flush is not None:
-                section.snapshots[peer] = set(section.presence)
+                section.snapshots[peer] = section.present()
         # A plain subscribe recovers nothing; the client loads the snapshot.
         events: list[StoredEvent] | None = None
         if request.since_offset is not None:
@@ -358,7 +396,7 @@ class Chat:
                 epoch=section.epoch,
                 offset=section.offset,
                 sessions=[state.session for state in section.sessions.values()],
-                presence=sorted(section.presence),
+                presence=sorted(section.present()),
                 recovered=events is not None,
                 events=events or [],
                 reply_to=request.id,
@@ -377,7 +415,7 @@ class Chat:
         section.presence[peer.user] -= 1
         if section.presence[peer.user] == 0:
             del section.presence[peer.user]
-            self._presence_changed(section)
+            self._local_presence_changed(section)
         section.last_used = time.monotonic()
 
     def disconnect(self, peer: Peer) -> None:
@@ -398,6 +436,11 @@ class Chat:
                 data = encoded[peer.codec] = peer.codec.encode(frame)
             peer.send(data)
 
+    def _local_presence_changed(self, section: Section) -> None:
+        if self.cluster is not None:
+            self.cluster.local_presence_changed(section.key, set(section.presence))
+        self._presence_changed(section)
+
     def _presence_changed(self, section: Section) -> None:
         if section.presence_flush is None:
             loop = asyncio.get_running_loop()
@@ -406,7 +449,7 @@ class Chat:
     def _flush_presence(self, section: Section) -> None:
         """Announce the net presence change of the window to every subscriber."""
         section.presence_flush = None
-        present = set(section.presence)
+        present = section.present()
         snapshots, section.snapshots = section.snapshots, {}
         common = _presence_frame(section.key, section.announced, present)
         section.announced = present
@@ -421,6 +464,42 @@ class Chat:
                 if data is None:
                     data = encoded[peer.codec] = peer.codec.encode(common)
                 peer.send(data)
+
+    # Other nodes (see server/cluster.py) ----------------------------------------
+
+    def section_changed(self, key: SectionKey | None, offset: int | None = None) -> None:
+        """Another node stored events in a section (None: in any section, e.g. after a reconnect)."""
+        sections = list(self._sections.values()) if key is None else [self._sections[key]] if key in self._sections else []
+        for section in sections:
+            if section.loaded and not section.sync_scheduled and (offset is None or offset > section.offset):
+                section.sync_scheduled = True
+                task = asyncio.ensure_future(self._sync(section.key))
+                self._tasks.add(task)
+                task.add_done_callback(_forget_task(self._tasks))
+
+    async def _sync(self, key: SectionKey) -> None:
+        try:
+            async with self._locked(key) as section:
+                section.sync_scheduled = False
+                await self._catch_up(section)
+        except StorageError as error:
+            # The cluster resyncs every section when storage is back.
+            logger.warning("cannot catch up with section: %s", error)
+
+    def remote_presence_changed(self, key: SectionKey, users: set[str]) -> None:
+        section = self._sections.get(key)
+        if section is not None and section.subscribers and users != section.remote_presence:
+            section.remote_presence = users
+            self._presence_changed(section)
+
+    def watches(self, key: SectionKey) -> bool:
+        """Whether this node has subscribers in the section."""
+        section = self._sections.get(key)
+        return section is not None and bool(section.subscribers)
+
+    def local_presence(self) -> dict[SectionKey, set[str]]:
+        """This node's users in each section where it has any."""
+        return {key: set(section.presence) for key, section in self._sections.items() if section.presence}
 
     # Sections in memory -----------------------------------------------------
 

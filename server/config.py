@@ -38,6 +38,7 @@ class Config:
     ping_timeout_s: float = 20.0
     shutdown_grace_s: float = 10.0
     section_idle_s: float = 60.0
+    presence_ttl_s: float = 15.0
     # Logging
     log_level: str = "info"
 
@@ -62,6 +63,7 @@ _OPTIONS: dict[str, tuple[type, str]] = {
     "ping_timeout_s": (float, "how long a ping may go unanswered before the connection is dropped"),
     "shutdown_grace_s": (float, "how long shutdown waits for requests in flight"),
     "section_idle_s": (float, "how long an unused section stays in memory"),
+    "presence_ttl_s": (float, "with Redis: how soon the users of a node that died without a word leave"),
     "log_level": (str, "debug, info, warning or error"),
 }
 

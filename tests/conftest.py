@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -117,6 +119,55 @@ def server_process(data_dir: Path) -> Iterator:
     yield start
     for server in started:
         server.stop()
+
+
+class RedisServer:
+    """A real redis-server on a free loopback port, durable like production (AOF, fsync always)."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        if not self.port:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                self.port = probe.getsockname()[1]
+        self.directory.mkdir(parents=True, exist_ok=True)
+        command = [
+            "redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
+            "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no",
+        ]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        assert self.process.stdout is not None
+        output = b""
+        while b"Ready to accept connections" not in output:
+            line = self.process.stdout.readline()
+            if not line:
+                raise AssertionError(f"redis-server did not start:\n{output.decode(errors='replace')}")
+            output += line
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+        self.process = None
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A fresh redis-server for this test (stop() and start() it again to simulate an outage)."""
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server is not installed (Debian package redis-server; make test installs it)")
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
 
 
 async def until(predicate, timeout: float = 5.0, interval: float = 0.01) -> None:

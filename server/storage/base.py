@@ -50,7 +50,15 @@ class StorageError(Exception):
     """Storage could not do what was asked; nothing of the request was stored."""
 
 
+class StaleSection(Exception):
+    """Another process stored records in the section first; catch up and decide again."""
+
+
 class Storage(Protocol):
+    # True when other processes may append to the same sections (then `append`
+    # may raise StaleSection and other nodes' events arrive through a Cluster).
+    shared: bool
+
     async def open(self) -> None:
         """Check the backend is usable and load what must be in memory; raise StorageError if not."""
 
@@ -58,8 +66,15 @@ class Storage(Protocol):
 
     async def load_section(self, key: SectionKey) -> SectionLog: ...
 
+    async def read_after(self, key: SectionKey, offset: int) -> SectionLog:
+        """The section's epoch and its records after `offset`, in order."""
+
     async def append(self, key: SectionKey, epoch: str, records: list[StoredRecord]) -> None:
-        """Store records durably after those already stored; `epoch` names a new section's stream."""
+        """Store records durably right after offset `records[0].offset - 1`.
+
+        `epoch` names a new section's stream. Raises StaleSection if the section
+        has moved past that offset, StorageError if nothing could be stored.
+        """
 
     async def find_section(self, session_id: str) -> SectionKey | None: ...
 

@@ -174,6 +174,8 @@ async def _read_lines(path: Path) -> tuple[list[bytes], int, bytes]:
 class FileStorage:
     """Sections and sessions in append-only files under one data directory."""
 
+    shared = False  # the data dir is locked to one process
+
     def __init__(self, data_dir: str | os.PathLike[str]):
         self.root = Path(data_dir)
         self._sections_dir = self.root / "sections"
@@ -241,6 +243,25 @@ class FileStorage:
 
     async def load_section(self, key: SectionKey) -> SectionLog:
         path = self._section_path(key)
+        epoch, records, size, tail = await self._read_section(key)
+        if tail:
+            logger.warning("cutting a torn tail of %d bytes from %s", len(tail), path)
+            try:
+                await truncate_and_sync(path, size)
+            except OSError as error:
+                raise StorageError(f"cannot repair section: {error.strerror or error}") from None
+        await self.release(key)
+        self._files[key] = AppendFile(path, size, has_header=epoch is not None)
+        await self._close_least_used_files()
+        return SectionLog(epoch, records)
+
+    async def read_after(self, key: SectionKey, offset: int) -> SectionLog:
+        epoch, records, _, _ = await self._read_section(key)
+        return SectionLog(epoch, records[offset:])
+
+    async def _read_section(self, key: SectionKey) -> tuple[str | None, list[StoredRecord], int, bytes]:
+        """The section's epoch and valid records, the size they span, and any torn tail."""
+        path = self._section_path(key)
         try:
             lines, size, tail = await _read_lines(path)
         except OSError as error:
@@ -261,16 +282,7 @@ class FileStorage:
                 logger.warning("skipping line %d of %s: offset %d out of order", number, path, item.offset)
             else:
                 records.append(item)
-        if tail:
-            logger.warning("cutting a torn tail of %d bytes from %s", len(tail), path)
-            try:
-                await truncate_and_sync(path, size)
-            except OSError as error:
-                raise StorageError(f"cannot repair section: {error.strerror or error}") from None
-        await self.release(key)
-        self._files[key] = AppendFile(path, size, has_header=epoch is not None)
-        await self._close_least_used_files()
-        return SectionLog(epoch, records)
+        return epoch, records, size, tail
 
     async def append(self, key: SectionKey, epoch: str, records: list[StoredRecord]) -> None:
         file = self._files.get(key)

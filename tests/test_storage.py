@@ -1,0 +1,158 @@
+"""One storage suite, run on both backends: files and Redis."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from protocol.messages import Message, Session
+from server.storage.base import (
+    MessageRecord,
+    SectionKey,
+    SessionClosedRecord,
+    SessionCreatedRecord,
+    StaleSection,
+    StorageError,
+)
+from server.storage.file import FileStorage
+from server.storage.redis import RedisStorage
+
+KEY = SectionKey("doc", "intro")
+
+
+@pytest.fixture(params=["file", "redis"])
+async def storage(request, tmp_path):
+    if request.param == "file":
+        backend = FileStorage(tmp_path / "data")
+    else:
+        backend = RedisStorage(request.getfixturevalue("redis_server").url)
+    await backend.open()
+    yield backend
+    await backend.close()
+
+
+def session(session_id: str, key: SectionKey = KEY) -> Session:
+    return Session(session_id, key.document_id, key.section_id, None, "alice", "2026-11-25T08:00:00.000Z", False, 0)
+
+
+def message(session_id: str, seq: int) -> Message:
+    return Message(session_id, seq, f"m-{session_id}-{seq}", "alice", f"text {seq}", None, "2026-11-25T08:00:00.000Z")
+
+
+async def test_a_new_section_is_empty(storage):
+    """A section nothing was stored in has no epoch and no records."""
+    log = await storage.load_section(KEY)
+    assert log.epoch is None and log.records == []
+
+
+async def test_append_then_load(storage):
+    """Records come back in order, with the epoch of the first append."""
+    await storage.load_section(KEY)
+    records = [
+        SessionCreatedRecord(offset=1, session=session("s1"), idempotency_key="k"),
+        MessageRecord(offset=2, message=message("s1", 1)),
+    ]
+    await storage.append(KEY, "epoch-1", records[:1])
+    await storage.append(KEY, "epoch-ignored", records[1:])
+    closed = SessionClosedRecord(offset=3, session=session("s1"))
+    await storage.append(KEY, "epoch-ignored", [closed])
+    log = await storage.load_section(KEY)
+    assert log.epoch == "epoch-1"
+    assert log.records == [*records, closed]
+    assert (await storage.read_after(KEY, 1)).records == [records[1], closed]
+    assert (await storage.read_after(KEY, 3)).records == []
+
+
+async def test_sessions_are_found_and_listed(storage):
+    """find_section locates a session; document_sections lists sections in first-use order."""
+    other = SectionKey("doc", "later")
+    for key, sid in ((KEY, "s1"), (other, "s2"), (KEY, "s3")):
+        log = await storage.load_section(key)
+        await storage.append(key, "e", [SessionCreatedRecord(offset=len(log.records) + 1, session=session(sid, key))])
+    assert await storage.find_section("s2") == other
+    assert await storage.find_section("s3") == KEY
+    assert await storage.find_section("nope") is None
+    assert await storage.document_sections("doc") == [KEY, other]
+    assert await storage.document_sections("other-doc") == []
+
+
+async def test_ids_are_data(storage):
+    """Hostile ids round-trip and never collide."""
+    keys = [SectionKey("../../etc/passwd", "/"), SectionKey("..", ".."), SectionKey("a\x85b", "文档 ✓"), SectionKey("x" * 128, "y")]
+    for n, key in enumerate(keys):
+        await storage.load_section(key)
+        await storage.append(key, "e", [SessionCreatedRecord(offset=1, session=session(f"s{n}", key))])
+    for n, key in enumerate(keys):
+        assert [r.session.session_id for r in (await storage.load_section(key)).records] == [f"s{n}"]
+
+
+async def test_concurrent_appends_to_different_sections(storage):
+    """Appends to many sections at once all land."""
+    keys = [SectionKey("doc", f"s{n}") for n in range(20)]
+    for key in keys:
+        await storage.load_section(key)
+    await asyncio.gather(
+        *(storage.append(key, "e", [SessionCreatedRecord(offset=1, session=session(key.section_id, key))]) for key in keys)
+    )
+    for key in keys:
+        assert len((await storage.load_section(key)).records) == 1
+
+
+async def test_survives_reopening(storage, tmp_path, request):
+    """What was appended is there after the backend is closed and opened again."""
+    await storage.load_section(KEY)
+    await storage.append(KEY, "e", [SessionCreatedRecord(offset=1, session=session("s1"))])
+    await storage.close()
+    again = FileStorage(tmp_path / "data") if isinstance(storage, FileStorage) else RedisStorage(storage.url)
+    await again.open()
+    try:
+        assert [r.offset for r in (await again.load_section(KEY)).records] == [1]
+        assert await again.find_section("s1") == KEY
+    finally:
+        await again.close()
+    await storage.open()
+
+
+async def test_stale_append_is_refused(redis_server):
+    """Two nodes appending after the same offset: one wins, the other gets StaleSection."""
+    first, second = RedisStorage(redis_server.url), RedisStorage(redis_server.url)
+    await first.open()
+    await second.open()
+    try:
+        await first.append(KEY, "e1", [SessionCreatedRecord(offset=1, session=session("s1"))])
+        with pytest.raises(StaleSection):
+            await second.append(KEY, "e2", [SessionCreatedRecord(offset=1, session=session("s2"))])
+        # A retry of an append that did land (its reply was lost) succeeds quietly.
+        await first.append(KEY, "e1", [SessionCreatedRecord(offset=1, session=session("s1"))])
+        log = await second.load_section(KEY)
+        assert log.epoch == "e1" and [r.session.session_id for r in log.records] == ["s1"]
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_redis_down_is_a_storage_error(redis_server):
+    """With Redis gone, every call raises StorageError, and works again when it is back."""
+    storage = RedisStorage(redis_server.url)
+    await storage.open()
+    try:
+        redis_server.stop()
+        with pytest.raises(StorageError):
+            await storage.append(KEY, "e", [SessionCreatedRecord(offset=1, session=session("s1"))])
+        with pytest.raises(StorageError):
+            await storage.load_section(KEY)
+        redis_server.start()
+        await storage.append(KEY, "e", [SessionCreatedRecord(offset=1, session=session("s1"))])
+        assert len((await storage.load_section(KEY)).records) == 1
+    finally:
+        await storage.close()
+
+
+async def test_unreachable_redis_at_open(redis_server):
+    """open() names the problem when Redis cannot be reached."""
+    redis_server.stop()
+    storage = RedisStorage(redis_server.url)
+    with pytest.raises(StorageError, match="cannot reach Redis"):
+        await storage.open()
+    await storage.close()
