@@ -19,6 +19,7 @@ from .chat import Chat
 from .cluster import RedisCluster
 from .config import Config
 from .http import HttpRoutes, load_static
+from .metrics import Metrics
 from .storage.base import Storage, StorageError
 from .storage.file import FileStorage
 from .storage.redis import RedisStorage
@@ -33,11 +34,11 @@ class StartupError(Exception):
     """The server cannot start; the message says why in one line."""
 
 
-def make_storage(config: Config) -> Storage:
+def make_storage(config: Config, metrics: Metrics | None = None) -> Storage:
     if config.storage == "file":
-        return FileStorage(config.data_dir)
+        return FileStorage(config.data_dir, metrics)
     if config.storage.startswith(("redis://", "rediss://", "unix://")):
-        return RedisStorage(config.storage)
+        return RedisStorage(config.storage, metrics)
     raise StartupError(f"--storage must be 'file' or redis://HOST:PORT/DB, not {config.storage!r}")
 
 
@@ -47,6 +48,7 @@ class App:
     def __init__(self, config: Config):
         self.config = config
         self.state = "starting"
+        self.metrics = Metrics()
         self.storage: Storage | None = None
         self.chat: Chat | None = None
         self.transport: Transport | None = None
@@ -63,12 +65,17 @@ class App:
     def url(self) -> str:
         return f"ws://{self.config.host}:{self.port}/ws"
 
-    def health(self) -> tuple[int, dict[str, object]]:
-        status = 200 if self.state == "serving" else 503
-        return status, {"status": self.state, "connections": len(self.server.connections) if self.server else 0}
+    async def health(self) -> tuple[int, dict[str, object]]:
+        if self.state != "serving" or self.storage is None:
+            return 503, {"status": self.state}
+        try:
+            await self.storage.check()
+        except StorageError as error:
+            return 503, {"status": "unhealthy", "storage": str(error)}
+        return 200, {"status": "serving", "storage": "ok", "connections": len(self.server.connections) if self.server else 0}
 
     async def start(self) -> None:
-        storage = make_storage(self.config)
+        storage = make_storage(self.config, self.metrics)
         try:
             await storage.open()
         except StorageError as error:
@@ -81,6 +88,7 @@ class App:
             sessions_per_minute=self.config.sessions_per_minute,
             recovery_window=self.config.recovery_window,
             section_idle_s=self.config.section_idle_s,
+            metrics=self.metrics,
         )
         if isinstance(storage, RedisStorage):
             cluster = RedisCluster(storage.client, self.chat, presence_ttl_s=self.config.presence_ttl_s)
@@ -90,7 +98,7 @@ class App:
                 await storage.close()
                 raise StartupError(str(error)) from None
             self.cluster = self.chat.cluster = cluster
-        self.transport = Transport(self.chat, self.config, HttpRoutes(self.health, load_static()))
+        self.transport = Transport(self.chat, self.config, HttpRoutes(self.health, self.metrics, load_static()))
         try:
             self.server = await serve(
                 self.transport.handle,

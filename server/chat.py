@@ -61,6 +61,7 @@ from protocol.messages import (
 )
 
 from .limits import PerUserQuota
+from .metrics import Metrics
 from .storage.base import (
     MessageRecord,
     SectionKey,
@@ -198,8 +199,10 @@ class Chat:
         presence_window_s: float = 0.1,
         section_idle_s: float = 60.0,
         max_cached_sections: int = 10_000,
+        metrics: Metrics | None = None,
     ):
         self.storage = storage
+        self.metrics = metrics or Metrics()
         self.max_text_chars = max_text_chars
         self.max_subscriptions = max_subscriptions
         self._session_quota = PerUserQuota(sessions_per_minute, 60.0)
@@ -256,9 +259,11 @@ class Chat:
                 case Ping():
                     reply(peer, Pong(reply_to=request.id))
         except ChatError as error:
+            self.metrics.errors.labels(error.code).inc()
             reply(peer, Error(code=error.code, message=error.message, temporary=error.temporary, reply_to=request.id))
         except StorageError as error:
             logger.warning("storage failed: %s", error)
+            self.metrics.errors.labels(errors.UNAVAILABLE).inc()
             reply(peer, _unavailable(request.id))
 
     async def _write(self, peer: Peer, key: SectionKey, plan: Callable[[Section], Plan]) -> None:
@@ -284,11 +289,19 @@ class Chat:
                     continue
                 section.epoch_stored = True
                 events = [section.apply(record) for record in records]
+                self._count_stored(records)
                 reply(peer, response)
                 for event in events:
                     self._broadcast(section, event, peer)
                 return
             reply(peer, response)
+
+    def _count_stored(self, records: list[StoredRecord]) -> None:
+        for record in records:
+            if isinstance(record, MessageRecord):
+                self.metrics.messages_stored.inc()
+            elif isinstance(record, SessionCreatedRecord):
+                self.metrics.sessions_created.inc()
 
     def _plan_create_session(self, peer: Peer, request: CreateSession, section: Section) -> Plan:
         if request.idempotency_key is not None:
@@ -377,6 +390,7 @@ class Chat:
         if peer not in section.subscribers:
             section.subscribers.add(peer)
             self._subscriptions.setdefault(peer, set()).add(key)
+            self.metrics.subscriptions.inc()
             section.presence[peer.user] += 1
             if section.presence[peer.user] == 1:
                 self._local_presence_changed(section)
@@ -408,6 +422,7 @@ class Chat:
         if section is None or peer not in section.subscribers:
             return
         section.subscribers.discard(peer)
+        self.metrics.subscriptions.dec()
         section.snapshots.pop(peer, None)
         keys = self._subscriptions.get(peer)
         if keys is not None:
@@ -435,6 +450,7 @@ class Chat:
             if data is None:
                 data = encoded[peer.codec] = peer.codec.encode(frame)
             peer.send(data)
+        self.metrics.events_delivered.inc(len(section.subscribers) - (cause in section.subscribers))
 
     def _local_presence_changed(self, section: Section) -> None:
         if self.cluster is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import sys
@@ -11,8 +12,11 @@ import time
 from collections.abc import Sequence
 
 from . import config as config_module
-from .app import StartupError, serve_until_signalled
+from .app import StartupError, make_storage, serve_until_signalled
 from .auth import mint_token
+from .storage.base import StorageError
+from .storage.file import FileStorage
+from .transfer import TransferError, export_document, import_lines
 
 
 class _UTCFormatter(logging.Formatter):
@@ -22,9 +26,27 @@ class _UTCFormatter(logging.Formatter):
         return time.strftime("%Y-%m-%dT%H:%M:%S", self.converter(record.created)) + f".{int(record.msecs):03d}Z"
 
 
-def configure_logging(level: str) -> None:
+class _JSONFormatter(_UTCFormatter):
+    """One JSON object per line, for log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure_logging(level: str, log_format: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_UTCFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    if log_format == "json":
+        handler.setFormatter(_JSONFormatter())
+    else:
+        handler.setFormatter(_UTCFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -38,22 +60,70 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = commands.add_parser("serve", help="run the server")
     config_module.add_serve_arguments(serve)
+    config = commands.add_parser("config", help="print the resolved configuration (secrets masked)")
+    config_module.add_serve_arguments(config)
     token = commands.add_parser("token", help="mint a token for token mode (development and tests)")
     token.add_argument("--sub", required=True, help="the user")
     token.add_argument("--docs", nargs="+", metavar="DOCUMENT_ID", help="documents granted ('*': all); default: all")
     token.add_argument("--ttl", type=float, default=3600.0, help="seconds until it expires (default 3600)")
     token.add_argument("--secret", help=f"the server's secret (default: ${config_module.ENV_PREFIX}AUTH_SECRET)")
+    export = commands.add_parser("export", help="write a document's sessions and messages as JSON lines")
+    export.add_argument("--document", required=True, metavar="DOCUMENT_ID")
+    export.add_argument("--output", "-o", metavar="FILE", help="default: standard output")
+    importer = commands.add_parser("import", help="read an export back into storage (the server must be stopped for files)")
+    importer.add_argument("file", metavar="FILE", help="an export file ('-': standard input)")
+    for command in (export, importer):
+        command.add_argument("--config", dest="config_file", metavar="FILE")
+        command.add_argument("--data-dir", dest="data_dir")
+        command.add_argument("--storage", dest="storage")
+    commands.add_parser("script", help="run a scripted-socket scenario (sectionchat script --help)", add_help=False)
     return parser
 
 
+async def transfer(args: argparse.Namespace, config: config_module.Config) -> int:
+    if args.command == "export":
+        storage = make_storage(config) if config.storage != "file" else FileStorage(config.data_dir, read_only=True)
+    else:
+        storage = make_storage(config)
+    await storage.open()
+    try:
+        if args.command == "export":
+            with open(args.output, "wb") if args.output else os.fdopen(os.dup(sys.stdout.fileno()), "wb") as out:
+                count = await export_document(storage, args.document, out)
+            print(f"exported {count} records of document {args.document!r}", file=sys.stderr)
+        else:
+            with open(args.file, "rb") if args.file != "-" else os.fdopen(os.dup(sys.stdin.fileno()), "rb") as lines:
+                imported, skipped = await import_lines(storage, lines)
+            print(f"imported {imported} records; skipped {skipped} already present", file=sys.stderr)
+    finally:
+        await storage.close()
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["script"]:
+        # The scripted-socket harness has its own command line (client/script.py).
+        from client.script import main as script_main
+
+        return script_main(argv[1:])
     args = build_parser().parse_args(argv)
-    if args.command == "serve":
+    if args.command == "config":
+        print(config_module.describe(config_module.load(args)))
+    elif args.command == "serve":
         config = config_module.load(args)
-        configure_logging(config.log_level)
+        configure_logging(config.log_level, config.log_format)
         try:
             asyncio.run(serve_until_signalled(config))
         except StartupError as error:
+            print(f"sectionchat: {error}", file=sys.stderr)
+            return 1
+    elif args.command in ("export", "import"):
+        config = config_module.load(args)
+        configure_logging("warning")
+        try:
+            return asyncio.run(transfer(args, config))
+        except (StartupError, StorageError, TransferError, OSError) as error:
             print(f"sectionchat: {error}", file=sys.stderr)
             return 1
     elif args.command == "token":

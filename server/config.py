@@ -1,13 +1,15 @@
 # The server's configuration: one Config with safe defaults, and the command
-# line and environment that fill it. Precedence: command line > environment
-# (SECTIONCHAT_<OPTION>) > default.
+# line, environment and TOML file that fill it. Precedence: command line >
+# environment (SECTIONCHAT_<OPTION>) > file (--config) > default.
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
-from collections.abc import Mapping, Sequence
+import tomllib
+from collections.abc import Mapping
 
 ENV_PREFIX = "SECTIONCHAT_"
 
@@ -41,6 +43,7 @@ class Config:
     presence_ttl_s: float = 15.0
     # Logging
     log_level: str = "info"
+    log_format: str = "text"
 
 
 # option name -> (type, help); the option's flag is --name-with-dashes.
@@ -65,7 +68,9 @@ _OPTIONS: dict[str, tuple[type, str]] = {
     "section_idle_s": (float, "how long an unused section stays in memory"),
     "presence_ttl_s": (float, "with Redis: how soon the users of a node that died without a word leave"),
     "log_level": (str, "debug, info, warning or error"),
+    "log_format": (str, "text or json (one JSON object per line)"),
 }
+SECRETS = frozenset({"auth_secret"})
 
 
 def _env_value(name: str, kind: type, environ: Mapping[str, str]) -> object:
@@ -77,6 +82,7 @@ def _env_value(name: str, kind: type, environ: Mapping[str, str]) -> object:
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", dest="config_file", metavar="FILE", help="a TOML file of options (same names as the flags)")
     for name, (kind, text) in _OPTIONS.items():
         parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=text)
     parser.add_argument(
@@ -89,22 +95,62 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def load(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> Config:
-    """Resolve the configuration from parsed arguments and the environment."""
+def _file_values(path: str) -> dict[str, object]:
+    try:
+        with open(path, "rb") as file:
+            table = tomllib.load(file)
+    except OSError as error:
+        raise SystemExit(f"sectionchat: cannot read {path}: {error.strerror or error}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise SystemExit(f"sectionchat: {path} is not valid TOML: {error}") from None
     values: dict[str, object] = {}
+    for raw_name, value in table.items():
+        name = raw_name.replace("-", "_")
+        if name == "allowed_origins" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            values[name] = tuple(value)
+            continue
+        if name not in _OPTIONS:
+            raise SystemExit(f"sectionchat: {path}: unknown option {raw_name!r}")
+        kind = _OPTIONS[name][0]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise SystemExit(f"sectionchat: {path}: {raw_name} must be a {kind.__name__}, not {value!r}")
+        values[name] = value
+    return values
+
+
+def load(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> Config:
+    """Resolve the configuration: command line > environment > file > default."""
+    file = getattr(args, "config_file", None) or environ.get(ENV_PREFIX + "CONFIG")
+    values: dict[str, object] = _file_values(file) if file else {}
     for name, (kind, _) in _OPTIONS.items():
         if getattr(args, name, None) is not None:
             values[name] = getattr(args, name)
         elif ENV_PREFIX + name.upper() in environ:
             values[name] = _env_value(name, kind, environ)
-    origins: Sequence[str] | None = getattr(args, "allowed_origins", None)
-    if origins is None and ENV_PREFIX + "ALLOWED_ORIGINS" in environ:
-        origins = environ[ENV_PREFIX + "ALLOWED_ORIGINS"].split()
-    if origins:
-        values["allowed_origins"] = tuple(origins)
+    if getattr(args, "allowed_origins", None):
+        values["allowed_origins"] = tuple(args.allowed_origins)
+    elif ENV_PREFIX + "ALLOWED_ORIGINS" in environ:
+        values["allowed_origins"] = tuple(environ[ENV_PREFIX + "ALLOWED_ORIGINS"].split())
     config = Config(**values)  # type: ignore[arg-type]
     validate(config)
     return config
+
+
+def describe(config: Config) -> str:
+    """The resolved configuration as TOML, secrets masked."""
+    lines = []
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if field.name in SECRETS and value:
+            value = "********"
+        if value is None:
+            lines.append(f"# {field.name} is not set")
+        else:
+            # JSON strings, numbers and arrays of strings are valid TOML too.
+            lines.append(f"{field.name} = {json.dumps(list(value) if isinstance(value, tuple) else value, ensure_ascii=False)}")
+    return "\n".join(lines)
 
 
 def validate(config: Config) -> None:
@@ -112,6 +158,8 @@ def validate(config: Config) -> None:
         raise SystemExit(f"sectionchat: --port {config.port} is not a port number")
     if config.rate_limit < 0:
         raise SystemExit("sectionchat: --rate-limit must be 0 (off) or positive")
+    if config.log_format not in ("text", "json"):
+        raise SystemExit(f"sectionchat: --log-format {config.log_format!r} is not one of text, json")
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise SystemExit(f"sectionchat: --log-level {config.log_level!r} is not one of debug, info, warning, error")
     for name in ("max_frame_bytes", "max_text_chars", "max_subscriptions", "max_outgoing_bytes", "recovery_window"):

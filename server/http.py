@@ -8,12 +8,14 @@ from __future__ import annotations
 import email.utils
 import http
 import mimetypes
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import msgspec
 from websockets.datastructures import Headers
 from websockets.http11 import Response
+
+from .metrics import Metrics
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 
@@ -59,13 +61,21 @@ def load_static(directory: Path = STATIC_DIR) -> dict[str, tuple[bytes, str]]:
 class HttpRoutes:
     """Answers the plain HTTP requests that reach the WebSocket port."""
 
-    def __init__(self, health: Callable[[], tuple[int, dict[str, object]]], static: dict[str, tuple[bytes, str]]):
+    def __init__(
+        self,
+        health: Callable[[], Awaitable[tuple[int, dict[str, object]]]],
+        metrics: Metrics,
+        static: dict[str, tuple[bytes, str]],
+    ):
         self._health = health
+        self._metrics = metrics
         self._static = static
 
-    def __call__(self, path: str) -> Response:
+    async def __call__(self, path: str) -> Response:
         if path == "/healthz":
-            return json_response(*self._health())
+            return json_response(*await self._health())
+        if path == "/metrics":
+            return response(200, self._metrics.render(), self._metrics.content_type)
         found = self._static.get(path)
         if found is None:
             return not_found()

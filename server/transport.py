@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 import uuid
 from collections import Counter
 from urllib.parse import parse_qs, urlsplit
@@ -21,7 +22,7 @@ from websockets.protocol import State
 from protocol import errors
 from protocol.codec import Codec, codec_for_subprotocol
 from protocol.errors import ChatError
-from protocol.messages import PROTOCOL_VERSION, Error, Limits, Welcome
+from protocol.messages import PROTOCOL_VERSION, ClientRequest, Error, Limits, Welcome
 
 from .auth import AuthError, Identity, authenticate, bearer_token
 from .chat import Chat, reply
@@ -73,7 +74,7 @@ class Connection:
         websocket.send_data()
         if websocket.transport.get_write_buffer_size() > self._transport.config.max_outgoing_bytes:
             logger.warning("connection %s of %s cannot keep up: closing with 4008", self.connection_id, self.user)
-            self._transport.slow_consumers_closed += 1
+            self._transport.metrics.slow_consumers.inc()
             self.close(CLOSE_SLOW_CONSUMER, "slow consumer")
 
     def close(self, code: int, reason: str) -> None:
@@ -99,18 +100,22 @@ class Transport:
             max_text_chars=config.max_text_chars,
             messages_per_s=int(config.rate_limit) if config.rate_limit == int(config.rate_limit) else config.rate_limit,
         )
+        self.metrics = chat.metrics
+        # Histogram children resolved once: labels() costs a lock and a dict lookup per call.
+        self._request_seconds = {
+            kind: self.metrics.request_seconds.labels(kind.__struct_config__.tag) for kind in ClientRequest.__args__
+        }
         self.draining = False
-        self.slow_consumers_closed = 0
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
         self._connections_per_user: Counter[str] = Counter()
 
-    def process_request(self, websocket: ServerConnection, request: Request) -> Response | None:
+    async def process_request(self, websocket: ServerConnection, request: Request) -> Response | None:
         """Answer plain HTTP, or check a WebSocket handshake (origin, identity, connection count)."""
         url = urlsplit(request.path)
         if url.path != WEBSOCKET_PATH:
-            return self.routes(url.path)
+            return await self.routes(url.path)
         origin = request.headers.get("Origin")
         # Browsers always send Origin; only they can be hijacked cross-site.
         if self.config.allowed_origins and origin is not None and origin not in self.config.allowed_origins:
@@ -144,6 +149,7 @@ class Transport:
         peer = Connection(websocket, identity, codec, self)
         rate = RequestRate(self.config.rate_limit) if self.config.rate_limit > 0 else None
         self._connections_per_user[peer.user] += 1
+        self.metrics.connections.inc()
         logger.info("connection %s opened by %s", peer.connection_id, peer.user)
         reply(
             peer,
@@ -158,6 +164,7 @@ class Transport:
             pass
         finally:
             self.chat.disconnect(peer)
+            self.metrics.connections.dec()
             self._connections_per_user[peer.user] -= 1
             if self._connections_per_user[peer.user] <= 0:
                 del self._connections_per_user[peer.user]
@@ -171,26 +178,32 @@ class Transport:
         try:
             request = peer.codec.decode(data)
         except ChatError as error:
+            self.metrics.errors.labels(error.code).inc()
             reply(peer, Error(code=error.code, message=error.message, temporary=error.temporary, reply_to=error.reply_to))
             return
         if rate is not None and not rate.allow():
             if rate.strike():
                 logger.warning("connection %s of %s keeps exceeding the rate limit: closing with 1008", peer.connection_id, peer.user)
+                self.metrics.rate_limit_closes.inc()
                 peer.close(CLOSE_POLICY_VIOLATION, "rate limit exceeded")
             else:
                 message = f"more than {self.limits.messages_per_s} requests per second; slow down"
+                self.metrics.errors.labels(errors.RATE_LIMITED).inc()
                 reply(peer, Error(code=errors.RATE_LIMITED, message=message, temporary=True, reply_to=request.id))
             return
         self.in_flight += 1
         self._idle.clear()
+        started = time.perf_counter()
         try:
             await self.chat.handle(peer, request)
         except Exception:
             trace_id = uuid.uuid4().hex[:12]
             logger.exception("internal error %s handling %s", trace_id, type(request).__name__)
+            self.metrics.errors.labels(errors.INTERNAL).inc()
             message = f"internal error; trace id {trace_id}"
             reply(peer, Error(code=errors.INTERNAL, message=message, temporary=False, reply_to=request.id))
         finally:
+            self._request_seconds[type(request)].observe(time.perf_counter() - started)
             self.in_flight -= 1
             if self.in_flight == 0:
                 self._idle.set()

@@ -64,6 +64,9 @@ class Storage(Protocol):
 
     async def close(self) -> None: ...
 
+    async def check(self) -> None:
+        """Raise StorageError unless storage can take a write right now (for health checks)."""
+
     async def load_section(self, key: SectionKey) -> SectionLog: ...
 
     async def read_after(self, key: SectionKey, offset: int) -> SectionLog:

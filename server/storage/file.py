@@ -24,6 +24,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Union
@@ -32,6 +33,7 @@ import aiofiles
 import aiofiles.os
 import msgspec
 
+from ..metrics import Metrics
 from .base import SectionKey, SectionLog, SessionCreatedRecord, StorageError, StoredRecord
 
 logger = logging.getLogger("sectionchat.storage")
@@ -88,8 +90,9 @@ truncate_and_sync = aiofiles.os.wrap(_truncate_and_sync)
 class AppendFile:
     """An append-only file whose appends are durable when they return."""
 
-    def __init__(self, path: Path, size: int, *, has_header: bool = True):
+    def __init__(self, path: Path, size: int, *, has_header: bool = True, metrics: Metrics | None = None):
         self.path = path
+        self.metrics = metrics
         self.durable_size = size
         self.has_header = has_header
         self._file = None
@@ -110,6 +113,7 @@ class AppendFile:
         try:
             while self._pending:
                 batch, self._pending = self._pending, []
+                started = time.perf_counter()
                 try:
                     await self._write(b"".join(data for data, _ in batch))
                 except OSError as error:
@@ -119,6 +123,9 @@ class AppendFile:
                 else:
                     for _, future in batch:
                         future.set_result(None)
+                    if self.metrics is not None:
+                        self.metrics.storage_write_seconds.observe(time.perf_counter() - started)
+                        self.metrics.fsync_batch_size.observe(len(batch))
         finally:
             self._flusher = None
 
@@ -176,8 +183,11 @@ class FileStorage:
 
     shared = False  # the data dir is locked to one process
 
-    def __init__(self, data_dir: str | os.PathLike[str]):
+    def __init__(self, data_dir: str | os.PathLike[str], metrics: Metrics | None = None, *, read_only: bool = False):
         self.root = Path(data_dir)
+        self.metrics = metrics
+        # Read-only (export): no lock, no repairs, so it can read beside a running server.
+        self.read_only = read_only
         self._sections_dir = self.root / "sections"
         self._lock_fd: int | None = None
         self._index: AppendFile | None = None
@@ -188,6 +198,11 @@ class FileStorage:
     # Lifecycle --------------------------------------------------------------
 
     async def open(self) -> None:
+        if self.read_only:
+            if not await aiofiles.os.path.isdir(self.root):
+                raise StorageError(f"data dir {self.root} does not exist")
+            await self._load_index()
+            return
         try:
             await aiofiles.os.makedirs(self._sections_dir, exist_ok=True)
             self._lock_fd = os.open(self.root / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
@@ -201,6 +216,10 @@ class FileStorage:
             raise StorageError(f"data dir {self.root} is in use by another sectionchat server") from None
         await self._probe_writable()
         await self._load_index()
+
+    async def check(self) -> None:
+        """Raise StorageError unless a file can be written and synced in the data dir now."""
+        await self._probe_writable()
 
     async def _probe_writable(self) -> None:
         probe = self.root / f".probe-{os.getpid()}"
@@ -221,10 +240,12 @@ class FileStorage:
                 logger.warning("skipping unreadable line %d of %s", number, path)
                 continue
             self._remember_session(session_id, SectionKey(document_id, section_id))
+        if self.read_only:
+            return
         if tail:
             logger.warning("cutting a torn tail of %d bytes from %s", len(tail), path)
             await truncate_and_sync(path, size)
-        self._index = AppendFile(path, size)
+        self._index = AppendFile(path, size, metrics=self.metrics)
 
     async def close(self) -> None:
         for file in self._files.values():
@@ -251,7 +272,7 @@ class FileStorage:
             except OSError as error:
                 raise StorageError(f"cannot repair section: {error.strerror or error}") from None
         await self.release(key)
-        self._files[key] = AppendFile(path, size, has_header=epoch is not None)
+        self._files[key] = AppendFile(path, size, has_header=epoch is not None, metrics=self.metrics)
         await self._close_least_used_files()
         return SectionLog(epoch, records)
 

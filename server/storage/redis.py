@@ -29,6 +29,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
+from ..metrics import Metrics
 from .base import SectionKey, SectionLog, SessionCreatedRecord, StaleSection, StorageError, StoredRecord
 
 logger = logging.getLogger("sectionchat.storage")
@@ -88,14 +89,18 @@ class RedisStorage:
 
     shared = True  # other processes may append to the same sections
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, metrics: Metrics | None = None):
         self.url = url
+        self.metrics = metrics
         self.client = connect(url)
         self._append = self.client.register_script(_APPEND)
         # A session never moves, so a found section can be remembered.
         self._session_sections: dict[str, SectionKey] = {}
 
     async def open(self) -> None:
+        await self.check()
+
+    async def check(self) -> None:
         try:
             await self.client.ping()
         except RedisError as error:
@@ -133,6 +138,7 @@ class RedisStorage:
         created = [r.session.session_id for r in records if isinstance(r, SessionCreatedRecord)]
         meta, log = section_keys(key)
         hint = _encode([key.document_id, key.section_id]).decode() + "\n"
+        started = time.perf_counter()
         try:
             if created:
                 async with self.client.pipeline(transaction=True) as pipe:
@@ -146,6 +152,8 @@ class RedisStorage:
             )
         except RedisError as error:
             raise StorageError(f"Redis: {error}") from None
+        if self.metrics is not None:
+            self.metrics.storage_write_seconds.observe(time.perf_counter() - started)
         if result < 0:
             raise StaleSection(f"section is at offset {-1 - result}, not {records[0].offset - 1}")
         for session_id in created:

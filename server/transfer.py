@@ -1,0 +1,126 @@
+# Export a document's sections as JSON lines, and import them back.
+#
+# The format is the stored records themselves, each section introduced by a
+# header line:
+#   {"kind":"sectionchat-export","version":1,"document_id":"spec-7"}
+#   {"kind":"section","document_id":"spec-7","section_id":"intro","epoch":"4813dbd9e70cd8a9"}
+#   {"kind":"session_created","offset":1,"session":{...},"idempotency_key":"k1"}
+#   {"kind":"message","offset":2,"message":{...}}
+#   {"kind":"session_closed","offset":3,"session":{...}}
+#
+# Import is idempotent: a session that already exists is skipped with its
+# messages. Into an empty store, sections keep their offsets and epochs, so
+# clients can go on recovering across a migration (files -> Redis, say).
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import IO, Union
+
+import msgspec
+from tqdm import tqdm
+
+from .storage.base import MessageRecord, SectionKey, SessionClosedRecord, SessionCreatedRecord, Storage, StoredRecord
+
+FORMAT = "sectionchat-export"
+VERSION = 1
+BATCH = 500
+
+
+class ExportHeader(msgspec.Struct, tag_field="kind", tag=FORMAT):
+    version: int
+    document_id: str
+
+
+class SectionStart(msgspec.Struct, tag_field="kind", tag="section"):
+    document_id: str
+    section_id: str
+    epoch: str | None
+
+
+Line = Union[ExportHeader, SectionStart, StoredRecord]
+
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder(Line).decode
+
+
+class TransferError(Exception):
+    """The export file cannot be imported; the message names the line."""
+
+
+async def export_document(storage: Storage, document_id: str, out: IO[bytes], *, progress: bool = True) -> int:
+    """Write the document's sections to `out`; return how many records were written."""
+    out.write(_encode(ExportHeader(VERSION, document_id)) + b"\n")
+    written = 0
+    with tqdm(desc=f"exporting {document_id}", unit=" records", disable=None if progress else True) as bar:
+        for key in await storage.document_sections(document_id):
+            log = await storage.read_after(key, 0)
+            out.write(_encode(SectionStart(key.document_id, key.section_id, log.epoch)) + b"\n")
+            for record in log.records:
+                out.write(_encode(record) + b"\n")
+            written += len(log.records)
+            bar.update(len(log.records))
+    return written
+
+
+def _sections(lines: Iterable[bytes]) -> Iterator[tuple[SectionStart, list[StoredRecord]]]:
+    header_seen = False
+    current: tuple[SectionStart, list[StoredRecord]] | None = None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = _decode(line)
+        except msgspec.MsgspecError as error:
+            raise TransferError(f"line {number}: {error}") from None
+        if isinstance(item, ExportHeader):
+            if item.version != VERSION:
+                raise TransferError(f"line {number}: export format version {item.version} is not supported")
+            header_seen = True
+        elif not header_seen:
+            raise TransferError(f"line {number}: not a sectionchat export (no header line)")
+        elif isinstance(item, SectionStart):
+            if current is not None:
+                yield current
+            current = (item, [])
+        elif current is None:
+            raise TransferError(f"line {number}: a record before any section line")
+        else:
+            current[1].append(item)
+    if current is not None:
+        yield current
+
+
+async def import_lines(storage: Storage, lines: Iterable[bytes], *, progress: bool = True) -> tuple[int, int]:
+    """Import an export; return (records imported, records skipped as already present)."""
+    imported = skipped = 0
+    with tqdm(desc="importing", unit=" records", disable=None if progress else True) as bar:
+        for start, records in _sections(lines):
+            key = SectionKey(start.document_id, start.section_id)
+            existing = await storage.load_section(key)
+            present = {r.session.session_id for r in existing.records if isinstance(r, SessionCreatedRecord)}
+            epoch = existing.epoch or start.epoch or "imported"
+            offset = len(existing.records)
+            fresh: list[StoredRecord] = []
+            for record in records:
+                if _session_id(record) in present:
+                    skipped += 1
+                    continue
+                offset += 1
+                fresh.append(msgspec.structs.replace(record, offset=offset))
+            for begin in range(0, len(fresh), BATCH):
+                batch = fresh[begin : begin + BATCH]
+                await storage.append(key, epoch, batch)
+                imported += len(batch)
+                bar.update(len(batch))
+            await storage.release(key)
+    return imported, skipped
+
+
+def _session_id(record: StoredRecord) -> str:
+    match record:
+        case SessionCreatedRecord(session=session) | SessionClosedRecord(session=session):
+            return session.session_id
+        case MessageRecord(message=message):
+            return message.session_id
+    raise AssertionError(record)
