@@ -1,0 +1,1 @@
+"""pytest plugin: the `sectionchat_server` fixture (placeholder, being written)."""
