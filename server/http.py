@@ -79,4 +79,7 @@ class HttpRoutes:
         found = self._static.get(path)
         if found is None:
             return not_found()
-        return response(200, found[0], found[1], cache=True)
+        asset = response(200, found[0], found[1], cache=True)
+        # Public files: an editor on another origin may import sectionchat.js as a module.
+        asset.headers["Access-Control-Allow-Origin"] = "*"
+        return asset

@@ -157,8 +157,6 @@ class Transport:
         )
         try:
             async for data in websocket:
-                if self.draining:
-                    continue  # the close with 1001 is on its way; the client retries elsewhere
                 await self._serve_one(peer, data, rate)
         except ConnectionClosed:
             pass
@@ -180,6 +178,12 @@ class Transport:
         except ChatError as error:
             self.metrics.errors.labels(error.code).inc()
             reply(peer, Error(code=error.code, message=error.message, temporary=error.temporary, reply_to=error.reply_to))
+            return
+        if self.draining:
+            # The close with 1001 is on its way; say so, so the client knows nothing was done.
+            self.metrics.errors.labels(errors.UNAVAILABLE).inc()
+            message = "the server is shutting down; nothing was done; retry after reconnecting"
+            reply(peer, Error(code=errors.UNAVAILABLE, message=message, temporary=True, reply_to=request.id))
             return
         if rate is not None and not rate.allow():
             if rate.strike():

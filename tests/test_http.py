@@ -26,6 +26,9 @@ async def test_root_serves_the_browser_client(app):
     assert headers["content-type"] == "text/html; charset=utf-8"
     assert b"<html" in body.lower()
     assert (await http_get(app.port, "/static/index.html"))[2] == body
+    status, headers, _ = await http_get(app.port, "/static/sectionchat.js")
+    assert status == 200 and "javascript" in headers["content-type"]
+    assert headers["access-control-allow-origin"] == "*"  # importable by editors on other origins
 
 
 async def test_healthz(app):
