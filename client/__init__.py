@@ -128,11 +128,15 @@ class ScriptClient:
         request_id = fields.pop("id") if "id" in fields else next(self._ids)
         future = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
-        await self.send({"type": type, "id": request_id, **fields})
         try:
+            await self.send({"type": type, "id": request_id, **fields})
             return await asyncio.wait_for(future, timeout)
         finally:
             self._pending.pop(request_id, None)
+            if not future.done():
+                future.cancel()
+            elif not future.cancelled():
+                future.exception()  # retrieved: a failure is reported once, by whoever raised
 
     async def call(self, type: str, *, timeout: float = 10.0, **fields: Any) -> Frame:
         """Like `request`, but an `error` reply raises RequestFailed."""

@@ -22,6 +22,12 @@ class _Envelope(msgspec.Struct):
     id: Any = None
 
 
+class _IdOnly(msgspec.Struct):
+    """Fallback when even `type` cannot be read (e.g. 1e999): unknown fields are skipped unchecked."""
+
+    id: Any = None
+
+
 def _valid_id(value: Any) -> RequestId | None:
     if isinstance(value, bool):
         return None
@@ -48,7 +54,7 @@ class Codec:
         self.name = name
         self.binary = binary
         self._decoder = module.Decoder(ClientRequest)
-        self._envelope = module.Decoder(_Envelope)
+        self._envelopes = (module.Decoder(_Envelope), module.Decoder(_IdOnly))
         self._encoder = module.Encoder()
 
     def decode(self, data: str | bytes) -> ClientRequest:
@@ -62,13 +68,17 @@ class Codec:
             raise self._failure(data, error) from None
 
     def _failure(self, data: str | bytes, error: Exception) -> ChatError:
-        try:
-            envelope = self._envelope.decode(data)
-        except (msgspec.MsgspecError, RecursionError, UnicodeError, ValueError):
-            envelope = _Envelope()
+        envelope: _Envelope | _IdOnly = _IdOnly()
+        for decoder in self._envelopes:
+            try:
+                envelope = decoder.decode(data)
+                break
+            except (msgspec.MsgspecError, RecursionError, UnicodeError, ValueError):
+                continue
         reply_to = _valid_id(envelope.id)
-        if isinstance(envelope.type, str) and envelope.type not in REQUEST_TYPES:
-            return ChatError(UNKNOWN_TYPE, f"unknown request type {envelope.type!r}", reply_to)
+        kind = getattr(envelope, "type", None)
+        if isinstance(kind, str) and kind not in REQUEST_TYPES:
+            return ChatError(UNKNOWN_TYPE, f"unknown request type {kind!r}", reply_to)
         if isinstance(error, msgspec.MsgspecError):
             return ChatError(BAD_REQUEST, _explain(error), reply_to)
         return ChatError(BAD_REQUEST, f"Malformed frame: {type(error).__name__}", reply_to)
