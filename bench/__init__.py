@@ -1,0 +1,1 @@
+"""Reproducible benchmarks of sectionchat against raw-websockets baselines (see docs/performance.md)."""

@@ -1,0 +1,196 @@
+# The baseline: the transport's limit for one request/reply round trip.
+#
+# A raw `websockets` server with the same transport settings as sectionchat
+# (compression off, 64 KiB frames) that, for each text frame, decodes the JSON
+# into a typed msgspec Struct and encodes a reply of the same shape and field
+# types as sectionchat's (`session_created` {session} or `message_ack`
+# {message}, with `reply_to`) — and does nothing else: no validation beyond
+# msgspec's types, no storage, no locks, no uuid4, no clock. Whatever
+# sectionchat costs beyond this is its own work.
+#
+#     python -m bench.echo_server --port 0
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import signal
+import sys
+
+import msgspec
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+MAX_FRAME_BYTES = 65536  # sectionchat's default max_frame_bytes
+
+# Requests: the fields sectionchat's requests have, without its constraints.
+
+
+class Request(msgspec.Struct, tag_field="type", kw_only=True, omit_defaults=True):
+    id: str | int | None = None
+
+
+class CreateSession(Request, tag="create_session"):
+    document_id: str
+    section_id: str
+    title: str | None = None
+    idempotency_key: str | None = None
+
+
+class SendMessage(Request, tag="send_message"):
+    session_id: str
+    text: str
+    client_msg_id: str | None = None
+
+
+class Ping(Request, tag="ping"):
+    pass
+
+
+# Replies: sectionchat's frames, field for field (protocol/messages.py).
+
+
+class Session(msgspec.Struct):
+    session_id: str
+    document_id: str
+    section_id: str
+    title: str | None
+    created_by: str
+    created_at: str
+    closed: bool
+    last_seq: int
+
+
+class Message(msgspec.Struct):
+    session_id: str
+    seq: int
+    message_id: str
+    author: str
+    text: str
+    client_msg_id: str | None
+    sent_at: str
+
+
+class Frame(msgspec.Struct, tag_field="type", kw_only=True, omit_defaults=True):
+    reply_to: str | int | None = None
+
+
+class Limits(msgspec.Struct):
+    max_frame_bytes: int
+    max_text_chars: int
+    messages_per_s: int
+
+
+class Welcome(Frame, tag="welcome"):
+    connection_id: str
+    user: str
+    protocol: int
+    server: str
+    limits: Limits
+
+
+class SessionCreated(Frame, tag="session_created"):
+    session: Session
+
+
+class MessageAck(Frame, tag="message_ack"):
+    message: Message
+
+
+class Pong(Frame, tag="pong"):
+    pass
+
+
+class Error(Frame, tag="error"):
+    code: str
+    message: str
+    temporary: bool
+
+
+decode = msgspec.json.Decoder(CreateSession | SendMessage | Ping).decode
+encode = msgspec.json.Encoder().encode
+
+# Same length and character set as a uuid4 and an RFC 3339 time, without the cost.
+_ids = itertools.count(1)
+UUID_PREFIX = "00000000-0000-4000-8000-"
+TIMESTAMP = "2026-01-01T00:00:00.000Z"
+
+
+def fake_uuid() -> str:
+    return f"{UUID_PREFIX}{next(_ids):012x}"
+
+
+async def handle(websocket: ServerConnection) -> None:
+    user = "bench"
+    query = websocket.request.path.partition("?")[2]
+    for part in query.split("&"):
+        key, _, value = part.partition("=")
+        if key == "name" and value:
+            user = value
+    seqs: dict[str, int] = {}
+    welcome = Welcome(
+        connection_id=f"{next(_ids):016x}",
+        user=user,
+        protocol=1,
+        server="echo/0",
+        limits=Limits(max_frame_bytes=MAX_FRAME_BYTES, max_text_chars=8000, messages_per_s=0),
+    )
+    try:
+        await websocket.send(encode(welcome), text=True)
+        while True:
+            data = await websocket.recv(decode=False)
+            try:
+                request = decode(data)
+            except msgspec.MsgspecError as error:
+                reply: Frame = Error(code="bad_request", message=str(error), temporary=False)
+            else:
+                match request:
+                    case CreateSession():
+                        session = Session(
+                            session_id=fake_uuid(),
+                            document_id=request.document_id,
+                            section_id=request.section_id,
+                            title=request.title,
+                            created_by=user,
+                            created_at=TIMESTAMP,
+                            closed=False,
+                            last_seq=0,
+                        )
+                        reply = SessionCreated(session=session, reply_to=request.id)
+                    case SendMessage():
+                        seq = seqs[request.session_id] = seqs.get(request.session_id, 0) + 1
+                        message = Message(
+                            session_id=request.session_id,
+                            seq=seq,
+                            message_id=fake_uuid(),
+                            author=user,
+                            text=request.text,
+                            client_msg_id=request.client_msg_id,
+                            sent_at=TIMESTAMP,
+                        )
+                        reply = MessageAck(message=message, reply_to=request.id)
+                    case _:
+                        reply = Pong(reply_to=request.id)
+            await websocket.send(encode(reply), text=True)
+    except ConnectionClosed:
+        pass
+
+
+async def main(host: str, port: int) -> None:
+    loop = asyncio.get_running_loop()
+    stop = loop.create_future()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set_result, None)
+    async with serve(handle, host, port, compression=None, max_size=MAX_FRAME_BYTES, server_header=None) as server:
+        bound_host, bound_port = server.sockets[0].getsockname()[:2]
+        print(f"echo baseline listening on {bound_host}:{bound_port}", file=sys.stderr, flush=True)
+        await stop
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="raw websockets + msgspec request/reply baseline")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8766, help="0 picks a free port")
+    arguments = parser.parse_args()
+    asyncio.run(main(arguments.host, arguments.port))

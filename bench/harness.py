@@ -1,0 +1,243 @@
+# What every benchmark shares: server processes, CPU accounting, statistics, tables.
+#
+# Rule kept here: a server under test is always its own process, started the way
+# operators start it, on 127.0.0.1 and port 0, with its output going to a log file
+# (never an unread pipe, which would stall a chatty server once it fills).
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LISTENING = re.compile(r"listening on (\S+):(\d+)")
+HOST = "127.0.0.1"
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+class BenchError(Exception):
+    """A benchmark could not run (a server did not start, a client got an error)."""
+
+
+class ServerProcess:
+    """One server under test, as a child process with its own scratch directory."""
+
+    def __init__(self, name: str, command: Sequence[str], scratch: Path):
+        self.name = name
+        self.command = list(command)
+        self.scratch = scratch
+        self.log_path = scratch / f"{name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    @classmethod
+    def sectionchat(cls, scratch: Path, *extra: str) -> ServerProcess:
+        """The real server: durable file storage in a fresh data dir, abuse limits off."""
+        data_dir = scratch / "data"
+        command = [
+            sys.executable,
+            "-m",
+            "server",
+            "serve",
+            "--host",
+            HOST,
+            "--port",
+            "0",
+            "--data-dir",
+            str(data_dir),
+            "--storage",
+            "file",
+            *sectionchat_limits_off(),
+            *extra,
+        ]
+        return cls("sectionchat", command, scratch)
+
+    @classmethod
+    def echo(cls, scratch: Path) -> ServerProcess:
+        """The baseline: raw websockets + msgspec, decode and encode, nothing else."""
+        return cls("echo", [sys.executable, "-m", "bench.echo_server", "--host", HOST, "--port", "0"], scratch)
+
+    def start(self, timeout: float = 30.0) -> ServerProcess:
+        """Start the process and wait for its "listening on" line."""
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                self.command, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = LISTENING.search(self.log_path.read_text(errors="replace"))
+            if found:
+                self.port = int(found.group(2))
+                return self
+            if self.process.poll() is not None:
+                raise BenchError(f"{self.name} exited with {self.process.returncode} before listening:\n{self.log()}")
+            time.sleep(0.02)
+        self.stop()
+        raise BenchError(f"{self.name} did not say 'listening on' within {timeout:.0f} s:\n{self.log()}")
+
+    @property
+    def url(self) -> str:
+        return f"ws://{HOST}:{self.port}/ws"
+
+    def log(self, tail: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-tail:]
+        except OSError:
+            return ""
+
+    def cpu_seconds(self) -> float | None:
+        """User + system CPU time the process has used so far (Linux /proc), or None."""
+        assert self.process is not None
+        return process_cpu_seconds(self.process.pid)
+
+    def rss_bytes(self) -> int | None:
+        assert self.process is not None
+        try:
+            for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return None
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM, then SIGKILL if it has not exited within `timeout` seconds."""
+        process = self.process
+        if process is None or process.poll() is not None:
+            return None if process is None else process.returncode
+        process.send_signal(signal.SIGTERM)
+        try:
+            return process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+            return process.returncode
+
+    def errors_in_log(self) -> list[str]:
+        """Lines the server logged at ERROR or worse (a benchmark run should have none)."""
+        return [line for line in self.log(tail=10_000_000).splitlines() if " ERROR " in line or " CRITICAL " in line]
+
+    def first_error(self, context: int = 40) -> str:
+        """The first ERROR line and what follows it (a traceback), else the log's tail."""
+        lines = self.log(tail=10_000_000).splitlines()
+        for number, line in enumerate(lines):
+            if " ERROR " in line or " CRITICAL " in line or line.startswith("Traceback"):
+                return "\n".join(lines[number : number + context])
+        return "\n".join(lines[-context:])
+
+
+# Per-user and per-connection abuse limits that a benchmark turns off (0 = no
+# limit), passed only where this version of the server has the option.
+LIMITS_OFF = {
+    "--rate-limit": "0",
+    "--sessions-per-minute": "0",
+    "--max-connections-per-user": "0",
+}
+
+
+@functools.cache
+def sectionchat_limits_off() -> tuple[str, ...]:
+    usage = subprocess.run(
+        [sys.executable, "-m", "server", "serve", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    ).stdout
+    known = set(re.findall(r"--[a-z][a-z0-9-]*", usage))
+    return tuple(part for option, value in LIMITS_OFF.items() if option in known for part in (option, value))
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces; fields after it are plain.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    utime, stime = int(fields[11]), int(fields[12])
+    return (utime + stime) / _CLOCK_TICKS
+
+
+def machine_cpu_seconds() -> tuple[float, float] | None:
+    """(busy, steal) CPU seconds of the whole machine so far, summed over cores (Linux /proc/stat).
+
+    busy counts user, nice, system, irq and softirq time; steal is time the
+    hypervisor gave our virtual CPUs to someone else. Over a window, busy minus
+    what the benchmark's own processes used is the other work on the machine.
+    """
+    try:
+        first = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    if first[0] != "cpu":
+        return None
+    ticks = [int(value) for value in first[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = ticks + [0] * (8 - len(ticks))
+    return (user + nice + system + irq + softirq) / _CLOCK_TICKS, steal / _CLOCK_TICKS
+
+
+def scratch_dir(root: str | None) -> Path:
+    """A fresh directory for one run's data and logs."""
+    return Path(tempfile.mkdtemp(prefix="sectionchat-bench-", dir=root))
+
+
+def remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def filesystem_type(path: str) -> str | None:
+    """The type of the filesystem holding `path` ("ext4", "tmpfs"…), from /proc/mounts."""
+    path = os.path.realpath(path)
+    best, kind = "", None
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    for line in mounts:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        mount_point = parts[1].replace("\\040", " ")
+        inside = path == mount_point or path.startswith(mount_point.rstrip("/") + "/")
+        if inside and len(mount_point) >= len(best):
+            best, kind = mount_point, parts[2]
+    return kind
+
+
+# Statistics ------------------------------------------------------------------
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def percentile(sorted_values: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile of already sorted values."""
+    if not sorted_values:
+        return float("nan")
+    rank = max(1, min(len(sorted_values), math.ceil(fraction * len(sorted_values))))
+    return sorted_values[rank - 1]
+
+
+def fmt_rate(value: float) -> str:
+    return f"{value:,.0f}"
+
+
+def fmt_spread(values: Sequence[float], fmt=fmt_rate) -> str:
+    """'median (min–max)'."""
+    return f"{fmt(median(values))} ({fmt(min(values))}–{fmt(max(values))})"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
