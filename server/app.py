@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from websockets.asyncio.server import Server, serve
@@ -28,6 +29,7 @@ from .transport import Transport
 logger = logging.getLogger("sectionchat")
 
 SWEEP_INTERVAL_S = 5.0
+STORAGE_THREADS = 32
 
 
 class StartupError(Exception):
@@ -75,6 +77,9 @@ class App:
         return 200, {"status": "serving", "storage": "ok", "connections": len(self.server.connections) if self.server else 0}
 
     async def start(self) -> None:
+        # Durable writes run in the default executor (aiofiles): one thread per
+        # section writing at once lets their fsyncs overlap.
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(STORAGE_THREADS, "sectionchat-storage"))
         storage = make_storage(self.config, self.metrics)
         try:
             await storage.open()

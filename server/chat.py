@@ -139,6 +139,8 @@ class Section:
         self.announced: set[str] = set()
         self.snapshots: dict[Peer, set[str]] = {}
         self.presence_flush: asyncio.TimerHandle | None = None
+        self.queue: list[QueuedWrite] = []  # writes waiting for the section's writer
+        self.writer: asyncio.Task[None] | None = None
         self.pins = 0
         self.last_used = time.monotonic()
 
@@ -183,6 +185,56 @@ class Section:
 
     def evictable(self, now: float, idle_s: float) -> bool:
         return self.pins == 0 and not self.subscribers and not self.lock.locked() and now - self.last_used >= idle_s
+
+
+class Draft:
+    """A section as it will be once the batch being decided is stored.
+
+    Writes are decided in order against it, so the second write of a batch sees
+    the first (its seq, its idempotency key), while the Section itself, which
+    readers see, changes only once the batch is durable.
+    """
+
+    def __init__(self, section: Section):
+        self.key = section.key
+        self.offset = section.offset
+        self._section = section
+        self._sessions: dict[str, Session] = {}  # sessions this batch creates or changes, as they will be
+        self._messages: dict[tuple[str, str], Message] = {}  # (session_id, client_msg_id) -> message
+        self._idempotency: dict[tuple[str, str], str] = {}
+
+    def session(self, session_id: str) -> Session:
+        session = self._sessions.get(session_id)
+        return session if session is not None else self._section.session(session_id).session
+
+    def idempotent(self, user: str, key: str) -> Session | None:
+        session_id = self._idempotency.get((user, key)) or self._section.idempotency.get((user, key))
+        return None if session_id is None else self.session(session_id)
+
+    def message(self, session_id: str, client_msg_id: str) -> Message | None:
+        message = self._messages.get((session_id, client_msg_id))
+        if message is None and session_id in self._section.sessions:
+            message = self._section.sessions[session_id].by_client_msg_id.get(client_msg_id)
+        return message
+
+    def add(self, record: StoredRecord) -> None:
+        self.offset = record.offset
+        match record:
+            case SessionCreatedRecord(session=session, idempotency_key=key):
+                self._sessions[session.session_id] = session
+                if key is not None:
+                    self._idempotency[(session.created_by, key)] = session.session_id
+            case MessageRecord(message=message):
+                session = self.session(message.session_id)
+                self._sessions[message.session_id] = msgspec.structs.replace(session, last_seq=message.seq)
+                if message.client_msg_id is not None:
+                    self._messages[(message.session_id, message.client_msg_id)] = message
+            case SessionClosedRecord(session=session):
+                self._sessions[session.session_id] = session
+
+
+# A write waiting for its section's writer: who asked, how to decide it, its outcome.
+QueuedWrite = tuple[Peer, Callable[[Draft], Plan], "asyncio.Future[None]"]
 
 
 class Chat:
@@ -266,35 +318,86 @@ class Chat:
             self.metrics.errors.labels(errors.UNAVAILABLE).inc()
             reply(peer, _unavailable(request.id))
 
-    async def _write(self, peer: Peer, key: SectionKey, plan: Callable[[Section], Plan]) -> None:
-        # A write runs to its end even if the connection that asked for it
-        # goes away: half an operation would leave memory and disk apart.
-        task = asyncio.ensure_future(self._commit(peer, key, plan))
-        self._tasks.add(task)
-        task.add_done_callback(_forget_task(self._tasks))
-        await asyncio.shield(task)
+    async def _write(self, peer: Peer, key: SectionKey, plan: Callable[[Draft], Plan]) -> None:
+        """Queue a write for its section's writer and wait for its outcome.
 
-    async def _commit(self, peer: Peer, key: SectionKey, plan: Callable[[Section], Plan]) -> None:
-        """Under the section's lock: decide, store, apply, then reply and announce."""
-        async with self._locked(key) as section:
-            while True:
-                records, response = plan(section)
-                if not records:
-                    break
+        Writes that queue up while a batch is being stored go out together as
+        the next batch: one write and one fsync for all of them (group commit).
+        A write runs to its end even if the connection that asked for it goes
+        away: half an operation would leave memory and disk apart.
+        """
+        section = self._sections.get(key)
+        if section is None:
+            section = self._sections[key] = Section(key, self.recovery_window)
+        section.pins += 1  # released by the writer once this write is done
+        outcome = asyncio.get_running_loop().create_future()
+        section.queue.append((peer, plan, outcome))
+        if section.writer is None:
+            section.writer = asyncio.create_task(self._run_writer(section))
+            self._tasks.add(section.writer)
+            section.writer.add_done_callback(_forget_task(self._tasks))
+        await asyncio.shield(outcome)
+
+    async def _run_writer(self, section: Section) -> None:
+        batch: list[QueuedWrite] = []
+        try:
+            async with self._locked(section.key):
+                while section.queue:
+                    batch, section.queue = section.queue, []
+                    await self._commit(section, batch)
+                    section.pins -= len(batch)
+                    batch = []
+        except Exception as error:
+            # Loading failed (StorageError), or a bug: whoever waits must hear of it.
+            for _, _, outcome in batch + section.queue:
+                if not outcome.done():
+                    outcome.set_exception(error)
+            section.pins -= len(batch) + len(section.queue)
+            section.queue = []
+        finally:
+            section.writer = None
+
+    async def _commit(self, section: Section, batch: list[QueuedWrite]) -> None:
+        """Decide a batch of writes in order, store their records at once, then apply, reply and announce."""
+        while True:
+            draft = Draft(section)
+            decided: list[tuple[Peer, asyncio.Future[None], ServerFrame | ChatError, list[StoredRecord]]] = []
+            for peer, plan, outcome in batch:
+                try:
+                    records, response = plan(draft)
+                except ChatError as error:
+                    decided.append((peer, outcome, error, []))
+                    continue
+                for record in records:
+                    draft.add(record)
+                decided.append((peer, outcome, response, records))
+            records = [record for *_, planned in decided for record in planned]
+            if records:
                 try:
                     await self.storage.append(section.key, section.epoch, records)
                 except StaleSection:
                     # Another node wrote first: learn what it wrote, then decide again.
-                    await self._catch_up(section)
+                    try:
+                        await self._catch_up(section)
+                    except StorageError as error:
+                        _fail(decided, error)
+                        return
                     continue
+                except StorageError as error:
+                    _fail(decided, error)
+                    return
                 section.epoch_stored = True
-                events = [section.apply(record) for record in records]
                 self._count_stored(records)
+            for peer, outcome, response, planned in decided:
+                if isinstance(response, ChatError):
+                    outcome.set_exception(response)
+                    continue
+                events = [section.apply(record) for record in planned]
                 reply(peer, response)
                 for event in events:
                     self._broadcast(section, event, peer)
-                return
-            reply(peer, response)
+                outcome.set_result(None)
+            return
 
     def _count_stored(self, records: list[StoredRecord]) -> None:
         for record in records:
@@ -303,51 +406,51 @@ class Chat:
             elif isinstance(record, SessionCreatedRecord):
                 self.metrics.sessions_created.inc()
 
-    def _plan_create_session(self, peer: Peer, request: CreateSession, section: Section) -> Plan:
+    def _plan_create_session(self, peer: Peer, request: CreateSession, draft: Draft) -> Plan:
         if request.idempotency_key is not None:
-            existing = section.idempotency.get((peer.user, request.idempotency_key))
+            existing = draft.idempotent(peer.user, request.idempotency_key)
             if existing is not None:
-                return [], SessionCreated(session=section.sessions[existing].session, reply_to=request.id)
+                return [], SessionCreated(session=existing, reply_to=request.id)
         if not self._session_quota.allow(peer.user):
             raise ChatError(errors.RATE_LIMITED, f"at most {self._session_quota.count} new sessions per minute; try again shortly")
         session = Session(
             session_id=str(uuid.uuid4()),
-            document_id=section.key.document_id,
-            section_id=section.key.section_id,
+            document_id=draft.key.document_id,
+            section_id=draft.key.section_id,
             title=request.title,
             created_by=peer.user,
             created_at=rfc3339_now(),
             closed=False,
             last_seq=0,
         )
-        record = SessionCreatedRecord(offset=section.offset + 1, session=session, idempotency_key=request.idempotency_key)
+        record = SessionCreatedRecord(offset=draft.offset + 1, session=session, idempotency_key=request.idempotency_key)
         return [record], SessionCreated(session=session, reply_to=request.id)
 
-    def _plan_send_message(self, peer: Peer, request: SendMessage, section: Section) -> Plan:
-        state = section.session(request.session_id)
+    def _plan_send_message(self, peer: Peer, request: SendMessage, draft: Draft) -> Plan:
+        session = draft.session(request.session_id)
         if request.client_msg_id is not None:
-            original = state.by_client_msg_id.get(request.client_msg_id)
+            original = draft.message(request.session_id, request.client_msg_id)
             if original is not None:
                 return [], MessageAck(message=original, reply_to=request.id)
-        if state.session.closed:
+        if session.closed:
             raise ChatError(errors.CONFLICT, "the session is closed")
         message = Message(
             session_id=request.session_id,
-            seq=state.session.last_seq + 1,
+            seq=session.last_seq + 1,
             message_id=str(uuid.uuid4()),
             author=peer.user,
             text=request.text,
             client_msg_id=request.client_msg_id,
             sent_at=rfc3339_now(),
         )
-        return [MessageRecord(offset=section.offset + 1, message=message)], MessageAck(message=message, reply_to=request.id)
+        return [MessageRecord(offset=draft.offset + 1, message=message)], MessageAck(message=message, reply_to=request.id)
 
-    def _plan_close_session(self, peer: Peer, request: CloseSession, section: Section) -> Plan:
-        session = section.session(request.session_id).session
+    def _plan_close_session(self, peer: Peer, request: CloseSession, draft: Draft) -> Plan:
+        session = draft.session(request.session_id)
         if session.closed:
             raise ChatError(errors.CONFLICT, "the session is already closed")
         closed = msgspec.structs.replace(session, closed=True)
-        return [SessionClosedRecord(offset=section.offset + 1, session=closed)], SessionClosed(session=closed, reply_to=request.id)
+        return [SessionClosedRecord(offset=draft.offset + 1, session=closed)], SessionClosed(session=closed, reply_to=request.id)
 
     async def _catch_up(self, section: Section) -> None:
         """Apply and announce what other nodes stored in the section since we last looked."""
@@ -607,6 +710,12 @@ def _forget_task(tasks: set[asyncio.Task[None]]):
 def _check_access(peer: Peer, document_id: str) -> None:
     if peer.documents is not None and document_id not in peer.documents:
         raise ChatError(errors.FORBIDDEN, f"your token does not grant document {document_id!r}")
+
+
+def _fail(decided: list, error: StorageError) -> None:
+    """Nothing of the batch was stored: every write in it fails (its own refusal, if it had one)."""
+    for _, outcome, response, _ in decided:
+        outcome.set_exception(response if isinstance(response, ChatError) else error)
 
 
 def _presence_frame(key: SectionKey, before: set[str], after: set[str]) -> Presence | None:

@@ -61,7 +61,9 @@ def _write_all_and_sync(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
-    os.fsync(fd)
+    # fdatasync still flushes the new size (needed to read the data back), only
+    # not the timestamps.
+    os.fdatasync(fd)
 
 
 def _sync_directory(path: Path) -> None:
