@@ -82,6 +82,7 @@ class ScriptClient:
             url += ("&" if "?" in url else "?") + "name=" + quote(name)
         if subprotocol is not None:
             options["subprotocols"] = [subprotocol]
+        options.setdefault("max_size", None)  # recovery replies can be large
         websocket = await connect(url, open_timeout=timeout, compression=None, **options)
         client = cls(websocket)
         first = await asyncio.wait_for(client._receive(), timeout)

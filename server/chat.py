@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
 import time
-import uuid
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -99,9 +99,31 @@ class Peer(Protocol):
         """Queue one encoded frame; never blocks."""
 
 
+_second_prefix: tuple[int, str] = (-1, "")
+
+
 def rfc3339_now() -> str:
+    global _second_prefix
     now = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
+    second = int(now)
+    if second != _second_prefix[0]:
+        _second_prefix = (second, time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second)))
+    return f"{_second_prefix[1]}{int(now * 1000) % 1000:03d}Z"
+
+
+_random = b""
+
+
+def new_uuid4() -> str:
+    """A random (version 4) UUID string, from randomness read in bulk."""
+    global _random
+    if len(_random) < 16:
+        _random = os.urandom(4096)
+    raw, _random = bytearray(_random[:16]), _random[16:]
+    raw[6] = (raw[6] & 0x0F) | 0x40
+    raw[8] = (raw[8] & 0x3F) | 0x80
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def reply(peer: Peer, frame: ServerFrame) -> None:
@@ -336,7 +358,7 @@ class Chat:
             section.writer = asyncio.create_task(self._run_writer(section))
             self._tasks.add(section.writer)
             section.writer.add_done_callback(_forget_task(self._tasks))
-        await asyncio.shield(outcome)
+        await outcome  # if this is cancelled, the writer still does the write (see _settle)
 
     async def _run_writer(self, section: Section) -> None:
         batch: list[QueuedWrite] = []
@@ -350,8 +372,7 @@ class Chat:
         except Exception as error:
             # Loading failed (StorageError), or a bug: whoever waits must hear of it.
             for _, _, outcome in batch + section.queue:
-                if not outcome.done():
-                    outcome.set_exception(error)
+                _settle(outcome, error)
             section.pins -= len(batch) + len(section.queue)
             section.queue = []
         finally:
@@ -390,13 +411,13 @@ class Chat:
                 self._count_stored(records)
             for peer, outcome, response, planned in decided:
                 if isinstance(response, ChatError):
-                    outcome.set_exception(response)
+                    _settle(outcome, response)
                     continue
                 events = [section.apply(record) for record in planned]
                 reply(peer, response)
                 for event in events:
                     self._broadcast(section, event, peer)
-                outcome.set_result(None)
+                _settle(outcome)
             return
 
     def _count_stored(self, records: list[StoredRecord]) -> None:
@@ -414,7 +435,7 @@ class Chat:
         if not self._session_quota.allow(peer.user):
             raise ChatError(errors.RATE_LIMITED, f"at most {self._session_quota.count} new sessions per minute; try again shortly")
         session = Session(
-            session_id=str(uuid.uuid4()),
+            session_id=new_uuid4(),
             document_id=draft.key.document_id,
             section_id=draft.key.section_id,
             title=request.title,
@@ -437,7 +458,7 @@ class Chat:
         message = Message(
             session_id=request.session_id,
             seq=session.last_seq + 1,
-            message_id=str(uuid.uuid4()),
+            message_id=new_uuid4(),
             author=peer.user,
             text=request.text,
             client_msg_id=request.client_msg_id,
@@ -553,7 +574,9 @@ class Chat:
             if data is None:
                 data = encoded[peer.codec] = peer.codec.encode(frame)
             peer.send(data)
-        self.metrics.events_delivered.inc(len(section.subscribers) - (cause in section.subscribers))
+        delivered = len(section.subscribers) - (cause in section.subscribers)
+        if delivered:
+            self.metrics.events_delivered.inc(delivered)
 
     def _local_presence_changed(self, section: Section) -> None:
         if self.cluster is not None:
@@ -712,10 +735,21 @@ def _check_access(peer: Peer, document_id: str) -> None:
         raise ChatError(errors.FORBIDDEN, f"your token does not grant document {document_id!r}")
 
 
+def _settle(outcome: asyncio.Future[None], error: Exception | None = None) -> None:
+    # A waiter that was cancelled (its connection went away) has cancelled its
+    # future; the write went ahead all the same, and there is nobody to tell.
+    if outcome.done():
+        return
+    if error is None:
+        outcome.set_result(None)
+    else:
+        outcome.set_exception(error)
+
+
 def _fail(decided: list, error: StorageError) -> None:
     """Nothing of the batch was stored: every write in it fails (its own refusal, if it had one)."""
     for _, outcome, response, _ in decided:
-        outcome.set_exception(response if isinstance(response, ChatError) else error)
+        _settle(outcome, response if isinstance(response, ChatError) else error)
 
 
 def _presence_frame(key: SectionKey, before: set[str], after: set[str]) -> Presence | None:

@@ -9,7 +9,8 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 from . import config as config_module
 from .app import StartupError, make_storage, serve_until_signalled
@@ -100,6 +101,20 @@ async def transfer(args: argparse.Namespace, config: config_module.Config) -> in
     return 0
 
 
+def run(main: Coroutine[Any, Any, None], event_loop: str) -> None:
+    """Run the server on uvloop when it is wanted and installed, else on asyncio's own loop."""
+    if event_loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if event_loop == "uvloop":
+                raise StartupError("--event-loop uvloop: uvloop is not installed") from None
+        else:
+            uvloop.run(main)
+            return
+    asyncio.run(main)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["script"]:
@@ -114,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_module.load(args)
         configure_logging(config.log_level, config.log_format)
         try:
-            asyncio.run(serve_until_signalled(config))
+            run(serve_until_signalled(config), config.event_loop)
         except StartupError as error:
             print(f"sectionchat: {error}", file=sys.stderr)
             return 1

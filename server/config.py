@@ -44,6 +44,8 @@ class Config:
     # Logging
     log_level: str = "info"
     log_format: str = "text"
+    # Runtime
+    event_loop: str = "auto"
 
 
 # option name -> (type, help); the option's flag is --name-with-dashes.
@@ -69,6 +71,7 @@ _OPTIONS: dict[str, tuple[type, str]] = {
     "presence_ttl_s": (float, "with Redis: how soon the users of a node that died without a word leave"),
     "log_level": (str, "debug, info, warning or error"),
     "log_format": (str, "text or json (one JSON object per line)"),
+    "event_loop": (str, "auto (uvloop when installed), uvloop or asyncio"),
 }
 SECRETS = frozenset({"auth_secret"})
 
@@ -158,6 +161,8 @@ def validate(config: Config) -> None:
         raise SystemExit(f"sectionchat: --port {config.port} is not a port number")
     if config.rate_limit < 0:
         raise SystemExit("sectionchat: --rate-limit must be 0 (off) or positive")
+    if config.event_loop not in ("auto", "uvloop", "asyncio"):
+        raise SystemExit(f"sectionchat: --event-loop {config.event_loop!r} is not one of auto, uvloop, asyncio")
     if config.log_format not in ("text", "json"):
         raise SystemExit(f"sectionchat: --log-format {config.log_format!r} is not one of text, json")
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):

@@ -70,12 +70,15 @@ class Connection:
         websocket = self._websocket
         if websocket.protocol.state is not State.OPEN:
             return
-        self._send_frame(data)
-        websocket.send_data()
+        # A backlog past the bound means the reader is too slow; one large frame
+        # (a recovery reply) on an empty buffer does not.
         if websocket.transport.get_write_buffer_size() > self._transport.config.max_outgoing_bytes:
             logger.warning("connection %s of %s cannot keep up: closing with 4008", self.connection_id, self.user)
             self._transport.metrics.slow_consumers.inc()
             self.close(CLOSE_SLOW_CONSUMER, "slow consumer")
+            return
+        self._send_frame(data)
+        websocket.send_data()
 
     def close(self, code: int, reason: str) -> None:
         """Start closing now (nothing more is queued after the close frame), finish in the background."""

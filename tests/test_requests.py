@@ -122,7 +122,10 @@ async def test_list_sessions(connect):
         section_a = await alice.call("list_sessions", document_id="doc", section_id="a")
         empty = await alice.call("list_sessions", document_id="nothing-here")
     assert whole["type"] == "sessions" and whole["reply_to"] == 1
-    assert [s["session_id"] for s in whole["sessions"]] == ids
+    # Oldest first; sessions created in the same millisecond may come in either order.
+    assert sorted(s["session_id"] for s in whole["sessions"]) == sorted(ids)
+    created = [s["created_at"] for s in whole["sessions"]]
+    assert created == sorted(created)
     assert [s["session_id"] for s in section_a["sessions"]] == [ids[0], ids[2]]
     assert empty["sessions"] == []
 

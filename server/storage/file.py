@@ -1,21 +1,26 @@
-# File storage: append-only JSON-lines logs under the data dir, with aiofiles.
+# File storage: append-only JSON-lines logs under the data dir, made durable by
+# one shared journal. Files are opened and read with aiofiles; the writes of a
+# batch run as one job in the storage thread pool (aiofiles.os.wrap).
 #
 # Layout (ids are data, never paths: file names are hashes of them):
-#   LOCK                          flock'ed while a server uses the dir
-#   sessions.idx                  one line per session: [session_id, document_id, section_id]
+#   LOCK                            flock'ed while a server uses the dir
+#   journal                         what was acknowledged since the last checkpoint
+#   sessions.idx                    one line per session: [session_id, document_id, section_id]
 #   sections/<h(doc)>/<h(sec)>.log  a header line, then one record per line
 #
 # Rules kept here:
-# - `append` returns only after the bytes are written and fsynced (and, for a
-#   new file, its directory too). Concurrent appends to one file share a write
-#   and an fsync (group commit).
-# - A failed write or fsync leaves the file as it was before the batch: the
-#   descriptor is dropped (an fsync error is never retried on it) and the file
-#   is truncated back to its last durable size before the next append.
+# - An append is acknowledged once its entry is in the journal and the journal
+#   is fsynced. Appends that arrive while a batch is being written go out as the
+#   next batch: one write and one fsync of the journal for all of them, however
+#   many sections they touch (group commit).
+# - The same bytes are written to the section files and the index before the
+#   journal, without fsync. A checkpoint (when the journal grows past a limit,
+#   and at close) fsyncs those files and their directories, then empties the
+#   journal. On open, the journal is replayed into any file that lacks its tail.
+# - A failed write leaves every file as it was before the batch: files are cut
+#   back to their previous size and the journal too, and a descriptor whose
+#   fsync failed is never trusted again (the kernel may have dropped the pages).
 # - A torn or garbage tail found when loading is cut off with a warning.
-# - A session's index line is durable before its section record, so every
-#   stored session can be found; an index line whose record never landed only
-#   points at a section that does not have that session.
 
 from __future__ import annotations
 
@@ -39,6 +44,8 @@ from .base import SectionKey, SectionLog, SessionCreatedRecord, StorageError, St
 logger = logging.getLogger("sectionchat.storage")
 
 INDEX_NAME = "sessions.idx"
+JOURNAL_NAME = "journal"
+CHECKPOINT_BYTES = 16 * 1024 * 1024
 MAX_OPEN_FILES = 256
 
 
@@ -48,26 +55,31 @@ class SectionHeader(msgspec.Struct, tag_field="kind", tag="section"):
     section_id: str
 
 
+class JournalEntry(msgspec.Struct, array_like=True):
+    document_id: str
+    section_id: str
+    epoch: str
+    records: list[StoredRecord]
+
+
 _encode = msgspec.json.Encoder().encode
 _decode_line = msgspec.json.Decoder(Union[SectionHeader, StoredRecord]).decode
 _decode_index_line = msgspec.json.Decoder(tuple[str, str, str]).decode
+_decode_entry = msgspec.json.Decoder(JournalEntry).decode
 
 
 def _name(identifier: str) -> str:
     return hashlib.blake2b(identifier.encode(), digest_size=16).hexdigest()
 
 
-def _write_all_and_sync(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
-    # fdatasync still flushes the new size (needed to read the data back), only
-    # not the timestamps.
-    os.fdatasync(fd)
 
 
-def _sync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def _sync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -83,90 +95,193 @@ def _truncate_and_sync(path: Path, size: int) -> None:
         os.close(fd)
 
 
-# One thread hop per durable write instead of three (write, flush, fsync).
-write_all_and_sync = aiofiles.os.wrap(_write_all_and_sync)
-sync_directory = aiofiles.os.wrap(_sync_directory)
 truncate_and_sync = aiofiles.os.wrap(_truncate_and_sync)
 
 
-class AppendFile:
-    """An append-only file whose appends are durable when they return."""
+class LogFile:
+    """An append-only file, written without fsync: the journal makes its writes durable.
 
-    def __init__(self, path: Path, size: int, *, has_header: bool = True, metrics: Metrics | None = None):
+    Its methods block; they run in the storage thread pool, one batch at a time.
+    """
+
+    def __init__(self, path: Path, size: int, *, has_header: bool = True):
+        self.path = path
+        self.size = size  # what was written and not rolled back
+        self.has_header = has_header
+        self.header_at: int | None = None  # where a header not yet known to be written starts
+        self._fd: int | None = None
+        self._damaged = False  # a failed write may have left bytes past `size`
+
+    def write(self, data: bytes) -> None:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        if self._damaged:
+            os.ftruncate(self._fd, self.size)
+            self._damaged = False
+        try:
+            _write_all(self._fd, data)
+        except OSError:
+            self._damaged = True
+            self.rollback(self.size)
+            raise
+        self.size += len(data)
+
+    def rollback(self, size: int) -> None:
+        """Cut the file back to `size` (best effort: a failure leaves it damaged, cut next time)."""
+        self.size = size
+        if self.header_at is not None and size <= self.header_at:
+            self.has_header = False
+        try:
+            if self._fd is not None:
+                os.ftruncate(self._fd, size)
+                self._damaged = False
+        except OSError:
+            self._damaged = True
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+class Journal:
+    """The one file fsynced per batch; everything acknowledged since the last checkpoint."""
+
+    def __init__(self, path: Path, metrics: Metrics | None):
         self.path = path
         self.metrics = metrics
-        self.durable_size = size
-        self.has_header = has_header
-        self._file = None
-        self._damaged = False
-        self._pending: list[tuple[bytes, asyncio.Future[None]]] = []
+        self._fd: int | None = None
+        self._size = 0
+        self._dirty: set[Path] = set()  # files written since the last checkpoint
+        self._new_dirs: set[Path] = set()  # directories whose new entries are not yet synced
+        self._pending: list[tuple[bytes, list[tuple[LogFile, bytes]], asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._run = aiofiles.os.wrap(self._write_batch)
 
-    async def append(self, data: bytes) -> None:
-        future = asyncio.get_running_loop().create_future()
-        self._pending.append((data, future))
+    def open(self) -> None:
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._size = os.fstat(self._fd).st_size
+
+    def restore(self, writes: list[tuple[LogFile, bytes]]) -> None:
+        """Write what recovery found missing (in the storage thread); the next checkpoint syncs it."""
+        for file, data in writes:
+            file.write(data)
+            self._dirty.add(file.path)
+
+    def created(self, path: Path) -> None:
+        """`path` is a new file or directory: its parent's entry is synced at the next checkpoint."""
+        self._new_dirs.add(path.parent)
+
+    async def commit(self, entry: bytes, writes: list[tuple[LogFile, bytes]]) -> None:
+        """Write `writes` to their files and `entry` to the journal; return once it is durable."""
+        outcome = asyncio.get_running_loop().create_future()
+        self._pending.append((entry, writes, outcome))
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush())
-        # Shielded: once queued, the bytes are written whether or not the
-        # caller is still there, and the outcome is reported to the others.
-        await asyncio.shield(future)
+        # Shielded: once queued, the write happens whether or not the caller waits.
+        await asyncio.shield(outcome)
 
     async def _flush(self) -> None:
         try:
             while self._pending:
                 batch, self._pending = self._pending, []
                 started = time.perf_counter()
-                try:
-                    await self._write(b"".join(data for data, _ in batch))
-                except OSError as error:
-                    failure = StorageError(f"cannot write {self.path.name}: {error.strerror or error}")
-                    for _, future in batch:
-                        future.set_exception(failure)
-                else:
-                    for _, future in batch:
-                        future.set_result(None)
-                    if self.metrics is not None:
-                        self.metrics.storage_write_seconds.observe(time.perf_counter() - started)
-                        self.metrics.fsync_batch_size.observe(len(batch))
+                failures = await self._run(batch)
+                for (_, _, outcome), failure in zip(batch, failures, strict=True):
+                    if failure is None:
+                        outcome.set_result(None)
+                    else:
+                        outcome.set_exception(StorageError(f"cannot write: {failure.strerror or failure}"))
+                if self.metrics is not None:
+                    self.metrics.storage_write_seconds.observe(time.perf_counter() - started)
+                    self.metrics.fsync_batch_size.observe(len(batch))
         finally:
             self._flusher = None
 
-    async def _write(self, data: bytes) -> None:
-        if self._damaged:
-            await truncate_and_sync(self.path, self.durable_size)
-            self._damaged = False
-        created = self._file is None and not await aiofiles.os.path.exists(self.path)
-        if self._file is None:
-            self._file = await aiofiles.open(self.path, "ab", buffering=0)
-        try:
-            await write_all_and_sync(self._file.fileno(), data)
-            if created:
-                await sync_directory(self.path.parent)
-        except OSError:
-            # After a failed fsync the kernel may have dropped the dirty pages
-            # and cleared the error: never trust this descriptor again.
-            self._damaged = True
-            await self._drop_descriptor()
-            raise
-        self.durable_size += len(data)
-
-    @property
-    def is_open(self) -> bool:
-        return self._file is not None
-
-    async def close(self) -> None:
-        """Close the descriptor once queued appends are done; the next append reopens it."""
-        while self._flusher is not None:
-            await asyncio.wait([self._flusher])
-        await self._drop_descriptor()
-
-    async def _drop_descriptor(self) -> None:
-        file, self._file = self._file, None
-        if file is not None:
+    def _write_batch(self, batch) -> list[OSError | None]:
+        """In the storage thread: the files first, then the journal and its fsync."""
+        failures: list[OSError | None] = []
+        written: list[list[tuple[LogFile, int]]] = []
+        for _, writes, _ in batch:
+            done: list[tuple[LogFile, int]] = []
             try:
-                await file.close()
+                for file, data in writes:
+                    size = file.size
+                    file.write(data)
+                    done.append((file, size))
+                failures.append(None)
+            except OSError as error:
+                _roll_back(done)
+                done = []
+                failures.append(error)
+            written.append(done)
+        entries = b"".join(entry for (entry, _, _), failure in zip(batch, failures, strict=True) if failure is None)
+        if not entries:
+            return failures
+        try:
+            if self._fd is None:
+                # Reopened after a failure: cut off whatever the failed batch left.
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+                os.ftruncate(self._fd, self._size)
+            _write_all(self._fd, entries)
+            os.fdatasync(self._fd)
+        except OSError as error:
+            # Nothing of this batch is acknowledged: undo it everywhere, and
+            # never fsync this descriptor again.
+            for done in written:
+                _roll_back(done)
+            self._reset_after_failure()
+            return [failure or error for failure in failures]
+        self._size += len(entries)
+        for done in written:
+            for file, _ in done:
+                self._dirty.add(file.path)
+                file.header_at = None
+        if self._size > CHECKPOINT_BYTES:
+            self.checkpoint()
+        return failures
+
+    def _reset_after_failure(self) -> None:
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
             except OSError:
                 pass
+            self._fd = None
+        try:
+            _truncate_and_sync(self.path, self._size)
+        except OSError as error:
+            logger.warning("cannot cut back the journal yet (%s); it is cut before the next write", error)
+
+    def checkpoint(self) -> None:
+        """Make the files durable on their own, then empty the journal (in the storage thread)."""
+        try:
+            for path in sorted(self._dirty):
+                _sync_path(path)
+            for directory in sorted(self._new_dirs, key=lambda p: len(p.parts), reverse=True):
+                _sync_path(directory)
+            if self._fd is not None:
+                os.ftruncate(self._fd, 0)
+                os.fsync(self._fd)
+        except OSError as error:
+            logger.warning("checkpoint failed (%s); the journal keeps everything until the next one", error)
+            return
+        self._size = 0
+        self._dirty.clear()
+        self._new_dirs.clear()
+
+    async def close(self) -> None:
+        while self._flusher is not None:
+            await asyncio.wait([self._flusher])
+        await aiofiles.os.wrap(self.checkpoint)()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _roll_back(done: list[tuple[LogFile, int]]) -> None:
+    for file, size in reversed(done):
+        file.rollback(size)
 
 
 async def _read_lines(path: Path) -> tuple[list[bytes], int, bytes]:
@@ -192,10 +307,11 @@ class FileStorage:
         self.read_only = read_only
         self._sections_dir = self.root / "sections"
         self._lock_fd: int | None = None
-        self._index: AppendFile | None = None
+        self._journal = Journal(self.root / JOURNAL_NAME, metrics)
+        self._index: LogFile | None = None
         self._session_sections: dict[str, SectionKey] = {}
         self._document_sections: dict[str, dict[SectionKey, None]] = {}
-        self._files: OrderedDict[SectionKey, AppendFile] = OrderedDict()
+        self._files: OrderedDict[SectionKey, LogFile] = OrderedDict()
 
     # Lifecycle --------------------------------------------------------------
 
@@ -216,18 +332,22 @@ class FileStorage:
             os.close(self._lock_fd)
             self._lock_fd = None
             raise StorageError(f"data dir {self.root} is in use by another sectionchat server") from None
-        await self._probe_writable()
+        await self.check()
         await self._load_index()
+        try:
+            self._journal.open()
+            await self._replay_journal()
+        except OSError as error:
+            raise StorageError(f"cannot recover the journal: {error.strerror or error}") from None
 
     async def check(self) -> None:
         """Raise StorageError unless a file can be written and synced in the data dir now."""
-        await self._probe_writable()
-
-    async def _probe_writable(self) -> None:
         probe = self.root / f".probe-{os.getpid()}"
         try:
             async with aiofiles.open(probe, "wb") as file:
-                await write_all_and_sync(file.fileno(), b"ok")
+                await file.write(b"ok")
+                await file.flush()
+                await aiofiles.os.wrap(os.fsync)(file.fileno())
             await aiofiles.os.remove(probe)
         except OSError as error:
             raise StorageError(f"data dir {self.root} is not writable: {error.strerror or error}") from None
@@ -247,14 +367,54 @@ class FileStorage:
         if tail:
             logger.warning("cutting a torn tail of %d bytes from %s", len(tail), path)
             await truncate_and_sync(path, size)
-        self._index = AppendFile(path, size, metrics=self.metrics)
+        self._index = LogFile(path, size)
+
+    async def _replay_journal(self) -> None:
+        """Put back into the files whatever the journal holds that they lost in a crash."""
+        lines, _, _ = await _read_lines(self._journal.path)
+        journaled: dict[SectionKey, tuple[str, list[StoredRecord]]] = {}
+        for line in lines:
+            try:
+                entry = _decode_entry(line)
+            except msgspec.MsgspecError:
+                continue  # a torn last entry was never acknowledged
+            key = SectionKey(entry.document_id, entry.section_id)
+            journaled.setdefault(key, (entry.epoch, []))[1].extend(entry.records)
+        restored = 0
+        for key, (epoch, records) in journaled.items():
+            log = await self.load_section(key)
+            missing = [r for r in records if r.offset > len(log.records)]
+            if missing and missing[0].offset != len(log.records) + 1:
+                # Records older than the last checkpoint are gone too: nothing to append them after.
+                logger.error("section %s lost records from before the last checkpoint; keeping what is left", key)
+                missing = []
+            writes = self._writes(key, epoch, missing) if missing else []
+            unindexed = [
+                r.session.session_id
+                for r in records
+                if isinstance(r, SessionCreatedRecord) and r not in missing and r.session.session_id not in self._session_sections
+            ]
+            if unindexed:
+                assert self._index is not None
+                writes.append((self._index, b"".join(_encode((sid, *key)) + b"\n" for sid in unindexed)))
+            if writes:
+                await aiofiles.os.wrap(self._journal.restore)(writes)
+                restored += len(missing) + len(unindexed)
+                for record in records:
+                    if isinstance(record, SessionCreatedRecord):
+                        self._remember_session(record.session.session_id, key)
+            await self.release(key)
+        if restored:
+            logger.warning("restored %d records and index lines from the journal", restored)
+        await aiofiles.os.wrap(self._journal.checkpoint)()
 
     async def close(self) -> None:
+        await self._journal.close()
         for file in self._files.values():
-            await file.close()
+            file.close()
         self._files.clear()
         if self._index is not None:
-            await self._index.close()
+            self._index.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -274,7 +434,7 @@ class FileStorage:
             except OSError as error:
                 raise StorageError(f"cannot repair section: {error.strerror or error}") from None
         await self.release(key)
-        self._files[key] = AppendFile(path, size, has_header=epoch is not None, metrics=self.metrics)
+        self._files[key] = LogFile(path, size, has_header=epoch is not None)
         await self._close_least_used_files()
         return SectionLog(epoch, records)
 
@@ -308,36 +468,37 @@ class FileStorage:
         return epoch, records, size, tail
 
     async def append(self, key: SectionKey, epoch: str, records: list[StoredRecord]) -> None:
-        file = self._files.get(key)
-        if file is None:
+        if key not in self._files:
             # Appending to a section that was not loaded would skip the checks
             # that load_section makes; the chat logic always loads first.
             raise StorageError("section is not loaded")
         self._files.move_to_end(key)
-        created = [r.session for r in records if isinstance(r, SessionCreatedRecord)]
-        if created:
-            await self._index_sessions(key, [s.session_id for s in created])
+        writes = self._writes(key, epoch, records)
+        entry = _encode(JournalEntry(key.document_id, key.section_id, epoch, records)) + b"\n"
+        await self._journal.commit(entry, writes)
+        for record in records:
+            if isinstance(record, SessionCreatedRecord):
+                self._remember_session(record.session.session_id, key)
+
+    def _writes(self, key: SectionKey, epoch: str, records: list[StoredRecord]) -> list[tuple[LogFile, bytes]]:
+        """What appending `records` writes to the section file and the index."""
+        file = self._files[key]
         lines = [_encode(record) + b"\n" for record in records]
         if not file.has_header:
-            await self._make_directory(file.path.parent)
+            if not file.path.parent.is_dir():
+                file.path.parent.mkdir(parents=True, exist_ok=True)
+                self._journal.created(file.path.parent)
+            self._journal.created(file.path)
             lines.insert(0, _encode(SectionHeader(epoch, *key)) + b"\n")
-        await file.append(b"".join(lines))
-        file.has_header = True
-
-    async def _make_directory(self, path: Path) -> None:
-        if await aiofiles.os.path.isdir(path):
-            return
-        try:
-            await aiofiles.os.makedirs(path, exist_ok=True)
-            await sync_directory(path.parent)
-        except OSError as error:
-            raise StorageError(f"cannot create {path.name}: {error.strerror or error}") from None
-
-    async def _index_sessions(self, key: SectionKey, session_ids: list[str]) -> None:
-        assert self._index is not None, "storage is not open"
-        await self._index.append(b"".join(_encode((sid, *key)) + b"\n" for sid in session_ids))
-        for session_id in session_ids:
-            self._remember_session(session_id, key)
+            file.has_header, file.header_at = True, file.size  # undone if this write is rolled back
+        writes = [(file, b"".join(lines))]
+        created = [r.session.session_id for r in records if isinstance(r, SessionCreatedRecord)]
+        if created:
+            assert self._index is not None, "storage is not open"
+            if self._index.size == 0:
+                self._journal.created(self._index.path)
+            writes.append((self._index, b"".join(_encode((sid, *key)) + b"\n" for sid in created)))
+        return writes
 
     def _remember_session(self, session_id: str, key: SectionKey) -> None:
         self._session_sections[session_id] = key
@@ -352,10 +513,9 @@ class FileStorage:
     async def release(self, key: SectionKey) -> None:
         file = self._files.pop(key, None)
         if file is not None:
-            await file.close()
+            file.close()
 
     async def _close_least_used_files(self) -> None:
-        # Keeps descriptors bounded; a closed AppendFile reopens on its next append.
+        # Keeps descriptors bounded; a closed LogFile reopens on its next write.
         for file in list(self._files.values())[: max(0, len(self._files) - MAX_OPEN_FILES)]:
-            if file.is_open:
-                await file.close()
+            file.close()
