@@ -53,16 +53,9 @@ class ScriptClient:
 
     @classmethod
     @asynccontextmanager
-    async def connect(
-        cls,
-        url: str,
-        *,
-        name: str | None = None,
-        subprotocol: str | None = None,
-        timeout: float = 10.0,
-        **options: Any,
-    ) -> AsyncIterator[ScriptClient]:
-        client = await cls.open(url, name=name, subprotocol=subprotocol, timeout=timeout, **options)
+    async def connect(cls, url: str, **options: Any) -> AsyncIterator[ScriptClient]:
+        """`open` for the length of an `async with` block; takes the same arguments."""
+        client = await cls.open(url, **options)
         try:
             yield client
         finally:
