@@ -22,7 +22,7 @@ from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import msgspec
 
@@ -163,6 +163,7 @@ class Section:
         self.presence_flush: asyncio.TimerHandle | None = None
         self.queue: list[QueuedWrite] = []  # writes waiting for the section's writer
         self.writer: asyncio.Task[None] | None = None
+        self.wakeup: asyncio.Future[None] | None = None  # set when a write is queued
         self.pins = 0
         self.last_used = time.monotonic()
 
@@ -257,6 +258,17 @@ class Draft:
 
 # A write waiting for its section's writer: who asked, how to decide it, its outcome.
 QueuedWrite = tuple[Peer, Callable[[Draft], Plan], "asyncio.Future[None]"]
+# A decided write: who asked, its outcome, the reply (or refusal), the records it stores.
+Decision = tuple[Peer, "asyncio.Future[None]", "ServerFrame | ChatError", list[StoredRecord]]
+
+
+class Batch(NamedTuple):
+    """Writes decided together and stored with one append."""
+
+    writes: list[QueuedWrite]
+    decided: list[Decision]
+    records: list[StoredRecord]
+    store: asyncio.Future[None] | None  # the append in flight; None when nothing is written
 
 
 class Chat:
@@ -288,6 +300,9 @@ class Chat:
         self._subscriptions: dict[Peer, set[SectionKey]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.cluster: Cluster | None = None  # set when other nodes share the storage
+        # Batches a section may have in flight: two when the storage keeps
+        # appends in order and fails every later one after a failure.
+        self._depth = 2 if getattr(storage, "pipelined", False) else 1
 
     # Requests -------------------------------------------------------------------
 
@@ -354,6 +369,8 @@ class Chat:
         section.pins += 1  # released by the writer once this write is done
         outcome = asyncio.get_running_loop().create_future()
         section.queue.append((peer, plan, outcome))
+        if section.wakeup is not None and not section.wakeup.done():
+            section.wakeup.set_result(None)
         if section.writer is None:
             section.writer = asyncio.create_task(self._run_writer(section))
             self._tasks.add(section.writer)
@@ -361,64 +378,95 @@ class Chat:
         await outcome  # if this is cancelled, the writer still does the write (see _settle)
 
     async def _run_writer(self, section: Section) -> None:
-        batch: list[QueuedWrite] = []
+        """Store the section's queued writes in batches, in order, with up to `depth` batches in flight.
+
+        A batch is decided on top of those still in flight (the Draft carries
+        them), so with a pipelining storage the next batch is on its way while
+        the previous one is being synced. A failed batch fails every later one
+        (the storage guarantees it); nothing new is decided until they are out.
+        """
+        in_flight: deque[Batch] = deque()
         try:
             async with self._locked(section.key):
-                while section.queue:
-                    batch, section.queue = section.queue, []
-                    await self._commit(section, batch)
-                    section.pins -= len(batch)
-                    batch = []
+                draft, failed = Draft(section), False
+                while section.queue or in_flight:
+                    while section.queue and not failed and len(in_flight) < self._depth:
+                        writes, section.queue = section.queue, []
+                        in_flight.append(self._decide(section, draft, writes))
+                    head = in_flight[0]
+                    if head.store is not None and not head.store.done():
+                        more_allowed = not failed and len(in_flight) < self._depth
+                        await self._wait(section, head.store, more_allowed)
+                        continue
+                    in_flight.popleft()
+                    try:
+                        if head.store is not None:
+                            head.store.result()
+                    except StaleSection:
+                        # Another node wrote first (one batch in flight at most): learn what it wrote, decide again.
+                        await self._catch_up(section)
+                        section.queue[:0] = head.writes
+                    except StorageError as error:
+                        _fail(head.decided, error)
+                        section.pins -= len(head.writes)
+                        failed = True
+                    else:
+                        self._finish(section, head)
+                    if not in_flight:
+                        draft, failed = Draft(section), False
         except Exception as error:
             # Loading failed (StorageError), or a bug: whoever waits must hear of it.
-            for _, _, outcome in batch + section.queue:
+            writes = [write for batch in in_flight for write in batch.writes] + section.queue
+            for _, _, outcome in writes:
                 _settle(outcome, error)
-            section.pins -= len(batch) + len(section.queue)
+            section.pins -= len(writes)
             section.queue = []
         finally:
             section.writer = None
 
-    async def _commit(self, section: Section, batch: list[QueuedWrite]) -> None:
-        """Decide a batch of writes in order, store their records at once, then apply, reply and announce."""
-        while True:
-            draft = Draft(section)
-            decided: list[tuple[Peer, asyncio.Future[None], ServerFrame | ChatError, list[StoredRecord]]] = []
-            for peer, plan, outcome in batch:
-                try:
-                    records, response = plan(draft)
-                except ChatError as error:
-                    decided.append((peer, outcome, error, []))
-                    continue
-                for record in records:
-                    draft.add(record)
-                decided.append((peer, outcome, response, records))
-            records = [record for *_, planned in decided for record in planned]
-            if records:
-                try:
-                    await self.storage.append(section.key, section.epoch, records)
-                except StaleSection:
-                    # Another node wrote first: learn what it wrote, then decide again.
-                    try:
-                        await self._catch_up(section)
-                    except StorageError as error:
-                        _fail(decided, error)
-                        return
-                    continue
-                except StorageError as error:
-                    _fail(decided, error)
-                    return
-                section.epoch_stored = True
-                self._count_stored(records)
-            for peer, outcome, response, planned in decided:
-                if isinstance(response, ChatError):
-                    _settle(outcome, response)
-                    continue
-                events = [section.apply(record) for record in planned]
-                reply(peer, response)
-                for event in events:
-                    self._broadcast(section, event, peer)
-                _settle(outcome)
+    def _decide(self, section: Section, draft: Draft, writes: list[QueuedWrite]) -> Batch:
+        """Decide writes in order against the draft; start storing their records."""
+        decided: list[Decision] = []
+        records: list[StoredRecord] = []
+        for peer, plan, outcome in writes:
+            try:
+                planned, response = plan(draft)
+            except ChatError as error:
+                decided.append((peer, outcome, error, []))
+                continue
+            for record in planned:
+                draft.add(record)
+            records.extend(planned)
+            decided.append((peer, outcome, response, planned))
+        store = asyncio.ensure_future(self.storage.append(section.key, section.epoch, records)) if records else None
+        return Batch(writes, decided, records, store)
+
+    async def _wait(self, section: Section, store: asyncio.Future[None], more_allowed: bool) -> None:
+        """Wait for the batch in flight, or, if another may be decided meanwhile, for new writes."""
+        if not more_allowed:
+            await asyncio.wait([store])
             return
+        section.wakeup = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait([store, section.wakeup], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            section.wakeup = None
+
+    def _finish(self, section: Section, batch: Batch) -> None:
+        """The batch is durable: apply it, reply, announce, in the order it was decided."""
+        if batch.records:
+            section.epoch_stored = True
+            self._count_stored(batch.records)
+        for peer, outcome, response, planned in batch.decided:
+            if isinstance(response, ChatError):
+                _settle(outcome, response)
+                continue
+            events = [section.apply(record) for record in planned]
+            reply(peer, response)
+            for event in events:
+                self._broadcast(section, event, peer)
+            _settle(outcome)
+        section.pins -= len(batch.writes)
 
     def _count_stored(self, records: list[StoredRecord]) -> None:
         for record in records:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import resource
 
 import pytest
@@ -89,3 +90,42 @@ async def test_journal_restores_what_the_files_lost(server_process, data_dir):
         assert (await alice.call("send_message", session_id=kept["session_id"], text="next"))["message"]["seq"] == 6
     assert restarted.terminate() == 0
     assert "restored 5 records and index lines from the journal" in restarted.output.decode()
+
+
+@pytest.mark.timeout(60)
+async def test_concurrent_writes_into_a_failing_disk(server_process):
+    """Many writers in one section when writes start failing: every ack is stored, nothing else, seqs stay gapless."""
+    server = server_process()
+    async with ScriptClient.connect(server.url, name="setup") as setup:
+        sid = (await setup.call("create_session", document_id="d", section_id="s"))["session"]["session_id"]
+    acked: list[dict] = []
+    refused = 0
+    limit_set = asyncio.Event()
+
+    async def writer(n: int) -> None:
+        nonlocal refused
+        async with ScriptClient.connect(server.url, name=f"w{n}") as client:
+            for m in range(60):
+                reply = await client.request("send_message", session_id=sid, text="y" * 500, client_msg_id=f"{n}-{m}")
+                if reply["type"] == "message_ack":
+                    acked.append(reply["message"])
+                else:
+                    assert reply["code"] == "unavailable"
+                    refused += 1
+                if len(acked) == 100 and not limit_set.is_set():
+                    set_file_size_limit(server.process.pid, FILE_SIZE_LIMIT)
+                    limit_set.set()
+
+    await asyncio.gather(*(writer(n) for n in range(10)))
+    assert refused > 0
+    async with ScriptClient.connect(server.url, name="checker") as checker:
+        stored = (await checker.call("history", session_id=sid, limit=200))["messages"]
+        assert sorted(m["seq"] for m in acked) == [m["seq"] for m in stored] == list(range(1, len(stored) + 1))
+        set_file_size_limit(server.process.pid, resource.RLIM_INFINITY)
+        after = await checker.call("send_message", session_id=sid, text="space is back")
+        assert after["message"]["seq"] == len(stored) + 1
+    server.kill()
+    restarted = server_process()
+    async with ScriptClient.connect(restarted.url, name="checker") as checker:
+        history = (await checker.call("history", session_id=sid, limit=200))["messages"]
+        assert history == [*stored, after["message"]]

@@ -58,6 +58,10 @@ class Storage(Protocol):
     # True when other processes may append to the same sections (then `append`
     # may raise StaleSection and other nodes' events arrive through a Cluster).
     shared: bool
+    # True when a section's next append may start before the previous one is
+    # durable: appends are stored in the order they were made, and once one
+    # fails every later one to that section fails too.
+    pipelined: bool
 
     async def open(self) -> None:
         """Check the backend is usable and load what must be in memory; raise StorageError if not."""

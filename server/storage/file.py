@@ -192,6 +192,11 @@ class Journal:
                         outcome.set_result(None)
                     else:
                         outcome.set_exception(StorageError(f"cannot write: {failure.strerror or failure}"))
+                if any(failures):
+                    # What was queued meanwhile may build on what just failed: fail it too.
+                    queued, self._pending = self._pending, []
+                    for _, _, outcome in queued:
+                        outcome.set_exception(StorageError("an earlier write failed; nothing was stored"))
                 if self.metrics is not None:
                     self.metrics.storage_write_seconds.observe(time.perf_counter() - started)
                     self.metrics.fsync_batch_size.observe(len(batch))
@@ -202,8 +207,14 @@ class Journal:
         """In the storage thread: the files first, then the journal and its fsync."""
         failures: list[OSError | None] = []
         written: list[list[tuple[LogFile, int]]] = []
+        first_failure: OSError | None = None
         for _, writes, _ in batch:
             done: list[tuple[LogFile, int]] = []
+            if first_failure is not None:
+                # Items may build on earlier ones (the next batch of a section): after a failure, none is written.
+                failures.append(first_failure)
+                written.append(done)
+                continue
             try:
                 for file, data in writes:
                     size = file.size
@@ -214,6 +225,7 @@ class Journal:
                 _roll_back(done)
                 done = []
                 failures.append(error)
+                first_failure = error
             written.append(done)
         entries = b"".join(entry for (entry, _, _), failure in zip(batch, failures, strict=True) if failure is None)
         if not entries:
@@ -299,6 +311,7 @@ class FileStorage:
     """Sections and sessions in append-only files under one data directory."""
 
     shared = False  # the data dir is locked to one process
+    pipelined = True  # appends are written in order, and a failure fails every later one
 
     def __init__(self, data_dir: str | os.PathLike[str], metrics: Metrics | None = None, *, read_only: bool = False):
         self.root = Path(data_dir)
@@ -312,6 +325,7 @@ class FileStorage:
         self._session_sections: dict[str, SectionKey] = {}
         self._document_sections: dict[str, dict[SectionKey, None]] = {}
         self._files: OrderedDict[SectionKey, LogFile] = OrderedDict()
+        self._next_offset: dict[SectionKey, int] = {}  # of each loaded section, counting appends in flight
 
     # Lifecycle --------------------------------------------------------------
 
@@ -435,6 +449,7 @@ class FileStorage:
                 raise StorageError(f"cannot repair section: {error.strerror or error}") from None
         await self.release(key)
         self._files[key] = LogFile(path, size, has_header=epoch is not None)
+        self._next_offset[key] = len(records) + 1
         await self._close_least_used_files()
         return SectionLog(epoch, records)
 
@@ -472,10 +487,18 @@ class FileStorage:
             # Appending to a section that was not loaded would skip the checks
             # that load_section makes; the chat logic always loads first.
             raise StorageError("section is not loaded")
+        if records[0].offset != self._next_offset[key]:
+            # Built on an append that failed after this one was decided.
+            raise StorageError("an earlier write to this section failed; nothing was stored")
+        self._next_offset[key] = records[-1].offset + 1
         self._files.move_to_end(key)
         writes = self._writes(key, epoch, records)
         entry = _encode(JournalEntry(key.document_id, key.section_id, epoch, records)) + b"\n"
-        await self._journal.commit(entry, writes)
+        try:
+            await self._journal.commit(entry, writes)
+        except StorageError:
+            self._next_offset[key] = min(self._next_offset[key], records[0].offset)
+            raise
         for record in records:
             if isinstance(record, SessionCreatedRecord):
                 self._remember_session(record.session.session_id, key)
@@ -511,6 +534,7 @@ class FileStorage:
         return list(self._document_sections.get(document_id, ()))
 
     async def release(self, key: SectionKey) -> None:
+        self._next_offset.pop(key, None)
         file = self._files.pop(key, None)
         if file is not None:
             file.close()

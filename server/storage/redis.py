@@ -88,6 +88,7 @@ class RedisStorage:
     """Sections and sessions in Redis, shared by every node that uses the same Redis."""
 
     shared = True  # other processes may append to the same sections
+    pipelined = False  # one append per section at a time: each is a compare-and-set on the offset
 
     def __init__(self, url: str, metrics: Metrics | None = None):
         self.url = url
