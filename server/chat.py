@@ -1,9 +1,10 @@
 # The chat logic: sections, sessions, offsets, presence. No sockets.
 #
 # Rules kept here:
-# - One asyncio.Lock per section serializes its writes: offsets and seqs are
-#   assigned under it, stored, and only then applied to memory and announced.
-#   Nothing awaits a socket: peers' `send` methods queue bytes and return.
+# - Each section's writes are decided in order by one writer holding the
+#   section's asyncio.Lock: offsets and seqs are assigned under it, stored
+#   (many writes per batch, one fsync), and only then applied to memory and
+#   announced. Nothing awaits a socket: peers' `send` methods queue bytes.
 # - Replies and events are sent in the same synchronous step that applies a
 #   change, so every peer sees a section's events in offset order and a
 #   subscriber's `subscribed` reply comes before any event that follows it.
@@ -302,7 +303,7 @@ class Chat:
         self.cluster: Cluster | None = None  # set when other nodes share the storage
         # Batches a section may have in flight: two when the storage keeps
         # appends in order and fails every later one after a failure.
-        self._depth = 2 if getattr(storage, "pipelined", False) else 1
+        self._depth = 2 if storage.pipelined else 1
 
     # Requests -------------------------------------------------------------------
 
