@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test bench clean
+.PHONY: run test bench bench-all clean
 
 run: $(VENV)/.installed
 	$(BIN)/sectionchat serve
@@ -15,13 +15,20 @@ test: $(VENV)/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,bench]'
 	$(BIN)/python -m bench.requests
+
+# Every benchmark and the plots (about 8 minutes).
+bench-all: $(VENV)/.installed
+	$(BIN)/python -m bench.requests
+	$(BIN)/python -m bench.fanout
+	$(BIN)/python -m bench.memory
+	$(BIN)/python -m bench.scaling
+	$(BIN)/python -m bench.plots
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,bench]'
 	touch $@
 
 clean:

@@ -22,6 +22,8 @@ import msgspec
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
+from bench.runs import EVENT_LOOPS, run_with_loop
+
 MAX_FRAME_BYTES = 65536  # sectionchat's default max_frame_bytes
 
 # Requests: the fields sectionchat's requests have, without its constraints.
@@ -192,5 +194,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="raw websockets + msgspec request/reply baseline")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8766, help="0 picks a free port")
+    parser.add_argument(
+        "--event-loop", choices=EVENT_LOOPS, default="auto", help="the same choice as sectionchat's (auto: uvloop when installed)"
+    )
     arguments = parser.parse_args()
-    asyncio.run(main(arguments.host, arguments.port))
+    run_with_loop(main(arguments.host, arguments.port), arguments.event_loop)
