@@ -7,9 +7,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Union
+from typing import Annotated, Union
 
-import msgspec
 from msgspec import Meta, Struct
 
 PROTOCOL_VERSION = 1
@@ -249,7 +248,3 @@ ServerMessage = Union[
     Error,
 ]
 
-
-def to_builtins(frame: Struct) -> Any:
-    """A frame as plain dicts and lists, exactly as it goes on the wire."""
-    return msgspec.to_builtins(frame)

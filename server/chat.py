@@ -148,7 +148,6 @@ class Section:
         self.lock = asyncio.Lock()
         self.loaded = False
         self.epoch = ""
-        self.epoch_stored = False
         self.offset = 0
         self.sessions: dict[str, SessionState] = {}
         self.idempotency: dict[tuple[str, str], str] = {}
@@ -455,9 +454,7 @@ class Chat:
 
     def _finish(self, section: Section, batch: Batch) -> None:
         """The batch is durable: apply it, reply, announce, in the order it was decided."""
-        if batch.records:
-            section.epoch_stored = True
-            self._count_stored(batch.records)
+        self._count_stored(batch.records)
         for peer, outcome, response, planned in batch.decided:
             if isinstance(response, ChatError):
                 _settle(outcome, response)
@@ -526,7 +523,7 @@ class Chat:
         """Apply and announce what other nodes stored in the section since we last looked."""
         log = await self.storage.read_after(section.key, section.offset)
         if log.epoch is not None and log.epoch != section.epoch:
-            section.epoch, section.epoch_stored = log.epoch, True
+            section.epoch = log.epoch
         for record in log.records:
             self._broadcast(section, section.apply(record), None)
 
@@ -735,7 +732,6 @@ class Chat:
         for record in log.records:
             section.apply(record)
         section.epoch = log.epoch or secrets.token_hex(8)
-        section.epoch_stored = log.epoch is not None
         section.loaded = True
 
     async def evict_idle(self) -> int:

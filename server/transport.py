@@ -20,7 +20,7 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 
 from protocol import errors
-from protocol.codec import Codec, codec_for_subprotocol
+from protocol.codec import SUBPROTOCOLS, Codec, codec_for_subprotocol
 from protocol.errors import ChatError
 from protocol.messages import PROTOCOL_VERSION, ClientRequest, Error, Limits, Welcome
 
@@ -34,7 +34,6 @@ logger = logging.getLogger("sectionchat.transport")
 
 SERVER_NAME = "sectionchat/0.1.0"
 WEBSOCKET_PATH = "/ws"
-SUBPROTOCOLS = ("sectionchat.v1", "sectionchat.v1.msgpack")
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_SLOW_CONSUMER = 4008
 
