@@ -170,6 +170,16 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.stop()
 
 
+def resolved_config(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> dict[str, str]:
+    """What `sectionchat config ARGS` resolves, as option -> TOML value."""
+    result = subprocess.run(
+        [sys.executable, "-m", "server", "config", *args],
+        cwd=cwd, capture_output=True, text=True, timeout=30, env={"PATH": os.environ.get("PATH", ""), **(env or {})},
+    )
+    assert result.returncode == 0, result.stderr
+    return dict(line.split(" = ", 1) for line in result.stdout.splitlines() if " = " in line)
+
+
 async def until(predicate, timeout: float = 5.0, interval: float = 0.01) -> None:
     """Poll a condition that no event signals (e.g. a file appearing)."""
     async with asyncio.timeout(timeout):

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import resource
 import subprocess
 import sys
 
 import pytest
+from conftest import ROOT, resolved_config
 from prometheus_client.parser import text_string_to_metric_families
+from test_http import http_get
 
 from client import ScriptClient
-from conftest import ROOT
-from test_http import http_get
 
 
 async def scrape(port: int) -> dict[tuple[str, tuple], float]:
@@ -99,22 +98,13 @@ async def test_json_logs(server_process):
     assert "a secret message body" not in server.output.decode()
 
 
-def run_config(*args: str, env: dict[str, str] | None = None, cwd=ROOT) -> dict[str, str]:
-    result = subprocess.run(
-        [sys.executable, "-m", "server", "config", *args],
-        cwd=cwd, capture_output=True, text=True, timeout=30, env={"PATH": os.environ.get("PATH", ""), **(env or {})},
-    )
-    assert result.returncode == 0, result.stderr
-    return dict(line.split(" = ", 1) for line in result.stdout.splitlines() if " = " in line)
-
-
 @pytest.mark.timeout(60)
 def test_config_precedence(tmp_path):
     """Command line > environment > TOML file > default; secrets are masked."""
     toml = tmp_path / "sectionchat.toml"
     toml.write_text('port = 1111\nrate-limit = 5\nmax_text_chars = 100\nauth_secret = "s3cret"\nallowed_origins = ["https://a.example"]\n')
     env = {"SECTIONCHAT_RATE_LIMIT": "7", "SECTIONCHAT_MAX_TEXT_CHARS": "200"}
-    resolved = run_config("--config", str(toml), "--max-text-chars", "300", env=env)
+    resolved = resolved_config("--config", str(toml), "--max-text-chars", "300", env=env)
     assert resolved["port"] == "1111"  # file
     assert resolved["rate_limit"] == "7.0"  # env over file
     assert resolved["max_text_chars"] == "300"  # command line over env

@@ -9,7 +9,7 @@ import time
 
 import jwt
 import pytest
-from conftest import ROOT
+from conftest import ROOT, resolved_config
 from websockets.exceptions import InvalidStatus
 
 from client import ScriptClient
@@ -230,3 +230,14 @@ async def test_handshake_timeout(data_dir):
         async with asyncio.timeout(10):
             await reader.read()
         writer.close()
+
+
+@pytest.mark.timeout(60)
+def test_rate_limit_zero_turns_off_every_rate_limit():
+    """--rate-limit 0 (benchmarks, trusted harnesses) also lifts the session quota, unless it is set."""
+    assert resolved_config("--rate-limit", "0")["sessions_per_minute"] == "0"
+    assert resolved_config("--rate-limit", "0", "--sessions-per-minute", "5")["sessions_per_minute"] == "5"
+    assert resolved_config()["sessions_per_minute"] == "300"
+    assert resolved_config(env={"SECTIONCHAT_ALLOWED_ORIGIN": "https://a.example,https://b.example"})[
+        "allowed_origins"
+    ] == '["https://a.example", "https://b.example"]'
