@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from client import ScriptClient
 from server.app import running
@@ -178,6 +179,28 @@ def resolved_config(*args: str, env: dict[str, str] | None = None, cwd: Path = R
     )
     assert result.returncode == 0, result.stderr
     return dict(line.split(" = ", 1) for line in result.stdout.splitlines() if " = " in line)
+
+
+async def http_get(port: int, path: str) -> tuple[int, dict[str, str], bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+    await writer.drain()
+    raw = await reader.read()
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in header_lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+async def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    status, headers, body = await http_get(port, "/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+    }
 
 
 async def until(predicate, timeout: float = 5.0, interval: float = 0.01) -> None:

@@ -7,6 +7,7 @@ import statistics
 import time
 
 import pytest
+from conftest import scrape
 
 from client import ScriptClient
 from server.app import running
@@ -153,3 +154,21 @@ async def test_sigterm_under_load_loses_nothing(server_process):
             history = await checker.call("history", session_id=sid, limit=200)
             assert history["messages"][: len(messages)] == messages
             assert len(history["messages"]) == len(messages)  # nothing stored without its ack going out
+
+
+@pytest.mark.timeout(120)
+async def test_slow_consumer_on_the_production_event_loop(server_process):
+    """The 4008 close works the same on the server as operators run it (uvloop)."""
+    server = server_process("--max-outgoing-bytes", str(256 * 1024))
+    setup = await ScriptClient.open(server.url, name="setup")
+    sid = (await setup.call("create_session", document_id="d", section_id="s"))["session"]["session_id"]
+    await setup.close()
+    slow = await ScriptClient.open(server.url, name="slow")
+    await slow.call("subscribe", document_id="d", section_id="s")
+    slow.websocket.transport.pause_reading()
+    closed = ("sectionchat_slow_consumer_disconnects_total", ())
+    while not (await scrape(server.port)).get(closed):
+        await asyncio.gather(*(publish(server.url, f"p{n}", sid, 25) for n in range(4)))
+    slow.websocket.transport.resume_reading()
+    assert await slow.wait_closed(timeout=30) == 4008
+    await slow.close()

@@ -2,21 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import msgspec
-
-
-async def http_get(port: int, path: str) -> tuple[int, dict[str, str], bytes]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
-    await writer.drain()
-    raw = await reader.read()
-    writer.close()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    status_line, *header_lines = head.decode().split("\r\n")
-    headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in header_lines)}
-    return int(status_line.split()[1]), headers, body
+from conftest import http_get
 
 
 async def test_root_serves_the_browser_client(app):

@@ -9,21 +9,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, resolved_config
-from prometheus_client.parser import text_string_to_metric_families
-from test_http import http_get
+from conftest import ROOT, http_get, resolved_config, scrape
 
 from client import ScriptClient
-
-
-async def scrape(port: int) -> dict[tuple[str, tuple], float]:
-    status, headers, body = await http_get(port, "/metrics")
-    assert status == 200 and headers["content-type"].startswith("text/plain")
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(body.decode())
-        for sample in family.samples
-    }
 
 
 async def test_metrics_follow_traffic(app, connect):
