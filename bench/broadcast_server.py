@@ -31,7 +31,6 @@ if __name__ == "__main__" and __package__ in (None, ""):
 
 import argparse
 import asyncio
-import itertools
 import signal
 import sys
 
@@ -42,16 +41,15 @@ from websockets.exceptions import ConnectionClosed
 from bench.echo_server import (
     MAX_FRAME_BYTES,
     TIMESTAMP,
-    UUID_PREFIX,
     Error,
     Frame,
-    Limits,
     Message,
     MessageAck,
     Pong,
     Request,
     Session,
-    Welcome,
+    fake_uuid,
+    greet,
 )
 from bench.runs import EVENT_LOOPS, run_with_loop
 
@@ -109,12 +107,7 @@ class Subscribed(Frame, tag="subscribed"):
 decode = msgspec.json.Decoder(CreateSession | SendMessage | Subscribe | Ping).decode
 encode = msgspec.json.Encoder().encode
 
-_ids = itertools.count(1)
 EPOCH = "00000000000000000000000000000000"
-
-
-def fake_uuid() -> str:
-    return f"{UUID_PREFIX}{next(_ids):012x}"
 
 
 class Section:
@@ -138,22 +131,10 @@ def section_for(document_id: str, section_id: str) -> Section:
 
 
 async def handle(websocket: ServerConnection) -> None:
-    user = "bench"
-    query = websocket.request.path.partition("?")[2]
-    for part in query.split("&"):
-        key, _, value = part.partition("=")
-        if key == "name" and value:
-            user = value
+    user, welcome = greet(websocket, "broadcast/0")
     subscribed: list[Section] = []
-    welcome = Welcome(
-        connection_id=f"{next(_ids):016x}",
-        user=user,
-        protocol=1,
-        server="broadcast/0",
-        limits=Limits(max_frame_bytes=MAX_FRAME_BYTES, max_text_chars=8000, messages_per_s=0),
-    )
     try:
-        await websocket.send(encode(welcome), text=True)
+        await websocket.send(welcome, text=True)
         while True:
             data = await websocket.recv(decode=False)
             try:

@@ -123,23 +123,28 @@ def fake_uuid() -> str:
     return f"{UUID_PREFIX}{next(_ids):012x}"
 
 
-async def handle(websocket: ServerConnection) -> None:
+def greet(websocket: ServerConnection, server: str) -> tuple[str, bytes]:
+    """The user named by `?name=` (else "bench") and the encoded welcome frame, as sectionchat sends it."""
     user = "bench"
-    query = websocket.request.path.partition("?")[2]
-    for part in query.split("&"):
+    for part in websocket.request.path.partition("?")[2].split("&"):
         key, _, value = part.partition("=")
         if key == "name" and value:
             user = value
-    seqs: dict[str, int] = {}
     welcome = Welcome(
         connection_id=f"{next(_ids):016x}",
         user=user,
         protocol=1,
-        server="echo/0",
+        server=server,
         limits=Limits(max_frame_bytes=MAX_FRAME_BYTES, max_text_chars=8000, messages_per_s=0),
     )
+    return user, encode(welcome)
+
+
+async def handle(websocket: ServerConnection) -> None:
+    user, welcome = greet(websocket, "echo/0")
+    seqs: dict[str, int] = {}
     try:
-        await websocket.send(encode(welcome), text=True)
+        await websocket.send(welcome, text=True)
         while True:
             data = await websocket.recv(decode=False)
             try:
