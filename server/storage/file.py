@@ -59,7 +59,7 @@ class JournalEntry(msgspec.Struct, array_like=True):
     document_id: str
     section_id: str
     epoch: str
-    records: list[StoredRecord]
+    records: list[StoredRecord]  # written as msgspec.Raw (already encoded), read back as records
 
 
 _encode = msgspec.json.Encoder().encode
@@ -402,7 +402,7 @@ class FileStorage:
                 # Records older than the last checkpoint are gone too: nothing to append them after.
                 logger.error("section %s lost records from before the last checkpoint; keeping what is left", key)
                 missing = []
-            writes = self._writes(key, epoch, missing) if missing else []
+            writes = self._writes(key, epoch, missing, [_encode(r) for r in missing]) if missing else []
             unindexed = [
                 r.session.session_id
                 for r in records
@@ -492,8 +492,10 @@ class FileStorage:
             raise StorageError("an earlier write to this section failed; nothing was stored")
         self._next_offset[key] = records[-1].offset + 1
         self._files.move_to_end(key)
-        writes = self._writes(key, epoch, records)
-        entry = _encode(JournalEntry(key.document_id, key.section_id, epoch, records)) + b"\n"
+        encoded = [_encode(record) for record in records]
+        writes = self._writes(key, epoch, records, encoded)
+        # The journal entry embeds the records as already encoded: each is encoded once.
+        entry = _encode(JournalEntry(key.document_id, key.section_id, epoch, list(map(msgspec.Raw, encoded)))) + b"\n"
         try:
             await self._journal.commit(entry, writes)
         except StorageError:
@@ -503,10 +505,12 @@ class FileStorage:
             if isinstance(record, SessionCreatedRecord):
                 self._remember_session(record.session.session_id, key)
 
-    def _writes(self, key: SectionKey, epoch: str, records: list[StoredRecord]) -> list[tuple[LogFile, bytes]]:
-        """What appending `records` writes to the section file and the index."""
+    def _writes(
+        self, key: SectionKey, epoch: str, records: list[StoredRecord], encoded: list[bytes]
+    ) -> list[tuple[LogFile, bytes]]:
+        """What appending `records` (and `encoded`, the same encoded) writes to the section file and the index."""
         file = self._files[key]
-        lines = [_encode(record) + b"\n" for record in records]
+        lines = [line + b"\n" for line in encoded]
         if not file.has_header:
             if not file.path.parent.is_dir():
                 file.path.parent.mkdir(parents=True, exist_ok=True)
