@@ -32,6 +32,9 @@ class Metrics:
         self.fsync_batch_size = Histogram(
             "sectionchat_fsync_batch_size", "Appends made durable by one fsync (group commit)", buckets=BATCH_BUCKETS, registry=registry
         )
+        self.storage_failures = Counter(
+            "sectionchat_storage_failures", "Times storage stopped acknowledging writes until it had recovered", registry=registry
+        )
         self.slow_consumers = Counter(
             "sectionchat_slow_consumer_disconnects", "Connections closed with 4008 for not keeping up", registry=registry
         )

@@ -50,6 +50,14 @@ class StorageError(Exception):
     """Storage could not do what was asked; nothing of the request was stored."""
 
 
+class OutcomeUnknown(StorageError):
+    """Storage failed mid-write and could not find out in time whether the write landed.
+
+    Never reported to a client as a refusal: the write may be stored. The
+    client learns the outcome by retrying with its idempotency key or client_msg_id.
+    """
+
+
 class StaleSection(Exception):
     """Another process stored records in the section first; catch up and decide again."""
 

@@ -1,26 +1,40 @@
-# File storage: append-only JSON-lines logs under the data dir, made durable by
-# one shared journal. Files are opened and read with aiofiles; the writes of a
-# batch run as one job in the storage thread pool (aiofiles.os.wrap).
+# File storage: one journal is the durable truth; section files and the session
+# index are derived from it.
 #
 # Layout (ids are data, never paths: file names are hashes of them):
 #   LOCK                            flock'ed while a server uses the dir
-#   journal                         what was acknowledged since the last checkpoint
+#   FORMAT                          "2": this layout (a v1 dir is migrated on open)
+#   journal/<n>.wal                 segments of entries "<crc32> <json>\n"
 #   sessions.idx                    one line per session: [session_id, document_id, section_id]
 #   sections/<h(doc)>/<h(sec)>.log  a header line, then one record per line
 #
-# Rules kept here:
-# - An append is acknowledged once its entry is in the journal and the journal
-#   is fsynced. Appends that arrive while a batch is being written go out as the
-#   next batch: one write and one fsync of the journal for all of them, however
-#   many sections they touch (group commit).
-# - The same bytes are written to the section files and the index before the
-#   journal, without fsync. A checkpoint (when the journal grows past a limit,
-#   and at close) fsyncs those files and their directories, then empties the
-#   journal. On open, the journal is replayed into any file that lacks its tail.
-# - A failed write leaves every file as it was before the batch: files are cut
-#   back to their previous size and the journal too, and a descriptor whose
-#   fsync failed is never trusted again (the kernel may have dropped the pages).
-# - A torn or garbage tail found when loading is cut off with a warning.
+# Rules kept here (the fault tests in tests/test_storage_harness.py check them):
+# - An append is acknowledged once its journal entry is written and the journal
+#   fdatasynced. Appends that arrive while a batch is being written go out as the
+#   next batch, whatever sections they touch: one write and one fdatasync for all
+#   (group commit). Each entry says where its bytes go in the section file and
+#   the index, so replaying it is idempotent and needs no reading of those files.
+# - Section files and the index are written only after the journal entry is
+#   durable, without fsync. A failed batch has therefore touched nothing but the
+#   journal, and rolling it back only ever shrinks the journal.
+# - After a failed journal write or fdatasync the outcome of that batch is
+#   unknown (the kernel may have dropped the pages, or written them): the batch
+#   is refused only once the journal is provably cut back to what was
+#   acknowledged (truncate + fsync succeeded). Until then nothing new is
+#   accepted; the storage retries by itself, and a batch whose outcome stays
+#   unknown past OUTCOME_DEADLINE_S is reported as OutcomeUnknown, never as a
+#   refusal. Every write queued behind a failed batch fails with it.
+# - A derived file whose write or fsync failed is never trusted: it is rebuilt
+#   from the journal (cut back to where the journal's first entry for it starts,
+#   then rewritten) before anything else is accepted. Startup does the same for
+#   every file the journal covers, so after a crash or power cut the derived
+#   files are exactly what the journal says.
+# - A checkpoint runs beside the writes, never inside a batch: once a journal
+#   segment is full, the files it touched and the directories it created are
+#   fsynced, and only then is the segment deleted. Startup fsyncs everything it
+#   rebuilt before it deletes a segment.
+# - Open descriptors are bounded (an LRU of MAX_OPEN_FILES); running out of
+#   descriptors closes the cached ones and retries instead of failing a write.
 
 from __future__ import annotations
 
@@ -30,23 +44,29 @@ import hashlib
 import logging
 import os
 import time
+import zlib
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
 
-import aiofiles
 import aiofiles.os
 import msgspec
 
 from ..metrics import Metrics
-from .base import SectionKey, SectionLog, SessionCreatedRecord, StorageError, StoredRecord
+from .base import OutcomeUnknown, SectionKey, SectionLog, SessionCreatedRecord, StorageError, StoredRecord
+from .disk import Disk, out_of_descriptors
 
 logger = logging.getLogger("sectionchat.storage")
 
+FORMAT = b"2\n"
 INDEX_NAME = "sessions.idx"
-JOURNAL_NAME = "journal"
-CHECKPOINT_BYTES = 16 * 1024 * 1024
-MAX_OPEN_FILES = 256
+JOURNAL_DIR = "journal"
+SEGMENT_BYTES = 16 * 1024 * 1024  # a full segment is checkpointed and deleted
+MAX_OPEN_FILES = 128
+OUTCOME_DEADLINE_S = 10.0  # how long a write whose outcome is unknown waits for the storage to find out
+LOG_INTERVAL_S = 5.0  # failures are reported at most this often
+RETRY_DELAYS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)  # between recovery attempts
 
 
 class SectionHeader(msgspec.Struct, tag_field="kind", tag="section"):
@@ -56,276 +76,532 @@ class SectionHeader(msgspec.Struct, tag_field="kind", tag="section"):
 
 
 class JournalEntry(msgspec.Struct, array_like=True):
+    """One section's part of a batch, and where its bytes go in the derived files."""
+
     document_id: str
     section_id: str
     epoch: str
-    records: list[StoredRecord]  # written as msgspec.Raw (already encoded), read back as records
+    section_at: int  # where its lines start in the section file (0: the header comes first)
+    index_at: int  # where its session lines start in the index (-1: none)
+    records: list[msgspec.Raw]  # each record as encoded once, byte for byte its line in the section file
+
+
+class LegacyJournalEntry(msgspec.Struct, array_like=True):
+    """An entry of the single `journal` file of format 1."""
+
+    document_id: str
+    section_id: str
+    epoch: str
+    records: list[StoredRecord]
 
 
 _encode = msgspec.json.Encoder().encode
 _decode_line = msgspec.json.Decoder(Union[SectionHeader, StoredRecord]).decode
+_decode_record = msgspec.json.Decoder(StoredRecord).decode
 _decode_index_line = msgspec.json.Decoder(tuple[str, str, str]).decode
 _decode_entry = msgspec.json.Decoder(JournalEntry).decode
+_decode_legacy_entry = msgspec.json.Decoder(LegacyJournalEntry).decode
 
 
 def _name(identifier: str) -> str:
     return hashlib.blake2b(identifier.encode(), digest_size=16).hexdigest()
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+def _frame(payload: bytes) -> bytes:
+    return b"%08x %s\n" % (zlib.crc32(payload), payload)
 
 
-def _sync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _unframe(line: bytes) -> bytes | None:
+    """The payload of a journal line, or None if it is torn or damaged."""
+    if len(line) < 10 or line[8:9] != b" ":
+        return None
+    payload = line[9:]
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        checksum = int(line[:8], 16)
+    except ValueError:
+        return None
+    return payload if zlib.crc32(payload) == checksum else None
 
 
-def _truncate_and_sync(path: Path, size: int) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.ftruncate(fd, size)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _header_line(epoch: str, key: SectionKey) -> bytes:
+    return _encode(SectionHeader(epoch, *key)) + b"\n"
 
 
-truncate_and_sync = aiofiles.os.wrap(_truncate_and_sync)
+def _index_lines(session_ids: list[str], key: SectionKey) -> bytes:
+    return b"".join(_encode((sid, *key)) + b"\n" for sid in session_ids)
 
 
-class LogFile:
-    """An append-only file, written without fsync: the journal makes its writes durable.
+def _created(records: list[StoredRecord]) -> list[str]:
+    return [r.session.session_id for r in records if isinstance(r, SessionCreatedRecord)]
 
-    Its methods block; they run in the storage thread pool, one batch at a time.
+
+def _error_text(error: OSError) -> str:
+    return error.strerror or str(error)
+
+
+class DerivedFile:
+    """A section file or the index: what was written to it (the journal says where the rest goes)."""
+
+    __slots__ = ("path", "size")
+
+    def __init__(self, path: Path, size: int):
+        self.path = path
+        self.size = size
+
+
+class LoadedSection:
+    """A section the chat logic holds in memory, as the storage tracks it."""
+
+    __slots__ = ("file", "next_offset", "durable_offset")
+
+    def __init__(self, file: DerivedFile, offset: int):
+        self.file = file
+        self.next_offset = offset + 1  # counting appends in flight
+        self.durable_offset = offset  # the last offset acknowledged
+
+
+@dataclass(eq=False)
+class PendingAppend:
+    key: SectionKey
+    epoch: str
+    section: LoadedSection
+    encoded: list[bytes]
+    created: list[str]
+    last_offset: int
+    outcome: asyncio.Future[None]
+    # Filled in by the batch job: the derived writes, once the entry is durable.
+    derived: list[tuple[DerivedFile, int, bytes]] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class Segment:
+    number: int
+    path: Path
+    touched: set[Path] = field(default_factory=set)  # derived files written for its entries
+    new_dirs: set[Path] = field(default_factory=set)  # directories that got new entries meanwhile
+
+
+class BatchFailed(Exception):
+    """The batch job failed; `written` says whether the journal may hold part of it."""
+
+    def __init__(self, error: OSError, *, written: bool):
+        super().__init__(error)
+        self.error = error
+        self.written = written
+
+
+class Descriptors:
+    """Write descriptors of derived files, at most MAX_OPEN_FILES, least recently used closed first.
+
+    Used only by the one batch job or recovery running at a time.
     """
 
-    def __init__(self, path: Path, size: int, *, has_header: bool = True):
-        self.path = path
-        self.size = size  # what was written and not rolled back
-        self.has_header = has_header
-        self.header_at: int | None = None  # where a header not yet known to be written starts
-        self._fd: int | None = None
-        self._damaged = False  # a failed write may have left bytes past `size`
+    def __init__(self, disk: Disk, limit: int = MAX_OPEN_FILES):
+        self.disk = disk
+        self.limit = limit
+        self._fds: OrderedDict[Path, int] = OrderedDict()
 
-    def write(self, data: bytes) -> None:
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        if self._damaged:
-            os.ftruncate(self._fd, self.size)
-            self._damaged = False
-        try:
-            _write_all(self._fd, data)
-        except OSError:
-            self._damaged = True
-            self.rollback(self.size)
-            raise
-        self.size += len(data)
-
-    def rollback(self, size: int) -> None:
-        """Cut the file back to `size` (best effort: a failure leaves it damaged, cut next time)."""
-        self.size = size
-        if self.header_at is not None and size <= self.header_at:
-            self.has_header = False
-        try:
-            if self._fd is not None:
-                os.ftruncate(self._fd, size)
-                self._damaged = False
-        except OSError:
-            self._damaged = True
-
-    def close(self) -> None:
-        fd, self._fd = self._fd, None
+    def get(self, path: Path) -> int:
+        fd = self._fds.get(path)
         if fd is not None:
-            os.close(fd)
+            self._fds.move_to_end(path)
+            return fd
+        try:
+            fd = self.disk.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        except OSError as error:
+            if not out_of_descriptors(error) or not self._fds:
+                raise
+            self.close_all()  # the sockets need them more than our cache does
+            fd = self.disk.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        self._fds[path] = fd
+        while len(self._fds) > self.limit:
+            _, old = self._fds.popitem(last=False)
+            self._close(old)
+        return fd
+
+    def forget(self, path: Path) -> None:
+        fd = self._fds.pop(path, None)
+        if fd is not None:
+            self._close(fd)
+
+    def close_all(self) -> None:
+        while self._fds:
+            self._close(self._fds.popitem()[1])
+
+    def _close(self, fd: int) -> None:
+        try:
+            self.disk.close(fd)
+        except OSError:
+            pass
 
 
 class Journal:
-    """The one file fsynced per batch; everything acknowledged since the last checkpoint."""
+    """The segments, the batch writer, the checkpoint and the recovery from failures."""
 
-    def __init__(self, path: Path, metrics: Metrics | None):
-        self.path = path
-        self.metrics = metrics
+    def __init__(self, storage: FileStorage):
+        self.storage = storage
+        self.disk = storage.disk
+        self.dir = storage.root / JOURNAL_DIR
+        self.metrics = storage.metrics
+        self.descriptors = Descriptors(self.disk)
+        self.sealed: list[Segment] = []  # full segments not yet checkpointed, oldest first
+        self.current: Segment | None = None
         self._fd: int | None = None
-        self._size = 0
-        self._dirty: set[Path] = set()  # files written since the last checkpoint
-        self._new_dirs: set[Path] = set()  # directories whose new entries are not yet synced
-        self._pending: list[tuple[bytes, list[tuple[LogFile, bytes]], asyncio.Future[None]]] = []
+        self._size = 0  # bytes of the current segment known to be durable
+        self._pending: list[PendingAppend] = []
         self._flusher: asyncio.Task[None] | None = None
-        self._run = aiofiles.os.wrap(self._write_batch)
+        self._checkpointer: asyncio.Task[None] | None = None
+        # Why writes cannot be acknowledged now (None: they can).
+        self.broken: str | None = None
+        self._rebuild = False  # derived files must be rebuilt from the journal before going on
+        self._unresolved: list[PendingAppend] = []  # written when the journal failed: outcome unknown
+        self._unresolved_since = 0.0
+        self._last_logged = -LOG_INTERVAL_S
+        self._failures_unlogged = 0
 
-    def open(self) -> None:
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        self._size = os.fstat(self._fd).st_size
+    # The write path ---------------------------------------------------------------
 
-    def restore(self, writes: list[tuple[LogFile, bytes]]) -> None:
-        """Write what recovery found missing (in the storage thread); the next checkpoint syncs it."""
-        for file, data in writes:
-            file.write(data)
-            self._dirty.add(file.path)
-
-    def created(self, path: Path) -> None:
-        """`path` is a new file or directory: its parent's entry is synced at the next checkpoint."""
-        self._new_dirs.add(path.parent)
-
-    async def commit(self, entry: bytes, writes: list[tuple[LogFile, bytes]]) -> None:
-        """Write `writes` to their files and `entry` to the journal; return once it is durable."""
-        outcome = asyncio.get_running_loop().create_future()
-        self._pending.append((entry, writes, outcome))
+    async def commit(self, item: PendingAppend) -> None:
+        self._pending.append(item)
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush())
         # Shielded: once queued, the write happens whether or not the caller waits.
-        await asyncio.shield(outcome)
+        await asyncio.shield(item.outcome)
 
     async def _flush(self) -> None:
         try:
-            while self._pending:
+            while self._pending or self.broken is not None:
+                if self.broken is not None:
+                    await self._recover()
+                    continue
                 batch, self._pending = self._pending, []
                 started = time.perf_counter()
-                failures = await self._run(batch)
-                for (_, _, outcome), failure in zip(batch, failures, strict=True):
-                    if failure is None:
-                        outcome.set_result(None)
-                    else:
-                        outcome.set_exception(StorageError(f"cannot write: {failure.strerror or failure}"))
-                if any(failures):
-                    # What was queued meanwhile may build on what just failed: fail it too.
-                    queued, self._pending = self._pending, []
-                    for _, _, outcome in queued:
-                        outcome.set_exception(StorageError("an earlier write failed; nothing was stored"))
+                try:
+                    sealed, derived_error = await aiofiles.os.wrap(self._write_batch)(batch)
+                except BatchFailed as failure:
+                    self._batch_failed(batch, failure)
+                    continue
+                except Exception as error:  # a bug: nobody may be left waiting, and the journal is in doubt
+                    logger.exception("storage write failed unexpectedly")
+                    self._batch_failed(batch, BatchFailed(OSError(repr(error)), written=True))
+                    continue
+                if derived_error is not None:
+                    self._break(derived_error, rebuild=True)
+                for item in batch:
+                    item.section.durable_offset = item.last_offset
+                    if not item.outcome.done():
+                        item.outcome.set_result(None)
+                if sealed is not None:
+                    self.sealed.append(sealed)
+                    self._start_checkpoint()
                 if self.metrics is not None:
                     self.metrics.storage_write_seconds.observe(time.perf_counter() - started)
                     self.metrics.fsync_batch_size.observe(len(batch))
         finally:
             self._flusher = None
 
-    def _write_batch(self, batch) -> list[OSError | None]:
-        """In the storage thread: the files first, then the journal and its fsync."""
-        failures: list[OSError | None] = []
-        written: list[list[tuple[LogFile, int]]] = []
-        first_failure: OSError | None = None
-        for _, writes, _ in batch:
-            done: list[tuple[LogFile, int]] = []
-            if first_failure is not None:
-                # Items may build on earlier ones (the next batch of a section): after a failure, none is written.
-                failures.append(first_failure)
-                written.append(done)
-                continue
-            try:
-                for file, data in writes:
-                    size = file.size
-                    file.write(data)
-                    done.append((file, size))
-                failures.append(None)
-            except OSError as error:
-                _roll_back(done)
-                done = []
-                failures.append(error)
-                first_failure = error
-            written.append(done)
-        entries = b"".join(entry for (entry, _, _), failure in zip(batch, failures, strict=True) if failure is None)
-        if not entries:
-            return failures
-        try:
-            if self._fd is None:
-                # Reopened after a failure: cut off whatever the failed batch left.
-                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
-                os.ftruncate(self._fd, self._size)
-            _write_all(self._fd, entries)
-            os.fdatasync(self._fd)
-        except OSError as error:
-            # Nothing of this batch is acknowledged: undo it everywhere, and
-            # never fsync this descriptor again.
-            for done in written:
-                _roll_back(done)
-            self._reset_after_failure()
-            return [failure or error for failure in failures]
-        self._size += len(entries)
-        for done in written:
-            for file, _ in done:
-                self._dirty.add(file.path)
-                file.header_at = None
-        if self._size > CHECKPOINT_BYTES:
-            self.checkpoint()
-        return failures
+    def _write_batch(self, batch: list[PendingAppend]) -> tuple[Segment | None, str | None]:
+        """In a worker thread: the journal entry, its fdatasync, then the derived files.
 
-    def _reset_after_failure(self) -> None:
-        if self._fd is not None:
+        Returns the segment it sealed, if it started a new one, and why a
+        derived file is no longer trusted, if one failed.
+        """
+        disk, storage = self.disk, self.storage
+        planned: dict[DerivedFile, int] = {}  # where the next bytes of each file go
+        entries: list[bytes] = []
+        new_dirs: list[Path] = []
+        try:
+            for item in batch:
+                file = item.section.file
+                at = planned.get(file, file.size)
+                lines = b"".join(line + b"\n" for line in item.encoded)
+                if at == 0:
+                    if not file.path.parent.is_dir():
+                        new_dirs += disk.makedirs(file.path.parent)
+                    self.descriptors.get(file.path)  # create it now: a failure here stores nothing
+                    new_dirs.append(file.path.parent)
+                    lines = _header_line(item.epoch, item.key) + lines
+                planned[file] = at + len(lines)
+                item.derived = [(file, at, lines)]
+                index_at = -1
+                if item.created:
+                    index = storage.index
+                    index_at = planned.get(index, index.size)
+                    index_bytes = _index_lines(item.created, item.key)
+                    planned[index] = index_at + len(index_bytes)
+                    item.derived.append((index, index_at, index_bytes))
+                    if index_at == 0:
+                        new_dirs.append(index.path.parent)
+                raw = list(map(msgspec.Raw, item.encoded))
+                entries.append(_frame(_encode(JournalEntry(*item.key, item.epoch, at, index_at, raw))))
+        except OSError as error:
+            raise BatchFailed(error, written=False) from None
+        sealed = None
+        try:
+            if self._size >= SEGMENT_BYTES:
+                sealed = self._start_segment()
+        except OSError as error:
+            raise BatchFailed(error, written=True) from None  # the journal directory is in doubt
+        assert self.current is not None and self._fd is not None
+        self.current.new_dirs.update(new_dirs)
+        try:
+            data = b"".join(entries)
+            disk.write(self._fd, data)
+            disk.fdatasync(self._fd)
+        except OSError as error:
+            raise BatchFailed(error, written=True) from None
+        self._size += len(data)
+        # Durable: now the derived files. A failure here loses nothing (the
+        # journal has it) but leaves the file untrusted until it is rebuilt.
+        try:
+            for item in batch:
+                for file, at, data in item.derived:
+                    if file.size != at:
+                        raise OSError(f"{file.path} is at {file.size}, expected {at}")
+                    file.size = at + len(data)  # what the file holds once rebuilt, even if this write fails
+                    self.current.touched.add(file.path)
+                    disk.write(self.descriptors.get(file.path), data)
+        except OSError as error:
+            logger.error("cannot update %s after a durable write (%s); rebuilding it from the journal", file.path, _error_text(error))
+            self.descriptors.forget(file.path)
+            return sealed, f"cannot write {file.path.name}: {_error_text(error)}"
+        return sealed, None
+
+    def _start_segment(self) -> Segment | None:
+        """Open the next segment (its name made durable before anything in it is acknowledged)."""
+        number = self.current.number + 1 if self.current is not None else 1
+        path = self.dir / f"{number:016d}.wal"
+        fd = self.disk.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL)
+        try:
+            self.disk.sync_path(self.dir)
+        except OSError:
+            self.disk.close(fd)
             try:
-                os.close(self._fd)
+                self.disk.unlink(path)
             except OSError:
                 pass
-            self._fd = None
-        try:
-            _truncate_and_sync(self.path, self._size)
-        except OSError as error:
-            logger.warning("cannot cut back the journal yet (%s); it is cut before the next write", error)
+            raise
+        old, old_fd = self.current, self._fd
+        self.current, self._fd, self._size = Segment(number, path), fd, 0
+        if old_fd is not None:
+            self.disk.close(old_fd)
+        return old
 
-    def checkpoint(self) -> None:
-        """Make the files durable on their own, then empty the journal (in the storage thread)."""
-        try:
-            for path in sorted(self._dirty):
-                _sync_path(path)
-            for directory in sorted(self._new_dirs, key=lambda p: len(p.parts), reverse=True):
-                _sync_path(directory)
-            if self._fd is not None:
-                os.ftruncate(self._fd, 0)
-                os.fsync(self._fd)
-        except OSError as error:
-            logger.warning("checkpoint failed (%s); the journal keeps everything until the next one", error)
+    def _batch_failed(self, batch: list[PendingAppend], failure: BatchFailed) -> None:
+        """Nothing of `batch` may be acknowledged, nor anything queued behind it."""
+        self._log_failure(f"storage write failed: {_error_text(failure.error)}")
+        _rewind(batch)
+        if failure.written:
+            # Until the journal is cut back we cannot say it was not stored.
+            self._unresolved = [item for item in batch if not item.outcome.done()]
+            self._unresolved_since = time.monotonic()
+            self._break(_error_text(failure.error), rebuild=False)
+        else:
+            _refuse(batch, StorageError(f"cannot write: {_error_text(failure.error)}"))
+            self._refuse_queued()
+
+    def _break(self, reason: str, *, rebuild: bool) -> None:
+        """Accept nothing until `_recover` has verified the storage again."""
+        if self.broken is None:
+            self.broken = reason
+            if self.metrics is not None:
+                self.metrics.storage_failures.inc()
+        self._rebuild = self._rebuild or rebuild
+        self._refuse_queued()
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+
+    def _log_failure(self, text: str) -> None:
+        # One line per LOG_INTERVAL_S at most: a disk failing every few writes
+        # must not flood the log (or block on a full pipe to it).
+        self._failures_unlogged += 1
+        now = time.monotonic()
+        if now - self._last_logged >= LOG_INTERVAL_S:
+            more = f" ({self._failures_unlogged - 1} similar since the last report)" if self._failures_unlogged > 1 else ""
+            logger.warning("%s%s", text, more)
+            self._last_logged, self._failures_unlogged = now, 0
+
+    def _refuse_queued(self) -> None:
+        # They may build on what failed (the next batch of a section).
+        queued, self._pending = self._pending, []
+        _rewind(queued)
+        _refuse(queued, StorageError("an earlier write failed; nothing was stored"))
+
+    # Recovery -----------------------------------------------------------------------
+
+    async def _recover(self) -> None:
+        """Return the storage to a state verified on disk, then accept writes again."""
+        if self._checkpointer is not None:
+            await asyncio.wait([self._checkpointer])
+        attempt = 0
+        while True:
+            self._report_unknown_outcomes()
+            if self._rebuild:
+                await self.storage.stop_reads()
+            try:
+                await aiofiles.os.wrap(self._restore)()
+            except OSError as error:
+                if attempt == 0:
+                    logger.warning("storage still failing (%s); retrying", _error_text(error))
+                await asyncio.sleep(RETRY_DELAYS_S[min(attempt, len(RETRY_DELAYS_S) - 1)])
+                attempt += 1
+                continue
+            self._log_failure(f"storage recovered after {attempt} retries; accepting writes again")
+            unresolved, self._unresolved = self._unresolved, []
+            _refuse(unresolved, StorageError(f"cannot write: {self.broken}; nothing was stored"))
+            self.broken, self._rebuild = None, False
+            self.storage.readable.set()
             return
-        self._size = 0
-        self._dirty.clear()
-        self._new_dirs.clear()
+
+    def _report_unknown_outcomes(self) -> None:
+        if self._unresolved and time.monotonic() - self._unresolved_since >= OUTCOME_DEADLINE_S:
+            unresolved, self._unresolved = self._unresolved, []
+            for item in unresolved:
+                if not item.outcome.done():
+                    item.outcome.set_exception(OutcomeUnknown("storage failed while writing; the write may or may not be stored"))
+
+    def _restore(self) -> None:
+        """In a worker thread: cut the journal back to what was acknowledged, rebuild what is untrusted."""
+        self._drop_descriptor()
+        assert self.current is not None
+        self.disk.truncate_path(self.current.path, self._size)
+        if self._rebuild:
+            self.descriptors.close_all()
+            self.storage.rebuild_derived([*self.sealed, self.current], sync=True)
+        self._fd = self.disk.open(self.current.path, os.O_WRONLY | os.O_APPEND)
+
+    def _drop_descriptor(self) -> None:
+        # A descriptor whose write or fsync failed is never used again.
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            try:
+                self.disk.close(fd)
+            except OSError:
+                pass
+
+    # Checkpoints ----------------------------------------------------------------------
+
+    def _start_checkpoint(self) -> None:
+        if self._checkpointer is None and self.sealed and self.broken is None:
+            self._checkpointer = asyncio.get_running_loop().create_task(self._checkpoint())
+
+    async def _checkpoint(self) -> None:
+        try:
+            while self.sealed and self.broken is None:
+                segment = self.sealed[0]
+                try:
+                    await aiofiles.os.wrap(self._retire)(segment)
+                except OSError as error:
+                    logger.error("checkpoint failed (%s); rebuilding from the journal", _error_text(error))
+                    self._break(f"checkpoint failed: {_error_text(error)}", rebuild=True)
+                    return
+                self.sealed.remove(segment)
+        finally:
+            self._checkpointer = None
+
+    def _retire(self, segment: Segment) -> None:
+        """In a worker thread: make a segment's effects durable on their own, then delete it."""
+        sync_all(self.disk, segment.touched, segment.new_dirs)
+        self.disk.unlink(segment.path)
+        self.disk.sync_path(self.dir)
+
+    # Lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """In a worker thread, after recovery on open: an empty journal with a fresh segment."""
+        numbers = [int(p.stem) for p in _segments(self.dir)]
+        self.current = Segment(max(numbers, default=0), self.dir / "none")
+        self._start_segment()
+        for number in numbers:
+            self.disk.unlink(self.dir / f"{number:016d}.wal")
+        self.disk.sync_path(self.dir)
 
     async def close(self) -> None:
-        while self._flusher is not None:
+        while self._flusher is not None and self.broken is None:
             await asyncio.wait([self._flusher])
-        await aiofiles.os.wrap(self.checkpoint)()
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        if self._checkpointer is not None:
+            await asyncio.wait([self._checkpointer])
+        if self._flusher is not None:  # still broken: give up on it
+            self._flusher.cancel()
+            await asyncio.wait([self._flusher])
+        _refuse(self._pending + self._unresolved, OutcomeUnknown("storage closed while it was failing"))
+        if self.broken is None and self.current is not None:
+            try:
+                await aiofiles.os.wrap(self._retire_all)()
+            except OSError as error:
+                logger.warning("final checkpoint failed (%s); the journal is replayed on the next start", _error_text(error))
+        self._drop_descriptor()
+        self.descriptors.close_all()
+
+    def _retire_all(self) -> None:
+        for segment in [*self.sealed, self.current]:
+            sync_all(self.disk, segment.touched, segment.new_dirs)
+        self._drop_descriptor()
+        for segment in [*self.sealed, self.current]:
+            self.disk.unlink(segment.path)
+        self.disk.sync_path(self.dir)
+        self.sealed, self.current = [], None
 
 
-def _roll_back(done: list[tuple[LogFile, int]]) -> None:
-    for file, size in reversed(done):
-        file.rollback(size)
+def sync_all(disk: Disk, files: set[Path], directories: set[Path]) -> None:
+    for path in sorted(files):
+        disk.sync_path(path)
+    for directory in sorted(directories, key=lambda p: len(p.parts), reverse=True):
+        disk.sync_path(directory)
 
 
-async def _read_lines(path: Path) -> tuple[list[bytes], int, bytes]:
-    """The complete lines of a file, the size they span, and any torn tail."""
+def _segments(directory: Path) -> list[Path]:
     try:
-        async with aiofiles.open(path, "rb") as file:
-            content = await file.read()
+        return sorted(p for p in directory.iterdir() if p.suffix == ".wal")
     except FileNotFoundError:
-        return [], 0, b""
-    end = content.rfind(b"\n") + 1
-    return content[:end].splitlines(), end, content[end:]
+        return []
+
+
+def _rewind(items: list[PendingAppend]) -> None:
+    for item in items:
+        item.section.next_offset = item.section.durable_offset + 1
+
+
+def _refuse(items: list[PendingAppend], error: Exception) -> None:
+    for item in items:
+        if not item.outcome.done():
+            item.outcome.set_exception(error)
 
 
 class FileStorage:
-    """Sections and sessions in append-only files under one data directory."""
+    """Sections and sessions in files under one data directory."""
 
     shared = False  # the data dir is locked to one process
     pipelined = True  # appends are written in order, and a failure fails every later one
 
-    def __init__(self, data_dir: str | os.PathLike[str], metrics: Metrics | None = None, *, read_only: bool = False):
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str],
+        metrics: Metrics | None = None,
+        *,
+        read_only: bool = False,
+        disk: Disk | None = None,
+    ):
         self.root = Path(data_dir)
         self.metrics = metrics
+        self.disk = disk or Disk()
         # Read-only (export): no lock, no repairs, so it can read beside a running server.
         self.read_only = read_only
         self._sections_dir = self.root / "sections"
         self._lock_fd: int | None = None
-        self._journal = Journal(self.root / JOURNAL_NAME, metrics)
-        self._index: LogFile | None = None
+        self.journal = Journal(self)
+        self.index = DerivedFile(self.root / INDEX_NAME, 0)
         self._session_sections: dict[str, SectionKey] = {}
         self._document_sections: dict[str, dict[SectionKey, None]] = {}
-        self._files: OrderedDict[SectionKey, LogFile] = OrderedDict()
-        self._next_offset: dict[SectionKey, int] = {}  # of each loaded section, counting appends in flight
+        self._loaded: dict[SectionKey, LoadedSection] = {}
+        self.readable = asyncio.Event()  # cleared while derived files are being rebuilt
+        self.readable.set()
+        self._readers = 0
+        self._no_readers = asyncio.Event()
+        self._no_readers.set()
+
+    def _run(self, function, *args):
+        return aiofiles.os.wrap(function)(*args)
 
     # Lifecycle --------------------------------------------------------------
 
@@ -336,99 +612,189 @@ class FileStorage:
             await self._load_index()
             return
         try:
-            await aiofiles.os.makedirs(self._sections_dir, exist_ok=True)
-            self._lock_fd = os.open(self.root / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+            await self._run(self.disk.makedirs, self._sections_dir)
+            self._lock_fd = await self._run(self.disk.open, self.root / "LOCK", os.O_RDWR | os.O_CREAT)
         except OSError as error:
-            raise StorageError(f"data dir {self.root} is not writable: {error.strerror or error}") from None
+            raise StorageError(f"data dir {self.root} is not writable: {_error_text(error)}") from None
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self._lock_fd)
             self._lock_fd = None
             raise StorageError(f"data dir {self.root} is in use by another sectionchat server") from None
-        await self.check()
-        await self._load_index()
         try:
-            self._journal.open()
-            await self._replay_journal()
+            await self._run(self._recover_on_open)
         except OSError as error:
-            raise StorageError(f"cannot recover the journal: {error.strerror or error}") from None
+            await self.close()
+            raise StorageError(f"cannot recover the data dir {self.root}: {_error_text(error)}") from None
+        await self._load_index()
+
+    def _recover_on_open(self) -> None:
+        """In a worker thread: bring the derived files up to the journal, make them durable, empty the journal."""
+        disk = self.disk
+        journal_dir, legacy = self.root / JOURNAL_DIR, self.root / "journal.v1"
+        if journal_dir.is_file():  # format 1: one journal file where the segments' directory goes now
+            disk.rename(journal_dir, legacy)
+            disk.sync_path(self.root)
+        if legacy.exists():
+            self._migrate_v1(legacy)
+        if not journal_dir.is_dir():
+            sync_all(disk, set(), set(disk.makedirs(journal_dir)))
+        segments = [Segment(int(p.stem), p) for p in _segments(self.root / JOURNAL_DIR)]
+        self.rebuild_derived(segments, sync=True)
+        self.journal.start()
+        format_path = self.root / "FORMAT"
+        if not format_path.exists() or format_path.read_bytes() != FORMAT:
+            disk.write_atomically(format_path, FORMAT)
+
+    def rebuild_derived(self, segments: list[Segment], *, sync: bool) -> None:
+        """In a worker thread: rewrite every derived file the journal covers from where its first entry starts.
+
+        The journal is cut at its first torn or damaged entry (nothing after it
+        was acknowledged). With `sync`, the rebuilt files and their directories
+        are fsynced, so the journal may then be deleted.
+        """
+        disk = self.disk
+        writes: dict[Path, tuple[int, list[bytes]]] = {}
+        sections: dict[Path, int] = {}  # section files rebuilt, and where they now end
+        for number, segment in enumerate(segments):
+            content = disk.read_file(segment.path)
+            good = 0
+            for line in content.splitlines(keepends=True):
+                payload = _unframe(line[:-1]) if line.endswith(b"\n") else None
+                entry = None
+                if payload is not None:
+                    try:
+                        entry = _decode_entry(payload)
+                    except msgspec.MsgspecError:
+                        entry = None
+                if entry is None:
+                    break
+                good += len(line)
+                key = SectionKey(entry.document_id, entry.section_id)
+                path = self._section_path(key)
+                lines = b"".join(bytes(raw) + b"\n" for raw in entry.records)
+                if entry.section_at == 0:
+                    lines = _header_line(entry.epoch, key) + lines
+                _plan_write(writes, path, entry.section_at, lines)
+                sections[path] = entry.section_at + len(lines)
+                if entry.index_at >= 0:
+                    created = _created([_decode_record(bytes(raw)) for raw in entry.records])
+                    _plan_write(writes, self.index.path, entry.index_at, _index_lines(created, key))
+            if good < len(content):
+                logger.warning("cutting %d bytes of unacknowledged writes from the journal", len(content) - good)
+                disk.truncate_path(segment.path, good)
+                for later in segments[number + 1 :]:
+                    disk.truncate_path(later.path, 0)
+                break
+        new_dirs: set[Path] = set()
+        for path, (at, chunks) in writes.items():
+            if not path.parent.is_dir():
+                new_dirs.update(disk.makedirs(path.parent))
+            new_dirs.add(path.parent)
+            fd = disk.open(path, os.O_WRONLY | os.O_CREAT)
+            try:
+                size = disk.size(fd)
+                if size < at:
+                    raise OSError(f"{path} ends at {size} but the journal continues it at {at}: data was lost")
+                if size > at:
+                    disk.ftruncate(fd, at)
+                disk.close(fd)
+                fd = disk.open(path, os.O_WRONLY | os.O_APPEND)
+                disk.write(fd, b"".join(chunks))
+                if sync:
+                    disk.fsync(fd)
+            finally:
+                disk.close(fd)
+        if sync:
+            sync_all(disk, set(), new_dirs)
+        if writes:
+            logger.info("rebuilt %d files from the journal", len(writes))
+        # What is in memory follows the files.
+        for loaded in self._loaded.values():
+            if loaded.file.path in sections:
+                loaded.file.size = sections[loaded.file.path]
+        if self.index.path in writes:
+            at, chunks = writes[self.index.path]
+            self.index.size = at + sum(map(len, chunks))
+
+    def _migrate_v1(self, legacy: Path) -> None:
+        """Format 1 kept one `journal` file of records not yet checkpointed: put them into the files."""
+        disk = self.disk
+        touched: set[Path] = set()
+        index = self._read_index_sync()
+        for line in disk.read_file(legacy).splitlines():
+            try:
+                entry = _decode_legacy_entry(line)
+            except msgspec.MsgspecError:
+                continue  # a torn last entry was never acknowledged
+            key = SectionKey(entry.document_id, entry.section_id)
+            path = self._section_path(key)
+            epoch, records, size, _ = self._parse_section(key, _read_or_empty(disk, path))
+            missing = [r for r in entry.records if r.offset > len(records)]
+            if missing and missing[0].offset == len(records) + 1:
+                lines = b"".join(_encode(r) + b"\n" for r in missing)
+                if epoch is None:
+                    lines = _header_line(entry.epoch, key) + lines
+                if not path.parent.is_dir():
+                    disk.makedirs(path.parent)
+                _append(disk, path, size, lines)
+                touched.add(path)
+            unindexed = [sid for sid in _created(entry.records) if sid not in index]
+            if unindexed:
+                _append(disk, self.index.path, None, _index_lines(unindexed, key))
+                index.update(dict.fromkeys(unindexed, key))
+                touched.add(self.index.path)
+        sync_all(disk, touched, {p.parent for p in touched} | {self._sections_dir})
+        disk.unlink(legacy)
+        disk.sync_path(self.root)
+        logger.warning("migrated the data dir to format 2 (%d files completed from the old journal)", len(touched))
 
     async def check(self) -> None:
-        """Raise StorageError unless a file can be written and synced in the data dir now."""
-        probe = self.root / f".probe-{os.getpid()}"
+        """Raise StorageError unless writes can be acknowledged now (a probe write and fdatasync)."""
+        if self.journal.broken is not None:
+            raise StorageError(f"storage cannot acknowledge writes: {self.journal.broken}")
         try:
-            async with aiofiles.open(probe, "wb") as file:
-                await file.write(b"ok")
-                await file.flush()
-                await aiofiles.os.wrap(os.fsync)(file.fileno())
-            await aiofiles.os.remove(probe)
+            await self._run(self._probe)
         except OSError as error:
-            raise StorageError(f"data dir {self.root} is not writable: {error.strerror or error}") from None
+            raise StorageError(f"data dir {self.root} is not writable: {_error_text(error)}") from None
+
+    def _probe(self) -> None:
+        path = self.root / ".probe"
+        fd = self.disk.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        try:
+            self.disk.write(fd, b"ok")
+            self.disk.fdatasync(fd)
+        finally:
+            self.disk.close(fd)
+        self.disk.unlink(path)
 
     async def _load_index(self) -> None:
-        path = self.root / INDEX_NAME
-        lines, size, tail = await _read_lines(path)
-        for number, line in enumerate(lines, 1):
+        index = await self._run(self._read_index_sync)
+        for session_id, key in index.items():
+            self._remember_session(session_id, key)
+
+    def _read_index_sync(self) -> dict[str, SectionKey]:
+        path = self.index.path
+        content = _read_or_empty(self.disk, path)
+        end = content.rfind(b"\n") + 1
+        index: dict[str, SectionKey] = {}
+        for number, line in enumerate(content[:end].splitlines(), 1):
             try:
                 session_id, document_id, section_id = _decode_index_line(line)
             except msgspec.MsgspecError:
                 logger.warning("skipping unreadable line %d of %s", number, path)
                 continue
-            self._remember_session(session_id, SectionKey(document_id, section_id))
-        if self.read_only:
-            return
-        if tail:
-            logger.warning("cutting a torn tail of %d bytes from %s", len(tail), path)
-            await truncate_and_sync(path, size)
-        self._index = LogFile(path, size)
-
-    async def _replay_journal(self) -> None:
-        """Put back into the files whatever the journal holds that they lost in a crash."""
-        lines, _, _ = await _read_lines(self._journal.path)
-        journaled: dict[SectionKey, tuple[str, list[StoredRecord]]] = {}
-        for line in lines:
-            try:
-                entry = _decode_entry(line)
-            except msgspec.MsgspecError:
-                continue  # a torn last entry was never acknowledged
-            key = SectionKey(entry.document_id, entry.section_id)
-            journaled.setdefault(key, (entry.epoch, []))[1].extend(entry.records)
-        restored = 0
-        for key, (epoch, records) in journaled.items():
-            log = await self.load_section(key)
-            missing = [r for r in records if r.offset > len(log.records)]
-            if missing and missing[0].offset != len(log.records) + 1:
-                # Records older than the last checkpoint are gone too: nothing to append them after.
-                logger.error("section %s lost records from before the last checkpoint; keeping what is left", key)
-                missing = []
-            writes = self._writes(key, epoch, missing, [_encode(r) for r in missing]) if missing else []
-            unindexed = [
-                r.session.session_id
-                for r in records
-                if isinstance(r, SessionCreatedRecord) and r not in missing and r.session.session_id not in self._session_sections
-            ]
-            if unindexed:
-                assert self._index is not None
-                writes.append((self._index, b"".join(_encode((sid, *key)) + b"\n" for sid in unindexed)))
-            if writes:
-                await aiofiles.os.wrap(self._journal.restore)(writes)
-                restored += len(missing) + len(unindexed)
-                for record in records:
-                    if isinstance(record, SessionCreatedRecord):
-                        self._remember_session(record.session.session_id, key)
-            await self.release(key)
-        if restored:
-            logger.warning("restored %d records and index lines from the journal", restored)
-        await aiofiles.os.wrap(self._journal.checkpoint)()
+            index[session_id] = SectionKey(document_id, section_id)
+        if end < len(content) and not self.read_only:
+            logger.warning("cutting a torn tail of %d bytes from %s", len(content) - end, path)
+            self.disk.truncate_path(path, end)
+        self.index.size = end
+        return index
 
     async def close(self) -> None:
-        await self._journal.close()
-        for file in self._files.values():
-            file.close()
-        self._files.clear()
-        if self._index is not None:
-            self._index.close()
+        if not self.read_only and self._lock_fd is not None:
+            await self.journal.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -438,35 +804,55 @@ class FileStorage:
     def _section_path(self, key: SectionKey) -> Path:
         return self._sections_dir / _name(key.document_id) / f"{_name(key.section_id)}.log"
 
-    async def load_section(self, key: SectionKey) -> SectionLog:
-        path = self._section_path(key)
-        epoch, records, size, tail = await self._read_section(key)
-        if tail:
-            logger.warning("cutting a torn tail of %d bytes from %s", len(tail), path)
+    async def stop_reads(self) -> None:
+        """Hold new reads of derived files and wait for those under way (they are about to be rebuilt)."""
+        self.readable.clear()
+        await self._no_readers.wait()
+
+    async def _read(self, function, *args):
+        """Run a read of derived files in a worker thread, never while they are being rebuilt."""
+        if not self.readable.is_set():
             try:
-                await truncate_and_sync(path, size)
-            except OSError as error:
-                raise StorageError(f"cannot repair section: {error.strerror or error}") from None
-        await self.release(key)
-        self._files[key] = LogFile(path, size, has_header=epoch is not None)
-        self._next_offset[key] = len(records) + 1
-        await self._close_least_used_files()
+                await asyncio.wait_for(self.readable.wait(), OUTCOME_DEADLINE_S)
+            except TimeoutError:
+                raise StorageError(f"storage is recovering ({self.journal.broken})") from None
+        self._readers += 1
+        self._no_readers.clear()
+        try:
+            return await self._run(function, *args)
+        except OSError as error:
+            raise StorageError(f"cannot read section: {_error_text(error)}") from None
+        finally:
+            self._readers -= 1
+            if not self._readers:
+                self._no_readers.set()
+
+    async def load_section(self, key: SectionKey) -> SectionLog:
+        epoch, records, size = await self._read(self._load_section_sync, key)
+        self._loaded[key] = LoadedSection(DerivedFile(self._section_path(key), size), len(records))
         return SectionLog(epoch, records)
 
+    def _load_section_sync(self, key: SectionKey) -> tuple[str | None, list[StoredRecord], int]:
+        path = self._section_path(key)
+        content = _read_or_empty(self.disk, path)
+        epoch, records, size, torn = self._parse_section(key, content)
+        if torn and not self.read_only:
+            logger.warning("cutting a torn tail of %d bytes from %s", torn, path)
+            self.disk.truncate_path(path, size)
+        return epoch, records, size
+
     async def read_after(self, key: SectionKey, offset: int) -> SectionLog:
-        epoch, records, _, _ = await self._read_section(key)
+        content = await self._read(_read_or_empty, self.disk, self._section_path(key))
+        epoch, records, _, _ = self._parse_section(key, content)
         return SectionLog(epoch, records[offset:])
 
-    async def _read_section(self, key: SectionKey) -> tuple[str | None, list[StoredRecord], int, bytes]:
-        """The section's epoch and valid records, the size they span, and any torn tail."""
+    def _parse_section(self, key: SectionKey, content: bytes) -> tuple[str | None, list[StoredRecord], int, int]:
+        """The section's epoch and valid records, the size their lines span, and the size of a torn tail."""
         path = self._section_path(key)
-        try:
-            lines, size, tail = await _read_lines(path)
-        except OSError as error:
-            raise StorageError(f"cannot read section: {error.strerror or error}") from None
+        end = content.rfind(b"\n") + 1
         epoch: str | None = None
         records: list[StoredRecord] = []
-        for number, line in enumerate(lines, 1):
+        for number, line in enumerate(content[:end].splitlines(), 1):
             try:
                 item = _decode_line(line)
             except msgspec.MsgspecError:
@@ -480,52 +866,28 @@ class FileStorage:
                 logger.warning("skipping line %d of %s: offset %d out of order", number, path, item.offset)
             else:
                 records.append(item)
-        return epoch, records, size, tail
+        return epoch, records, end, len(content) - end
 
     async def append(self, key: SectionKey, epoch: str, records: list[StoredRecord]) -> None:
-        if key not in self._files:
+        section = self._loaded.get(key)
+        if section is None:
             # Appending to a section that was not loaded would skip the checks
             # that load_section makes; the chat logic always loads first.
             raise StorageError("section is not loaded")
-        if records[0].offset != self._next_offset[key]:
+        if records[0].offset != section.next_offset:
             # Built on an append that failed after this one was decided.
             raise StorageError("an earlier write to this section failed; nothing was stored")
-        self._next_offset[key] = records[-1].offset + 1
-        self._files.move_to_end(key)
-        encoded = [_encode(record) for record in records]
-        writes = self._writes(key, epoch, records, encoded)
-        # The journal entry embeds the records as already encoded: each is encoded once.
-        entry = _encode(JournalEntry(key.document_id, key.section_id, epoch, list(map(msgspec.Raw, encoded)))) + b"\n"
-        try:
-            await self._journal.commit(entry, writes)
-        except StorageError:
-            self._next_offset[key] = min(self._next_offset[key], records[0].offset)
-            raise
-        for record in records:
-            if isinstance(record, SessionCreatedRecord):
-                self._remember_session(record.session.session_id, key)
-
-    def _writes(
-        self, key: SectionKey, epoch: str, records: list[StoredRecord], encoded: list[bytes]
-    ) -> list[tuple[LogFile, bytes]]:
-        """What appending `records` (and `encoded`, the same encoded) writes to the section file and the index."""
-        file = self._files[key]
-        lines = [line + b"\n" for line in encoded]
-        if not file.has_header:
-            if not file.path.parent.is_dir():
-                file.path.parent.mkdir(parents=True, exist_ok=True)
-                self._journal.created(file.path.parent)
-            self._journal.created(file.path)
-            lines.insert(0, _encode(SectionHeader(epoch, *key)) + b"\n")
-            file.has_header, file.header_at = True, file.size  # undone if this write is rolled back
-        writes = [(file, b"".join(lines))]
-        created = [r.session.session_id for r in records if isinstance(r, SessionCreatedRecord)]
-        if created:
-            assert self._index is not None, "storage is not open"
-            if self._index.size == 0:
-                self._journal.created(self._index.path)
-            writes.append((self._index, b"".join(_encode((sid, *key)) + b"\n" for sid in created)))
-        return writes
+        if self.journal.broken is not None:
+            raise StorageError(f"storage is recovering ({self.journal.broken}); nothing was stored")
+        section.next_offset = records[-1].offset + 1
+        created = _created(records)
+        item = PendingAppend(
+            key, epoch, section, [_encode(r) for r in records], created, records[-1].offset,
+            asyncio.get_running_loop().create_future(),
+        )
+        await self.journal.commit(item)
+        for session_id in created:
+            self._remember_session(session_id, key)
 
     def _remember_session(self, session_id: str, key: SectionKey) -> None:
         self._session_sections[session_id] = key
@@ -538,12 +900,34 @@ class FileStorage:
         return list(self._document_sections.get(document_id, ()))
 
     async def release(self, key: SectionKey) -> None:
-        self._next_offset.pop(key, None)
-        file = self._files.pop(key, None)
-        if file is not None:
-            file.close()
+        self._loaded.pop(key, None)
 
-    async def _close_least_used_files(self) -> None:
-        # Keeps descriptors bounded; a closed LogFile reopens on its next write.
-        for file in list(self._files.values())[: max(0, len(self._files) - MAX_OPEN_FILES)]:
-            file.close()
+
+def _plan_write(writes: dict[Path, tuple[int, list[bytes]]], path: Path, at: int, data: bytes) -> None:
+    planned = writes.get(path)
+    if planned is None:
+        writes[path] = (at, [data])
+        return
+    start, chunks = planned
+    end = start + sum(map(len, chunks))
+    if at != end:
+        raise OSError(f"the journal puts bytes at {at} of {path}, expected {end}")
+    chunks.append(data)
+
+
+def _read_or_empty(disk: Disk, path: Path) -> bytes:
+    try:
+        return disk.read_file(path)
+    except FileNotFoundError:
+        return b""
+
+
+def _append(disk: Disk, path: Path, size: int | None, data: bytes) -> None:
+    """Append `data` to `path`, first cutting it back to `size` (a torn tail) when given."""
+    fd = disk.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        if size is not None and disk.size(fd) > size:
+            disk.ftruncate(fd, size)
+        disk.write(fd, data)
+    finally:
+        disk.close(fd)
