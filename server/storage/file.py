@@ -258,6 +258,10 @@ class Journal:
         self._unresolved_since = 0.0
         self._last_logged = -LOG_INTERVAL_S
         self._failures_unlogged = 0
+        # Tests shorten these.
+        self.outcome_deadline_s = OUTCOME_DEADLINE_S
+        self.retry_delays_s = RETRY_DELAYS_S
+        self.segment_bytes = SEGMENT_BYTES
 
     # The write path ---------------------------------------------------------------
 
@@ -277,7 +281,7 @@ class Journal:
                 batch, self._pending = self._pending, []
                 started = time.perf_counter()
                 try:
-                    sealed, derived_error = await aiofiles.os.wrap(self._write_batch)(batch)
+                    derived_error = await aiofiles.os.wrap(self._write_batch)(batch)
                 except BatchFailed as failure:
                     self._batch_failed(batch, failure)
                     continue
@@ -291,20 +295,17 @@ class Journal:
                     item.section.durable_offset = item.last_offset
                     if not item.outcome.done():
                         item.outcome.set_result(None)
-                if sealed is not None:
-                    self.sealed.append(sealed)
-                    self._start_checkpoint()
+                self._start_checkpoint()
                 if self.metrics is not None:
                     self.metrics.storage_write_seconds.observe(time.perf_counter() - started)
                     self.metrics.fsync_batch_size.observe(len(batch))
         finally:
             self._flusher = None
 
-    def _write_batch(self, batch: list[PendingAppend]) -> tuple[Segment | None, str | None]:
+    def _write_batch(self, batch: list[PendingAppend]) -> str | None:
         """In a worker thread: the journal entry, its fdatasync, then the derived files.
 
-        Returns the segment it sealed, if it started a new one, and why a
-        derived file is no longer trusted, if one failed.
+        Returns why a derived file is no longer trusted, if one failed.
         """
         disk, storage = self.disk, self.storage
         planned: dict[DerivedFile, int] = {}  # where the next bytes of each file go
@@ -316,10 +317,11 @@ class Journal:
                 at = planned.get(file, file.size)
                 lines = b"".join(line + b"\n" for line in item.encoded)
                 if at == 0:
-                    if not file.path.parent.is_dir():
-                        new_dirs += disk.makedirs(file.path.parent)
+                    # The file and its directory may be new (or left by a failed batch): their
+                    # entries are synced by the checkpoint that retires this segment.
+                    new_dirs += [file.path.parent, file.path.parent.parent]
+                    disk.makedirs(file.path.parent)
                     self.descriptors.get(file.path)  # create it now: a failure here stores nothing
-                    new_dirs.append(file.path.parent)
                     lines = _header_line(item.epoch, item.key) + lines
                 planned[file] = at + len(lines)
                 item.derived = [(file, at, lines)]
@@ -336,10 +338,9 @@ class Journal:
                 entries.append(_frame(_encode(JournalEntry(*item.key, item.epoch, at, index_at, raw))))
         except OSError as error:
             raise BatchFailed(error, written=False) from None
-        sealed = None
         try:
-            if self._size >= SEGMENT_BYTES:
-                sealed = self._start_segment()
+            if self._size >= self.segment_bytes:
+                self._start_segment()
         except OSError as error:
             raise BatchFailed(error, written=True) from None  # the journal directory is in doubt
         assert self.current is not None and self._fd is not None
@@ -364,14 +365,21 @@ class Journal:
         except OSError as error:
             logger.error("cannot update %s after a durable write (%s); rebuilding it from the journal", file.path, _error_text(error))
             self.descriptors.forget(file.path)
-            return sealed, f"cannot write {file.path.name}: {_error_text(error)}"
-        return sealed, None
+            return f"cannot write {file.path.name}: {_error_text(error)}"
+        return None
 
-    def _start_segment(self) -> Segment | None:
-        """Open the next segment (its name made durable before anything in it is acknowledged)."""
-        number = self.current.number + 1 if self.current is not None else 1
+    def _start_segment(self, number: int | None = None) -> None:
+        """Open the next segment (its name made durable before anything in it is acknowledged).
+
+        The full one joins `sealed` at once, whatever happens to the batch that
+        started the new one: a segment left out would be replayed out of order.
+        """
+        if number is None:
+            assert self.current is not None
+            number = self.current.number + 1
         path = self.dir / f"{number:016d}.wal"
-        fd = self.disk.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL)
+        # O_TRUNC: a file by that name can only be left by a rotation that failed before using it.
+        fd = self.disk.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC)
         try:
             self.disk.sync_path(self.dir)
         except OSError:
@@ -383,9 +391,10 @@ class Journal:
             raise
         old, old_fd = self.current, self._fd
         self.current, self._fd, self._size = Segment(number, path), fd, 0
+        if old is not None:
+            self.sealed.append(old)
         if old_fd is not None:
             self.disk.close(old_fd)
-        return old
 
     def _batch_failed(self, batch: list[PendingAppend], failure: BatchFailed) -> None:
         """Nothing of `batch` may be acknowledged, nor anything queued behind it."""
@@ -443,7 +452,7 @@ class Journal:
             except OSError as error:
                 if attempt == 0:
                     logger.warning("storage still failing (%s); retrying", _error_text(error))
-                await asyncio.sleep(RETRY_DELAYS_S[min(attempt, len(RETRY_DELAYS_S) - 1)])
+                await asyncio.sleep(self.retry_delays_s[min(attempt, len(self.retry_delays_s) - 1)])
                 attempt += 1
                 continue
             self._log_failure(f"storage recovered after {attempt} retries; accepting writes again")
@@ -454,7 +463,7 @@ class Journal:
             return
 
     def _report_unknown_outcomes(self) -> None:
-        if self._unresolved and time.monotonic() - self._unresolved_since >= OUTCOME_DEADLINE_S:
+        if self._unresolved and time.monotonic() - self._unresolved_since >= self.outcome_deadline_s:
             unresolved, self._unresolved = self._unresolved, []
             for item in unresolved:
                 if not item.outcome.done():
@@ -510,11 +519,18 @@ class Journal:
     def start(self) -> None:
         """In a worker thread, after recovery on open: an empty journal with a fresh segment."""
         numbers = [int(p.stem) for p in _segments(self.dir)]
-        self.current = Segment(max(numbers, default=0), self.dir / "none")
-        self._start_segment()
+        self._start_segment(max(numbers, default=0) + 1)
         for number in numbers:
             self.disk.unlink(self.dir / f"{number:016d}.wal")
         self.disk.sync_path(self.dir)
+
+    def abandon(self) -> None:
+        """Stop at once without writing anything more, as a kill -9 would (for tests)."""
+        for task in (self._flusher, self._checkpointer):
+            if task is not None:
+                task.cancel()
+        self._drop_descriptor()
+        self.descriptors.close_all()
 
     async def close(self) -> None:
         while self._flusher is not None and self.broken is None:
@@ -624,10 +640,10 @@ class FileStorage:
             raise StorageError(f"data dir {self.root} is in use by another sectionchat server") from None
         try:
             await self._run(self._recover_on_open)
+            await self._load_index()
         except OSError as error:
             await self.close()
             raise StorageError(f"cannot recover the data dir {self.root}: {_error_text(error)}") from None
-        await self._load_index()
 
     def _recover_on_open(self) -> None:
         """In a worker thread: bring the derived files up to the journal, make them durable, empty the journal."""
@@ -689,9 +705,8 @@ class FileStorage:
                 break
         new_dirs: set[Path] = set()
         for path, (at, chunks) in writes.items():
-            if not path.parent.is_dir():
-                new_dirs.update(disk.makedirs(path.parent))
-            new_dirs.add(path.parent)
+            disk.makedirs(path.parent)
+            new_dirs.update((path.parent, path.parent.parent))
             fd = disk.open(path, os.O_WRONLY | os.O_CREAT)
             try:
                 size = disk.size(fd)
@@ -813,7 +828,7 @@ class FileStorage:
         """Run a read of derived files in a worker thread, never while they are being rebuilt."""
         if not self.readable.is_set():
             try:
-                await asyncio.wait_for(self.readable.wait(), OUTCOME_DEADLINE_S)
+                await asyncio.wait_for(self.readable.wait(), self.journal.outcome_deadline_s)
             except TimeoutError:
                 raise StorageError(f"storage is recovering ({self.journal.broken})") from None
         self._readers += 1

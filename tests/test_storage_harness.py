@@ -1,0 +1,391 @@
+"""The file storage under injected faults and power cuts, the way SQLite tests itself.
+
+A workload of concurrent session creates and messages in three sections runs
+through the chat logic (no sockets) on a SimulatedDisk (tests/faultdisk.py),
+which every file call of the storage goes through:
+
+(a) the Nth call fails, for every N the workload makes (opening the storage
+    included), with EIO and with ENOSPC, once and persistently; the storage
+    must recover by itself once the fault clears, then close and reopen;
+(b) the power is cut after every prefix of the calls: the data dir keeps only
+    what was synced, or that plus a random subset of the unsynced writes;
+(c) the power is cut again during, and right after, the recovery from (b).
+
+After every case the data dir is opened with a plain Disk and checked
+(`check`): every acknowledged session and message is there exactly once,
+nothing refused is, a write whose outcome was reported unknown is there at
+most once, seqs and offsets are gapless, every event a subscriber saw live is
+stored at its offset under the epoch it saw (no offset reused), and the
+storage accepts writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import random
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+import pytest
+from faultdisk import SimulatedDisk
+
+from protocol import JSON
+from protocol.messages import CreateSession, SendMessage, Subscribe
+from server.chat import Chat
+from server.storage.base import MessageRecord, SectionKey, SessionCreatedRecord, StorageError
+from server.storage.disk import Disk
+from server.storage.file import FileStorage, _decode_line
+
+SECTIONS = [SectionKey("doc", f"s{n}") for n in range(3)]
+CLIENTS_PER_SECTION = 2
+MESSAGES_PER_CLIENT = 3
+SEGMENT_SIZES = (2048, 1 << 20)
+SCRATCH = Path("/dev/shm") if os.path.isdir("/dev/shm") else None  # fsync is free there; the model decides durability
+
+
+class Peer:
+    codec = JSON
+    documents = None
+
+    def __init__(self, user: str):
+        self.user = user
+        self.connection_id = user
+        self.frames: list[dict] = []
+        self.closed: int | None = None
+
+    def send(self, data: bytes) -> None:
+        self.frames.append(msgspec.json.decode(data))
+
+    def close(self, code: int, reason: str) -> None:
+        self.closed = code
+
+    def reply_to(self, request_id: int) -> dict | None:
+        return next((f for f in reversed(self.frames) if f.get("reply_to") == request_id), None)
+
+
+@dataclass
+class Outcomes:
+    """What clients were told: by title (sessions) and client_msg_id (messages)."""
+
+    sessions: dict[str, str] = field(default_factory=dict)  # title -> "acked" | "refused" | "unknown"
+    session_ids: dict[str, str] = field(default_factory=dict)  # title -> id, when acked
+    messages: dict[str, str] = field(default_factory=dict)
+    acked_messages: dict[str, dict] = field(default_factory=dict)
+    events: dict[SectionKey, dict[int, dict]] = field(default_factory=dict)  # live events by offset
+    epochs: dict[SectionKey, str] = field(default_factory=dict)
+
+
+def _outcome(peer: Peer, request_id: int) -> tuple[str, dict | None]:
+    frame = peer.reply_to(request_id)
+    if frame is None:
+        assert peer.closed == 1011, "a write got neither a reply nor a 1011"
+        return "unknown", None
+    if frame["type"] == "error":
+        assert frame["code"] == "unavailable", frame
+        return "refused", None
+    return "acked", frame
+
+
+async def workload(storage: FileStorage, outcomes: Outcomes, tag: str) -> None:
+    chat = Chat(storage, sessions_per_minute=0)
+    watchers: dict[SectionKey, Peer] = {}
+    for key in SECTIONS:
+        watcher = Peer(f"watch-{key.section_id}")
+        await chat.handle(watcher, Subscribe(id=0, document_id=key.document_id, section_id=key.section_id))
+        reply = watcher.reply_to(0)
+        if reply is not None and reply["type"] == "subscribed":
+            watchers[key] = watcher
+            assert outcomes.epochs.setdefault(key, reply["epoch"]) == reply["epoch"] or not outcomes.events.get(key)
+            outcomes.epochs[key] = reply["epoch"]
+
+    async def client(key: SectionKey, n: int) -> None:
+        peer = Peer(f"{tag}-u{n}")
+        title = f"{tag}-{key.section_id}-{n}"
+        await chat.handle(peer, CreateSession(id=1, document_id=key.document_id, section_id=key.section_id, title=title))
+        outcomes.sessions[title], reply = _outcome(peer, 1)
+        if reply is None:
+            return
+        session_id = outcomes.session_ids[title] = reply["session"]["session_id"]
+        for m in range(MESSAGES_PER_CLIENT):
+            cmid = f"{title}-{m}"
+            await chat.handle(peer, SendMessage(id=2 + m, session_id=session_id, text=f"text {cmid}", client_msg_id=cmid))
+            outcomes.messages[cmid], reply = _outcome(peer, 2 + m)
+            if reply is not None:
+                outcomes.acked_messages[cmid] = reply["message"]
+
+    await asyncio.gather(*(client(key, n) for key in SECTIONS for n in range(CLIENTS_PER_SECTION)))
+    await chat.drain()
+    for key, watcher in watchers.items():
+        seen = outcomes.events.setdefault(key, {})
+        live = [frame for frame in watcher.frames if "offset" in frame and frame["type"] != "subscribed"]
+        first = watcher.reply_to(0)["offset"] + 1
+        assert [frame["offset"] for frame in live] == list(range(first, first + len(live))), "a gap in the live stream"
+        for frame in live:
+            assert seen.setdefault(frame["offset"], frame) == frame, "an offset was reused"
+
+
+def _fast(storage: FileStorage, segment_bytes: int) -> FileStorage:
+    storage.journal.outcome_deadline_s = 0.05
+    storage.journal.retry_delays_s = (0.001,)
+    # Small: segments fill up and are checkpointed during the workload. Large: the journal keeps everything.
+    storage.journal.segment_bytes = segment_bytes
+    return storage
+
+
+async def crash(storage: FileStorage) -> None:
+    """kill -9: nothing more is written; what the page cache has stays (the real files)."""
+    storage.journal.abandon()
+    await asyncio.sleep(0)  # let the cancelled tasks end
+    os.close(storage._lock_fd)
+    storage._lock_fd = None
+
+
+async def check(root: Path, outcomes: Outcomes) -> None:
+    """Open `root` with a plain Disk and check every invariant; then it must accept writes."""
+    storage = FileStorage(root)
+    await storage.open()
+    try:
+        titles: Counter[str] = Counter()
+        messages: dict[str, dict] = {}
+        duplicates: Counter[str] = Counter()
+        for key in SECTIONS:
+            log = await storage.load_section(key)
+            assert [r.offset for r in log.records] == list(range(1, len(log.records) + 1)), "offsets not gapless"
+            _check_file_is_clean(storage, key, len(log.records))
+            seqs: dict[str, int] = {}
+            for record in log.records:
+                if isinstance(record, SessionCreatedRecord):
+                    titles[record.session.title] += 1
+                    seqs[record.session.session_id] = 0
+                    assert await storage.find_section(record.session.session_id) == key
+                elif isinstance(record, MessageRecord):
+                    message = record.message
+                    seqs[message.session_id] += 1
+                    assert message.seq == seqs[message.session_id], "seqs not gapless"
+                    duplicates[message.client_msg_id] += 1
+                    messages[message.client_msg_id] = msgspec.to_builtins(message)
+            seen = outcomes.events.get(key, {})
+            if seen:
+                assert log.epoch == outcomes.epochs[key], "the epoch changed though events were stored"
+            for offset, frame in seen.items():
+                assert offset <= len(log.records), f"the event at offset {offset} seen live is not stored"
+                record = log.records[offset - 1]
+                if frame["type"] == "session_created":
+                    assert isinstance(record, SessionCreatedRecord) and msgspec.to_builtins(record.session) == frame["session"]
+                else:
+                    assert isinstance(record, MessageRecord) and msgspec.to_builtins(record.message) == frame["message"]
+        for title, outcome in outcomes.sessions.items():
+            expected = {"acked": (1,), "refused": (0,), "unknown": (0, 1)}[outcome]
+            assert titles[title] in expected, f"session {title} ({outcome}) stored {titles[title]} times"
+        for cmid, outcome in outcomes.messages.items():
+            expected = {"acked": (1,), "refused": (0,), "unknown": (0, 1)}[outcome]
+            assert duplicates[cmid] in expected, f"message {cmid} ({outcome}) stored {duplicates[cmid]} times"
+            if outcome == "acked":
+                assert messages[cmid] == outcomes.acked_messages[cmid]
+        # And it takes writes.
+        chat, peer = Chat(storage, sessions_per_minute=0), Peer("after")
+        for key in SECTIONS:
+            await chat.handle(peer, CreateSession(id=9, document_id=key.document_id, section_id=key.section_id))
+            assert peer.reply_to(9)["type"] == "session_created"
+    finally:
+        await storage.close()
+
+
+def _check_file_is_clean(storage: FileStorage, key: SectionKey, records: int) -> None:
+    """Every line of the section file reads, in order: nothing was skipped to make the offsets look right."""
+    path = storage._section_path(key)
+    if not path.exists():
+        assert records == 0
+        return
+    lines = path.read_bytes().splitlines()
+    decoded = [_decode_line(line) for line in lines]  # raises on an unreadable line
+    offsets = [getattr(item, "offset", 0) for item in decoded]
+    # An empty file is a section whose first write failed after the file was made.
+    assert offsets == list(range(records + 1)) or (not offsets and records == 0), "skipped or repeated lines"
+
+
+class Case:
+    """A scratch data dir for one case."""
+
+    def __init__(self) -> None:
+        self.base = Path(tempfile.mkdtemp(dir=SCRATCH))
+        self.data = self.base / "data"
+        self.data.mkdir()
+
+    def fresh(self, name: str) -> Path:
+        path = self.base / name
+        path.mkdir()
+        return path
+
+    def __enter__(self) -> Case:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+async def run_on(disk: SimulatedDisk, root: Path, outcomes: Outcomes, tag: str, segment_bytes: int = 2048) -> FileStorage | None:
+    """Open the storage on `disk` and run the workload; None if it could not open."""
+    storage = _fast(FileStorage(root, disk=disk), segment_bytes)
+    try:
+        await storage.open()
+    except StorageError:
+        return None
+    await workload(storage, outcomes, tag)
+    return storage
+
+
+async def count_calls() -> int:
+    with Case() as case:
+        disk = SimulatedDisk(case.data)
+        storage = await run_on(disk, case.data, Outcomes(), "count")
+        assert storage is not None
+        calls = disk.calls
+        await storage.close()
+        return calls
+
+
+async def wait_until_writable(storage: FileStorage) -> None:
+    for _ in range(2000):
+        if storage.journal.broken is None:
+            return
+        await asyncio.sleep(0.001)  # a bounded poll of the storage's own state: it retries on a timer
+    raise AssertionError(f"storage did not recover: {storage.journal.broken}")
+
+
+@pytest.mark.timeout(300)
+async def test_every_injected_fault_keeps_every_invariant():
+    """EIO and ENOSPC at every call, once and persistent: nothing acknowledged lost, nothing refused stored, recovery by itself."""
+    calls = await count_calls()
+    cases = 0
+    for fail_errno in (errno.EIO, errno.ENOSPC):
+        for persistent in (False, True):
+            for n in range(1, calls + 1):
+                # Then: a clean stop, a kill -9, or a power cut (kept: only what was synced).
+                ending = ("close", "kill", "power")[n % 3]
+                with Case() as case:
+                    disk = SimulatedDisk(case.data)
+                    disk.fail_at, disk.fail_errno, disk.persistent = n, fail_errno, persistent
+                    outcomes = Outcomes()
+                    storage = await run_on(disk, case.data, outcomes, "a", SEGMENT_SIZES[n // 3 % 2])
+                    disk.fail_at = None  # the fault clears
+                    checked = case.data
+                    if storage is not None:
+                        await wait_until_writable(storage)
+                        await workload(storage, outcomes, "b")  # writing resumes without a restart
+                        assert all(o == "acked" for t, o in outcomes.sessions.items() if t.startswith("b-")), (n, outcomes.sessions)
+                        if ending == "close":
+                            await storage.close()
+                        else:
+                            await crash(storage)
+                            if ending == "power":
+                                checked = case.fresh("after")
+                                disk.materialize(checked)
+                    try:
+                        await check(checked, outcomes)
+                    except AssertionError as error:
+                        raise AssertionError(f"{os.strerror(fail_errno)} at call {n} ({persistent=}, then {ending}): {error}") from error
+                    cases += 1
+    assert cases == 4 * calls
+    print(f"{cases} injected-fault cases over {calls} calls")
+
+
+@pytest.mark.timeout(300)
+async def test_every_power_cut_keeps_every_invariant():
+    """A power cut after every prefix of the calls, synced-only and with random unsynced writes kept."""
+    calls = await count_calls()
+    rng = random.Random(20261201)
+    cases = 0
+    for cut in range(1, calls + 2):
+        for lucky in (False, True):
+            with Case() as case:
+                disk = SimulatedDisk(case.data)
+                disk.cut_at = cut
+                outcomes = Outcomes()
+                storage = await run_on(disk, case.data, outcomes, "a", SEGMENT_SIZES[cut % 2])
+                if storage is not None:
+                    await storage.close()
+                after = case.fresh("after")
+                disk.materialize(after, random.Random(rng.random()) if lucky else None)
+                await check(after, outcomes)
+                cases += 1
+    print(f"{cases} power-cut cases over {calls} calls")
+
+
+@pytest.mark.timeout(300)
+async def test_power_cuts_during_and_after_recovery():
+    """A crash, then a power cut at every call of the recovery and the writes that follow it."""
+    calls = await count_calls()
+    rng = random.Random(7)
+    cases = 0
+    for first_cut in sorted(rng.sample(range(calls // 3, calls + 1), 6)):
+        with Case() as case:
+            disk = SimulatedDisk(case.data)
+            disk.cut_at = first_cut
+            outcomes = Outcomes()
+            storage = await run_on(disk, case.data, outcomes, "a")
+            if storage is not None:
+                await storage.close()
+            crashed = case.fresh("crashed")
+            disk.materialize(crashed, random.Random(first_cut))
+            # How many calls the recovery and a second workload take.
+            probe = case.fresh("probe")
+            shutil.copytree(crashed, probe, dirs_exist_ok=True)
+            counting = SimulatedDisk(probe)
+            second = await run_on(counting, probe, Outcomes(**_copy(outcomes)), "b")
+            assert second is not None
+            await second.close()
+            for cut in range(1, counting.calls + 2):
+                again = case.fresh(f"again-{cut}")
+                shutil.copytree(crashed, again, dirs_exist_ok=True)
+                disk = SimulatedDisk(again)
+                disk.cut_at = cut
+                these = Outcomes(**_copy(outcomes))
+                storage = await run_on(disk, again, these, "b")
+                if storage is not None:
+                    await storage.close()
+                after = case.fresh(f"after-{cut}")
+                disk.materialize(after, None if cut % 2 else random.Random(cut))
+                await check(after, these)
+                cases += 1
+    print(f"{cases} power cuts during or after a recovery")
+
+
+def _copy(outcomes: Outcomes) -> dict:
+    return {
+        "sessions": dict(outcomes.sessions),
+        "session_ids": dict(outcomes.session_ids),
+        "messages": dict(outcomes.messages),
+        "acked_messages": dict(outcomes.acked_messages),
+        "events": {k: dict(v) for k, v in outcomes.events.items()},
+        "epochs": dict(outcomes.epochs),
+    }
+
+
+def test_the_simulated_disk_forgets_what_was_not_synced(tmp_path):
+    """The harness itself: a power cut keeps synced bytes and directory entries, and only those."""
+    disk = SimulatedDisk(tmp_path)
+    fd = disk.open(tmp_path / "a", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    disk.write(fd, b"synced ")
+    disk.fsync(fd)
+    disk.sync_path(tmp_path)
+    disk.write(fd, b"lost")
+    disk.close(fd)
+    fd = disk.open(tmp_path / "b", os.O_WRONLY | os.O_CREAT)
+    disk.fsync(fd)  # its data is durable, its name is not
+    disk.close(fd)
+    synced = tmp_path.parent / "synced"
+    synced.mkdir()
+    disk.materialize(synced)
+    assert sorted(p.name for p in synced.iterdir()) == ["a"]
+    assert (synced / "a").read_bytes() == b"synced "
+    disk.fail_at = disk.calls + 1
+    with pytest.raises(OSError):
+        disk.open(tmp_path / "c", os.O_WRONLY | os.O_CREAT)
+    assert isinstance(Disk(), Disk)
