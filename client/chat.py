@@ -697,13 +697,22 @@ class ChatClient:
         return reply.session
 
     async def list_sessions(self, document_id: str, section_id: str | None = None, *, timeout: float | None = None) -> list[Session]:
-        """The sessions of a document (or of one of its sections), oldest first."""
-        fields = {"type": "list_sessions", "document_id": document_id, "section_id": section_id}
-        reply = await self._call(fields, _read_op("list_sessions"), timeout=timeout)
-        assert isinstance(reply, SessionList)
-        for session in reply.sessions:
-            self._note_session(session)
-        return reply.sessions
+        """The sessions of a document (or of one of its sections), oldest first.
+
+        The server answers in pages of at most 1,000; this follows `next_cursor`
+        to the last page (`timeout` applies to each page).
+        """
+        fields: dict[str, Any] = {"type": "list_sessions", "document_id": document_id, "section_id": section_id}
+        sessions: list[Session] = []
+        while True:
+            reply = await self._call(fields, _read_op("list_sessions"), timeout=timeout)
+            assert isinstance(reply, SessionList)
+            for session in reply.sessions:
+                self._note_session(session)
+            sessions.extend(reply.sessions)
+            if reply.next_cursor is None:
+                return sessions
+            fields = {**fields, "cursor": reply.next_cursor}
 
     async def send_message(
         self, session_id: str, text: str, *, client_msg_id: str | None = None, timeout: float | None = None

@@ -7,11 +7,18 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 from typing import Annotated, Union
 
+import msgspec
 from msgspec import Meta, Struct
 
 PROTOCOL_VERSION = 1
+
+# The most sessions one `sessions` page or one `subscribed` snapshot carries.
+MAX_LISTED_SESSIONS = 1000
 
 # "Any Unicode except control characters": C0, DEL and C1. `\Z`, not `$`,
 # because `$` also matches just before a trailing newline.
@@ -24,12 +31,19 @@ Title = Annotated[str, Meta(max_length=200, pattern=_NO_CONTROL)]
 RequestId = Union[Annotated[str, Meta(min_length=1, max_length=64)], int]
 Count = Annotated[int, Meta(ge=0, le=2**53)]
 Limit = Annotated[int, Meta(ge=1, le=200)]
+SessionLimit = Annotated[int, Meta(ge=1, le=MAX_LISTED_SESSIONS)]
+Cursor = Annotated[str, Meta(min_length=1, max_length=1024)]
 
 
 # Objects ----------------------------------------------------------------------
 
 
-class Session(Struct):
+# Sessions, messages and the frames that carry them are never in a reference
+# cycle: gc=False keeps the garbage collector from walking the many a server
+# holds (a section's recovery window, its sessions).
+
+
+class Session(Struct, gc=False):
     session_id: str
     document_id: str
     section_id: str
@@ -40,7 +54,7 @@ class Session(Struct):
     last_seq: int
 
 
-class Message(Struct):
+class Message(Struct, gc=False):
     session_id: str
     seq: int
     message_id: str
@@ -71,6 +85,50 @@ class GetSession(Request, tag="get_session"):
 class ListSessions(Request, tag="list_sessions"):
     document_id: Id
     section_id: Id | None = None
+    limit: SessionLimit = MAX_LISTED_SESSIONS
+    cursor: Cursor | None = None
+
+    def __post_init__(self) -> None:
+        # A cursor that does not decode, or was handed out for other fields, is
+        # a malformed request: checked with the request's shape.
+        self.position()
+
+    def position(self) -> tuple[str, str] | None:
+        """Where the page starts: after the session (created_at, session_id) the cursor names; None: at the start."""
+        if self.cursor is None:
+            return None
+        try:
+            raw = base64.urlsafe_b64decode(self.cursor + "=" * (-len(self.cursor) % 4))
+            created_at, session_id, fields = _CURSOR.decode(raw)
+        except (binascii.Error, ValueError, msgspec.MsgspecError):
+            raise ValueError("`cursor` is not a cursor this server handed out") from None
+        if fields != self._fields_digest():
+            raise ValueError("`cursor` was handed out for a list_sessions with other fields; pass the same fields again")
+        return created_at, session_id
+
+    def cursor_after(self, session: Session) -> str:
+        """The cursor of the page that follows `session` in this listing.
+
+        It encodes the position, not server state: it stays valid across
+        restarts and nodes. A page's `limit` may change from page to page.
+        """
+        raw = msgspec.json.encode((session.created_at, session.session_id, self._fields_digest()))
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+    def _fields_digest(self) -> str:
+        # Every field that chooses what is listed, fields added later included by
+        # themselves; those at their default are left out, so that a cursor handed
+        # out before a field existed still pages on after an upgrade.
+        fields = {
+            field.name: getattr(self, field.name)
+            for field in msgspec.structs.fields(self)
+            if field.name not in _NOT_A_LISTING_FIELD and getattr(self, field.name) != field.default
+        }
+        return hashlib.sha256(msgspec.json.encode(fields, order="sorted")).hexdigest()[:16]
+
+
+_CURSOR = msgspec.json.Decoder(tuple[str, str, str])
+_NOT_A_LISTING_FIELD = frozenset({"id", "limit", "cursor"})
 
 
 class SendMessage(Request, tag="send_message"):
@@ -139,7 +197,7 @@ REQUEST_TYPES = frozenset(t.__struct_config__.tag for t in ClientRequest.__args_
 # event: the event form carries the section `offset`, the reply form does not.
 
 
-class ServerFrame(Struct, tag_field="type", kw_only=True, omit_defaults=True):
+class ServerFrame(Struct, tag_field="type", kw_only=True, omit_defaults=True, gc=False):
     reply_to: RequestId | None = None
 
 
@@ -182,6 +240,9 @@ class SessionInfo(ServerFrame, tag="session"):
 
 class SessionList(ServerFrame, tag="sessions"):
     sessions: list[Session]
+    # New in 1.1. A default_factory (unlike a plain default) is never omitted
+    # by omit_defaults, so `null` is sent, and a 1.0 server's reply decodes to None.
+    next_cursor: str | None = msgspec.field(default_factory=lambda: None)
 
 
 class HistoryPage(ServerFrame, tag="history"):
@@ -202,6 +263,9 @@ class Subscribed(ServerFrame, tag="subscribed"):
     presence: list[str]
     recovered: bool
     events: list[StoredEvent]
+    # New in 1.1: false when `sessions` holds only the MAX_LISTED_SESSIONS most
+    # recently active; always sent (see SessionList.next_cursor); a 1.0 server sent all.
+    sessions_complete: bool = msgspec.field(default_factory=lambda: True)
 
 
 class Unsubscribed(ServerFrame, tag="unsubscribed"):

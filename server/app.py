@@ -3,6 +3,10 @@
 # Shutdown stops accepting connections, lets requests in flight finish (their
 # writes reach the disk and their replies go out) within a grace period, then
 # closes every WebSocket with 1001 and closes storage.
+#
+# Health: storage is checked on an interval (--health-check-interval-s), never
+# per request, and /healthz reports the outcome of the last check: answering it
+# costs no I/O, however often load balancers and strangers ask.
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import asyncio
 import logging
 import os
 import signal
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -29,6 +34,8 @@ from .transport import Transport
 logger = logging.getLogger("sectionchat")
 
 SWEEP_INTERVAL_S = 5.0
+# A storage check that takes longer than this counts as failed (a stalled Redis, a hung disk).
+HEALTH_CHECK_TIMEOUT_S = 5.0
 STORAGE_THREADS = 32
 
 
@@ -57,6 +64,9 @@ class App:
         self.server: Server | None = None
         self.cluster: RedisCluster | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._checker: asyncio.Task[None] | None = None
+        self._storage_problem: str | None = None  # what the last storage check found wrong; None: ok
+        self._storage_checked = 0.0  # time.monotonic() of the last check
 
     @property
     def port(self) -> int:
@@ -68,13 +78,45 @@ class App:
         return f"ws://{self.config.host}:{self.port}/ws"
 
     async def health(self) -> tuple[int, dict[str, object]]:
+        """The health document: the last storage check's outcome, no I/O of its own."""
         if self.state != "serving" or self.storage is None:
             return 503, {"status": self.state}
-        try:
-            await self.storage.check()
-        except StorageError as error:
-            return 503, {"status": "unhealthy", "storage": str(error)}
+        problem = self._storage_problem
+        since = time.monotonic() - self._storage_checked
+        if problem is None and since > self.config.health_check_interval_s + HEALTH_CHECK_TIMEOUT_S + 1.0:
+            # The checks stopped coming: an "ok" that old says nothing.
+            problem = f"storage has not been checked for {since:.0f} s"
+        if problem is not None:
+            return 503, {"status": "unhealthy", "storage": problem}
         return 200, {"status": "serving", "storage": "ok", "connections": len(self.server.connections) if self.server else 0}
+
+    async def _check_storage(self) -> None:
+        """Check storage once; the outcome is what /healthz reports until the next check."""
+        assert self.storage is not None
+        try:
+            await asyncio.wait_for(self.storage.check(), HEALTH_CHECK_TIMEOUT_S)
+        except StorageError as error:
+            problem: str | None = str(error) or type(error).__name__
+        except TimeoutError:
+            problem = f"storage did not answer a check within {HEALTH_CHECK_TIMEOUT_S:g} s"
+        except Exception as error:
+            # A bug in a check must not stop the checking, nor pass for health.
+            logger.exception("storage check crashed")
+            problem = f"storage check crashed: {type(error).__name__}"
+        else:
+            problem = None
+        if problem != self._storage_problem:
+            if problem is None:
+                logger.info("storage check passes again: /healthz answers 200")
+            else:
+                logger.warning("storage check failed: %s; /healthz answers 503", problem)
+        self._storage_problem = problem
+        self._storage_checked = time.monotonic()
+
+    async def _check_storage_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.health_check_interval_s)
+            await self._check_storage()
 
     async def start(self) -> None:
         # Durable writes run in the default executor (aiofiles): one thread per
@@ -126,6 +168,8 @@ class App:
             reason = os.strerror(error.errno).lower() if error.errno else str(error)
             raise StartupError(f"cannot listen on {self.config.host}:{self.config.port}: {reason}") from None
         self._sweeper = asyncio.create_task(self._sweep())
+        await self._check_storage()
+        self._checker = asyncio.create_task(self._check_storage_periodically())
         self.state = "serving"
         host = self.server.sockets[0].getsockname()[0]
         logger.info("listening on %s:%d (http://%s:%d/, ws://%s:%d/ws)", host, self.port, host, self.port, host, self.port)
@@ -155,6 +199,9 @@ class App:
             await self.chat.drain()
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self._checker is not None:
+            self._checker.cancel()  # before storage closes under a check in flight
+            await asyncio.gather(self._checker, return_exceptions=True)
         if self.cluster is not None:
             await self.cluster.stop()
         if self.storage is not None:

@@ -15,6 +15,8 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
+import heapq
 import logging
 import os
 import secrets
@@ -31,6 +33,7 @@ from protocol import errors
 from protocol.codec import Codec
 from protocol.errors import ChatError
 from protocol.messages import (
+    MAX_LISTED_SESSIONS,
     ClientRequest,
     CloseSession,
     CreateSession,
@@ -65,6 +68,7 @@ from .limits import PerUserQuota
 from .metrics import Metrics
 from .storage.base import (
     MessageRecord,
+    OutcomeUnknown,
     SectionKey,
     SessionClosedRecord,
     SessionCreatedRecord,
@@ -75,6 +79,8 @@ from .storage.base import (
 )
 
 logger = logging.getLogger("sectionchat.chat")
+
+LOAD_CHUNK = 2000  # records applied between yields to the event loop when a section loads
 
 # What a write decides: the records to store (none: nothing to write) and the reply.
 Plan = tuple[list[StoredRecord], ServerFrame]
@@ -319,7 +325,7 @@ class Chat:
                     reply(peer, SessionInfo(session=section.session(request.session_id).session, reply_to=request.id))
                 case ListSessions():
                     _check_access(peer, request.document_id)
-                    reply(peer, SessionList(sessions=await self._list_sessions(request), reply_to=request.id))
+                    reply(peer, await self._list_sessions(request))
                 case SendMessage():
                     if len(request.text) > self.max_text_chars:
                         raise ChatError(
@@ -350,8 +356,14 @@ class Chat:
         except ChatError as error:
             self.metrics.errors.labels(error.code).inc()
             reply(peer, Error(code=error.code, message=error.message, temporary=error.temporary, reply_to=request.id))
+        except OutcomeUnknown as error:
+            # No reply would be true: the write may be stored. 1011 makes the client retry with its key.
+            logger.warning("closing connection %s with 1011: %s", peer.connection_id, error)
+            if (close := getattr(peer, "close", None)) is not None:
+                close(1011, "outcome of a write unknown; retry with its key")
         except StorageError as error:
-            logger.warning("storage failed: %s", error)
+            # The storage reports its outages itself, at a bounded rate; this is per request.
+            logger.debug("storage failed: %s", error)
             self.metrics.errors.labels(errors.UNAVAILABLE).inc()
             reply(peer, _unavailable(request.id))
 
@@ -527,7 +539,7 @@ class Chat:
         for record in log.records:
             self._broadcast(section, section.apply(record), None)
 
-    async def _list_sessions(self, request: ListSessions) -> list[Session]:
+    async def _list_sessions(self, request: ListSessions) -> SessionList:
         if request.section_id is not None:
             keys = [SectionKey(request.document_id, request.section_id)]
         else:
@@ -536,9 +548,7 @@ class Chat:
         for key in keys:
             section = await self._loaded(key)
             sessions.extend(state.session for state in section.sessions.values())
-        if len(keys) > 1:
-            sessions.sort(key=lambda session: session.created_at)
-        return sessions
+        return _session_page(sessions, request)
 
     async def _subscribe(self, peer: Peer, request: Subscribe) -> None:
         _check_access(peer, request.document_id)
@@ -567,6 +577,7 @@ class Chat:
             if section.presence_flush is not None:
                 section.snapshots[peer] = section.present()
         # A plain subscribe recovers nothing; the client loads the snapshot.
+        sessions, sessions_complete = _snapshot_sessions(section)
         events: list[StoredEvent] | None = None
         if request.since_offset is not None:
             # Having seen nothing, a client misses nothing by a change of epoch.
@@ -579,10 +590,11 @@ class Chat:
                 section_id=key.section_id,
                 epoch=section.epoch,
                 offset=section.offset,
-                sessions=[state.session for state in section.sessions.values()],
+                sessions=sessions,
                 presence=sorted(section.present()),
                 recovered=events is not None,
                 events=events or [],
+                sessions_complete=sessions_complete,
                 reply_to=request.id,
             ),
         )
@@ -729,8 +741,11 @@ class Chat:
 
     async def _load(self, section: Section) -> None:
         log = await self.storage.load_section(section.key)
-        for record in log.records:
+        for n, record in enumerate(log.records, 1):
             section.apply(record)
+            if n % LOAD_CHUNK == 0:
+                # A big section must not stall every other client; nobody sees it until it is loaded.
+                await asyncio.sleep(0)
         section.epoch = log.epoch or secrets.token_hex(8)
         section.loaded = True
 
@@ -820,3 +835,57 @@ def _history_page(state: SessionState, request: History) -> HistoryPage:
 
 def _unavailable(reply_to: str | int | None) -> Error:
     return Error(code=errors.UNAVAILABLE, message="storage is unavailable; nothing was stored", temporary=True, reply_to=reply_to)
+
+
+# Bounded session lists (`sessions` pages, `subscribed` snapshots) -----------------
+
+
+def _created_at(session: Session) -> str:
+    return session.created_at
+
+
+def _session_page(sessions: list[Session], request: ListSessions) -> SessionList:
+    """One page of a listing, oldest created first; sessions of one millisecond keep their stored order.
+
+    `sessions` comes section by section (in the document's order), each in the
+    order its sessions were stored, so after a stable sort the order is the
+    same on every node and after every restart: a cursor (created_at,
+    session_id) finds its place again. Should the session a cursor names have
+    left the listing, the page starts at the first session of its millisecond:
+    one of those may come again, but none is skipped.
+    """
+    sessions.sort(key=_created_at)
+    start = 0
+    position = request.position()
+    if position is not None:
+        created_at, session_id = position
+        start = bisect.bisect_left(sessions, created_at, key=_created_at)
+        end = bisect.bisect_right(sessions, created_at, lo=start, key=_created_at)
+        for index in range(start, end):
+            if sessions[index].session_id == session_id:
+                start = index + 1
+                break
+    page = sessions[start : start + request.limit]
+    more = start + len(page) < len(sessions)
+    return SessionList(sessions=page, next_cursor=request.cursor_after(page[-1]) if more else None, reply_to=request.id)
+
+
+def _last_activity(state: SessionState) -> str:
+    """When the session last changed: its creation or its latest message (until sessions carry last_activity_at)."""
+    if state.messages:
+        return max(state.session.created_at, state.messages[-1].sent_at)
+    return state.session.created_at
+
+
+def _snapshot_sessions(section: Section) -> tuple[list[Session], bool]:
+    """The sessions of a `subscribed` reply, and whether that is all of them.
+
+    Past MAX_LISTED_SESSIONS, the most recently active ones (the later stored
+    first among equals), still oldest created first; `list_sessions` has the rest.
+    """
+    states = section.sessions.values()
+    if len(states) <= MAX_LISTED_SESSIONS:
+        return [state.session for state in states], True
+    recent = heapq.nlargest(MAX_LISTED_SESSIONS, enumerate(states), key=lambda item: (_last_activity(item[1]), item[0]))
+    recent.sort(key=lambda item: (item[1].session.created_at, item[0]))
+    return [state.session for _, state in recent], False

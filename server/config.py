@@ -41,6 +41,7 @@ class Config:
     shutdown_grace_s: float = 10.0
     section_idle_s: float = 60.0
     presence_ttl_s: float = 15.0
+    health_check_interval_s: float = 1.0
     # Logging
     log_level: str = "info"
     log_format: str = "text"
@@ -69,6 +70,7 @@ _OPTIONS: dict[str, tuple[type, str]] = {
     "shutdown_grace_s": (float, "how long shutdown waits for requests in flight"),
     "section_idle_s": (float, "how long an unused section stays in memory"),
     "presence_ttl_s": (float, "with Redis: how soon the users of a node that died without a word leave"),
+    "health_check_interval_s": (float, "how often storage is checked for /healthz (which reports the last check)"),
     "log_level": (str, "debug, info, warning or error"),
     "log_format": (str, "text or json (one JSON object per line)"),
     "event_loop": (str, "auto (uvloop when installed), uvloop or asyncio"),
@@ -166,6 +168,8 @@ def validate(config: Config) -> None:
         raise SystemExit(f"sectionchat: --port {config.port} is not a port number")
     if config.rate_limit < 0:
         raise SystemExit("sectionchat: --rate-limit must be 0 (off) or positive")
+    if not config.health_check_interval_s > 0:
+        raise SystemExit("sectionchat: --health-check-interval-s must be positive")
     if config.event_loop not in ("auto", "uvloop", "asyncio"):
         raise SystemExit(f"sectionchat: --event-loop {config.event_loop!r} is not one of auto, uvloop, asyncio")
     if config.log_format not in ("text", "json"):

@@ -2,9 +2,16 @@
 #
 # Static files are read once at startup into a table of url -> response body,
 # so a request path is only ever looked up, never joined onto the filesystem.
+#
+# Methods: GET, and HEAD (the GET answer without its body, Content-Length kept);
+# any other method on a path that exists is 405 with `Allow: GET, HEAD`, on one
+# that does not 404. websockets' HTTP parser refuses a request that has a body
+# (Content-Length other than 0, or Transfer-Encoding) before any hook sees it,
+# by closing the connection without an answer: only body-less requests reach us.
 
 from __future__ import annotations
 
+import dataclasses
 import email.utils
 import http
 import mimetypes
@@ -42,6 +49,20 @@ def not_found() -> Response:
     return response(404, b"not found\n", "text/plain; charset=utf-8")
 
 
+ALLOWED_METHODS = ("GET", "HEAD")
+
+
+def method_not_allowed(allowed: tuple[str, ...] = ALLOWED_METHODS) -> Response:
+    refused = response(405, b"method not allowed\n", "text/plain; charset=utf-8")
+    refused.headers["Allow"] = ", ".join(allowed)
+    return refused
+
+
+def without_body(answer: Response) -> Response:
+    """The answer to HEAD: GET's status and headers (Content-Length included), no body."""
+    return dataclasses.replace(answer, body=b"")
+
+
 def load_static(directory: Path = STATIC_DIR) -> dict[str, tuple[bytes, str]]:
     """Every file under `directory` as url path -> (body, content type)."""
     files: dict[str, tuple[bytes, str]] = {}
@@ -71,7 +92,18 @@ class HttpRoutes:
         self._metrics = metrics
         self._static = static
 
-    async def __call__(self, path: str) -> Response:
+    async def __call__(self, path: str, method: str = "GET") -> Response:
+        if method == "GET":
+            return await self._get(path)
+        if method == "HEAD":
+            return without_body(await self._get(path))
+        # Methods are case-sensitive: "get" is not GET.
+        return method_not_allowed() if self._exists(path) else not_found()
+
+    def _exists(self, path: str) -> bool:
+        return path in ("/healthz", "/metrics") or path in self._static
+
+    async def _get(self, path: str) -> Response:
         if path == "/healthz":
             return json_response(*await self._health())
         if path == "/metrics":

@@ -40,9 +40,11 @@ class TokenBucket:
 class RequestRate:
     """A connection's request rate, and whether it is abusing it.
 
-    Requests cost a token from a bucket of one second's worth. Refused requests
+    Every frame costs a token from a bucket of one second's worth, checked
+    before it is decoded: a malformed frame (not JSON, the wrong frame kind,
+    bad fields, an unknown type) costs the same as a request. Refused frames
     are strikes; strikes fade at the same rate, so only a client that keeps
-    pushing past the limit (about three seconds' worth of refused requests)
+    pushing past the limit (about three seconds' worth of refused frames)
     counts as abusive and gets closed.
     """
 

@@ -12,8 +12,10 @@ import secrets
 import time
 import uuid
 from collections import Counter
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import msgspec
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
@@ -22,12 +24,12 @@ from websockets.protocol import State
 from protocol import errors
 from protocol.codec import SUBPROTOCOLS, Codec, codec_for_subprotocol
 from protocol.errors import ChatError
-from protocol.messages import PROTOCOL_VERSION, ClientRequest, Error, Limits, Welcome
+from protocol.messages import PROTOCOL_VERSION, ClientRequest, Error, Limits, RequestId, Welcome
 
 from .auth import AuthError, Identity, authenticate, bearer_token
 from .chat import Chat, reply
 from .config import Config
-from .http import HttpRoutes, response
+from .http import HttpRoutes, method_not_allowed, response
 from .limits import RequestRate
 
 logger = logging.getLogger("sectionchat.transport")
@@ -79,6 +81,10 @@ class Connection:
         self._send_frame(data)
         websocket.send_data()
 
+    @property
+    def closing(self) -> bool:
+        return self._closing is not None
+
     def close(self, code: int, reason: str) -> None:
         """Start closing now (nothing more is queued after the close frame), finish in the background."""
         websocket = self._websocket
@@ -116,8 +122,13 @@ class Transport:
     async def process_request(self, websocket: ServerConnection, request: Request) -> Response | None:
         """Answer plain HTTP, or check a WebSocket handshake (origin, identity, connection count)."""
         url = urlsplit(request.path)
+        # Request.method is websockets >= 15; older versions refuse every other method while parsing.
+        method = getattr(request, "method", "GET")
         if url.path != WEBSOCKET_PATH:
-            return await self.routes(url.path)
+            return await self.routes(url.path, method)
+        if method != "GET":
+            # websockets would say the same after our checks; say it before them.
+            return method_not_allowed(("GET",))
         origin = request.headers.get("Origin")
         # Browsers always send Origin; only they can be hijacked cross-site.
         if self.config.allowed_origins and origin is not None and origin not in self.config.allowed_origins:
@@ -175,6 +186,12 @@ class Transport:
             )
 
     async def _serve_one(self, peer: Connection, data: str | bytes, rate: RequestRate | None) -> None:
+        # The rate comes first, before any decoding: every frame costs a token,
+        # malformed ones too, so a flood of garbage is refused (and then closed)
+        # as cheaply as a flood of requests.
+        if rate is not None and not rate.allow():
+            self._refuse_over_rate(peer, data, rate)
+            return
         try:
             request = peer.codec.decode(data)
         except ChatError as error:
@@ -186,16 +203,6 @@ class Transport:
             self.metrics.errors.labels(errors.UNAVAILABLE).inc()
             message = "the server is shutting down; nothing was done; retry after reconnecting"
             reply(peer, Error(code=errors.UNAVAILABLE, message=message, temporary=True, reply_to=request.id))
-            return
-        if rate is not None and not rate.allow():
-            if rate.strike():
-                logger.warning("connection %s of %s keeps exceeding the rate limit: closing with 1008", peer.connection_id, peer.user)
-                self.metrics.rate_limit_closes.inc()
-                peer.close(CLOSE_POLICY_VIOLATION, "rate limit exceeded")
-            else:
-                message = f"more than {self.limits.messages_per_s} requests per second; slow down"
-                self.metrics.errors.labels(errors.RATE_LIMITED).inc()
-                reply(peer, Error(code=errors.RATE_LIMITED, message=message, temporary=True, reply_to=request.id))
             return
         self.in_flight += 1
         self._idle.clear()
@@ -214,5 +221,42 @@ class Transport:
             if self.in_flight == 0:
                 self._idle.set()
 
+    def _refuse_over_rate(self, peer: Connection, data: str | bytes, rate: RequestRate) -> None:
+        """A frame over the connection's rate: `rate_limited`, or a 1008 close once it keeps on."""
+        if peer.closing:
+            return  # frames that were on their way when we closed: nobody is left to tell
+        if rate.strike():
+            logger.warning("connection %s of %s keeps exceeding the rate limit: closing with 1008", peer.connection_id, peer.user)
+            self.metrics.rate_limit_closes.inc()
+            peer.close(CLOSE_POLICY_VIOLATION, "rate limit exceeded")
+            return
+        message = f"more than {self.limits.messages_per_s} requests per second; slow down"
+        self.metrics.errors.labels(errors.RATE_LIMITED).inc()
+        reply(peer, Error(code=errors.RATE_LIMITED, message=message, temporary=True, reply_to=_request_id(peer.codec, data)))
+
     async def wait_idle(self) -> None:
         await self._idle.wait()
+
+
+class _IdOnly(msgspec.Struct):
+    """All a refused frame is read for: its `id`, so the client can match the refusal (other fields are skipped unchecked)."""
+
+    id: Any = None
+
+
+_ID_DECODERS: dict[bool, Any] = {False: msgspec.json.Decoder(_IdOnly), True: msgspec.msgpack.Decoder(_IdOnly)}
+
+
+def _request_id(codec: Codec, data: str | bytes) -> RequestId | None:
+    """The frame's `id` when it has a valid one, else None; never a full decode of the request."""
+    if isinstance(data, str) == codec.binary:
+        return None  # the wrong kind of frame for this connection: nothing in it is addressable
+    try:
+        value = _ID_DECODERS[codec.binary].decode(data).id
+    except (msgspec.MsgspecError, RecursionError, UnicodeError, ValueError):
+        return None
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int) or (isinstance(value, str) and 1 <= len(value) <= 64):
+        return value
+    return None

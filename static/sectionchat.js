@@ -545,11 +545,17 @@ export class SectionChat extends Emitter {
     return (await this.request("get_session", { session_id: sessionId })).session;
   }
 
-  /** Sessions of a section (or of the whole document), oldest first. */
+  /** Sessions of a section (or of the whole document), oldest first (every page of at most 1,000). */
   async listSessions(documentId, sectionId = null) {
-    const fields = { document_id: documentId };
+    let fields = { document_id: documentId };
     if (sectionId != null) fields.section_id = sectionId;
-    return (await this.request("list_sessions", fields)).sessions;
+    const sessions = [];
+    for (;;) {
+      const reply = await this.request("list_sessions", fields);
+      sessions.push(...reply.sessions);
+      if (reply.next_cursor == null) return sessions;
+      fields = { ...fields, cursor: reply.next_cursor };
+    }
   }
 
   /**

@@ -6,8 +6,10 @@ import asyncio
 import statistics
 import time
 
+import msgspec
 import pytest
 from conftest import scrape
+from websockets.exceptions import ConnectionClosed
 
 from client import ScriptClient
 from server.app import running
@@ -172,3 +174,70 @@ async def test_slow_consumer_on_the_production_event_loop(server_process):
     slow.websocket.transport.resume_reading()
     assert await slow.wait_closed(timeout=30) == 4008
     await slow.close()
+
+
+PAD = "x" * 60_000  # close to the 64 KiB frame limit, like the flood the issue measured
+
+
+def malformed_frames(n: int) -> str | bytes:
+    """The kinds of bad frame in turn: not JSON, binary in JSON mode, bad fields, unknown type."""
+    kind = n % 4
+    if kind == 0:
+        return "{" + PAD
+    if kind == 1:
+        return PAD.encode()
+    if kind == 2:
+        return msgspec.json.encode({"type": "send_message", "id": n, "session_id": 7, "text": PAD}).decode()
+    return msgspec.json.encode({"type": "no_such_request", "id": n, "pad": PAD}).decode()
+
+
+@pytest.mark.timeout(60)
+async def test_malformed_frames_count_against_the_rate_limit(data_dir):
+    """A flood of malformed frames is rate limited like requests (rate_limited, then 1008); a polite client is untouched."""
+    rate = 5
+    async with running(Config(port=0, data_dir=str(data_dir), rate_limit=rate)) as app:
+        polite = await ScriptClient.open(app.url, name="polite")
+        flooder = await ScriptClient.open(app.url, name="flooder")
+        started = time.monotonic()
+        sent = 0
+        try:
+            while sent < 5000:
+                await flooder.send_raw(malformed_frames(sent))
+                sent += 1
+        except ConnectionClosed:
+            pass
+        assert await flooder.wait_closed() == 1008
+        elapsed = time.monotonic() - started
+        await flooder.close()
+        replies = flooder.take_events()
+        assert (await polite.request("ping"))["type"] == "pong"
+        await polite.close()
+        closes = app.metrics.registry.get_sample_value("sectionchat_rate_limit_disconnects_total")
+    print(f"\nflood cut off after {sent} frames in {elapsed:.2f} s; {len(replies)} replies")
+    assert sent < 5000, "the flood was never cut off"
+    codes = [reply["code"] for reply in replies]
+    assert all(reply["type"] == "error" for reply in replies)
+    # Within the burst, malformed frames are decoded and answered for what they are...
+    assert set(codes[:rate]) <= {"bad_request", "unknown_type"} and len(set(codes[:rate])) == 2
+    # ...past it they are refused unread, as rate_limited (temporary), with the id when the frame has one...
+    limited = [reply for reply in replies if reply["code"] == "rate_limited"]
+    assert limited and all(reply["temporary"] is True for reply in limited)
+    assert {reply.get("reply_to") for reply in limited} - {None} <= set(range(sent))
+    assert any("reply_to" in reply for reply in limited)
+    # ...and only a token's worth of them per 1/rate s was decoded at all.
+    decoded = len(codes) - len(limited)
+    assert decoded <= rate + rate * elapsed + 1
+    assert closes == 1
+
+
+@pytest.mark.timeout(60)
+async def test_malformed_frames_within_the_rate_are_answered(data_dir):
+    """Below the rate nothing changes: every malformed frame gets its own error, and the connection stays open."""
+    async with running(Config(port=0, data_dir=str(data_dir), rate_limit=20)) as app:
+        async with ScriptClient.connect(app.url, name="clumsy") as clumsy:
+            for n in range(8):
+                await clumsy.send_raw(malformed_frames(n))
+            replies = [await clumsy.next_event("error") for _ in range(8)]
+            assert (await clumsy.request("ping"))["type"] == "pong"
+    assert [reply["code"] for reply in replies] == ["bad_request", "bad_request", "bad_request", "unknown_type"] * 2
+    assert [reply.get("reply_to") for reply in replies] == [None, None, 2, 3, None, None, 6, 7]

@@ -155,7 +155,12 @@ async def verify(url: str, ledger: Ledger, rng: random.Random, retry_pending: bo
     """Everything acknowledged is stored exactly once; in-flight requests resolve exactly once on retry."""
     check = Check()
     async with ScriptClient.connect(url, name="checker") as checker:
-        listed = (await checker.call("list_sessions", document_id=DOC))["sessions"]
+        listed, cursor = [], None
+        while True:  # pages of at most 1,000
+            page = await checker.call("list_sessions", document_id=DOC, **({"cursor": cursor} if cursor else {}))
+            listed += page["sessions"]
+            if (cursor := page["next_cursor"]) is None:
+                break
         stored = {s["session_id"]: s for s in listed}
         assert len(stored) == len(listed), "a session is listed twice"
         missing = set(ledger.sessions) - set(stored)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
+import pytest
 from conftest import http_get
 
 
@@ -31,3 +34,62 @@ async def test_unknown_paths_are_404(app):
     for path in ("/nope", "/static/", "/static/../server/app.py", "/static/%2e%2e/pyproject.toml", "/ws/extra"):
         status, _, _ = await http_get(app.port, path)
         assert status == 404, path
+
+
+async def raw_http(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send `request` as given and read the answer to EOF (the server closes after one)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    await writer.drain()
+    raw = await reader.read()
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in header_lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+def request_line(method: str, path: str, *headers: str) -> bytes:
+    return "\r\n".join([f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", *headers, "", ""]).encode()
+
+
+@pytest.mark.timeout(30)
+async def test_head_is_get_without_body(app):
+    """HEAD answers as GET does, with GET's Content-Length, and no body."""
+    for path in ("/", "/static/sectionchat.js", "/healthz", "/metrics", "/nope"):
+        get_status, get_headers, get_body = await raw_http(app.port, request_line("GET", path))
+        status, headers, body = await raw_http(app.port, request_line("HEAD", path))
+        assert status == get_status, path
+        assert body == b"", path
+        assert headers["content-type"] == get_headers["content-type"], path
+        if path != "/metrics":  # the metrics text changes between two scrapes
+            assert int(headers["content-length"]) == len(get_body) > 0, path
+
+
+@pytest.mark.timeout(30)
+async def test_other_methods_are_405(app):
+    """Methods other than GET and HEAD on the HTTP paths are 405 with `Allow: GET, HEAD`; unknown paths stay 404."""
+    for method in ("POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "get"):
+        for path in ("/", "/static/sectionchat.js", "/healthz", "/metrics"):
+            status, headers, body = await raw_http(app.port, request_line(method, path, "Content-Length: 0"))
+            assert status == 405, (method, path)
+            assert headers["allow"] == "GET, HEAD", (method, path)
+            assert int(headers["content-length"]) == len(body)
+        status, _, _ = await raw_http(app.port, request_line(method, "/nope"))
+        assert status == 404, method
+    # The WebSocket endpoint takes only GET (the opening handshake).
+    status, headers, _ = await raw_http(app.port, request_line("POST", "/ws?name=alice"))
+    assert status == 405 and headers["allow"] == "GET"
+    status, headers, body = await raw_http(app.port, request_line("HEAD", "/ws"))
+    assert status == 405 and headers["allow"] == "GET"
+
+
+@pytest.mark.timeout(30)
+async def test_a_request_body_is_refused_without_an_answer(app):
+    """websockets' parser refuses a request with a body before any hook: the connection closes unanswered, the server lives on."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", app.port)
+    writer.write(request_line("POST", "/healthz", "Content-Length: 3") + b"abc")
+    await writer.drain()
+    assert await reader.read() == b""
+    writer.close()
+    assert (await http_get(app.port, "/healthz"))[0] == 200

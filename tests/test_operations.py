@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import resource
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import ROOT, http_get, resolved_config, scrape
@@ -44,27 +48,99 @@ async def test_metrics_follow_traffic(app, connect):
     assert after[("sectionchat_subscriptions", ())] == 0
 
 
+async def healthz_becomes(port: int, wanted: int, timeout: float = 20.0) -> tuple[dict, float]:
+    """Ask /healthz until it answers `wanted` (it changes with the next storage check); its document and how long it took."""
+    started = time.monotonic()
+    async with asyncio.timeout(timeout):
+        while True:
+            status, _, body = await http_get(port, "/healthz")
+            if status == wanted:
+                return json.loads(body), time.monotonic() - started
+            await asyncio.sleep(0.02)  # nothing signals a check's outcome to a client: poll
+
+
+@pytest.mark.timeout(60)
 async def test_healthz_reports_storage(server_process):
-    """/healthz is 503 while the data dir cannot be written, and 200 again when it can."""
-    server = server_process()
+    """/healthz follows the storage checks: 503 with the reason once writes cannot be acknowledged, 200 once they can."""
+    server = server_process("--health-check-interval-s", "0.2")
     status, _, body = await http_get(server.port, "/healthz")
-    assert status == 200 and json.loads(body)["storage"] == "ok"
+    assert status == 200 and json.loads(body) == {"status": "serving", "storage": "ok", "connections": 0}
     resource.prlimit(server.process.pid, resource.RLIMIT_FSIZE, (1, resource.RLIM_INFINITY))
-    status, _, body = await http_get(server.port, "/healthz")
-    assert status == 503 and json.loads(body)["status"] == "unhealthy"
+    async with ScriptClient.connect(server.url, name="alice") as alice:
+        failed = await alice.request("create_session", document_id="d", section_id="s")
+        assert failed["code"] == "unavailable"
+        document, waited = await healthz_becomes(server.port, 503)
+    assert document["status"] == "unhealthy" and document["storage"]
+    assert waited < 10
     resource.prlimit(server.process.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
-    assert (await http_get(server.port, "/healthz"))[0] == 200
+    document, _ = await healthz_becomes(server.port, 200)
+    assert document["storage"] == "ok"
+    async with ScriptClient.connect(server.url, name="alice") as alice:
+        assert (await alice.call("create_session", document_id="d", section_id="s"))["session"]["last_seq"] == 0
 
 
 async def test_healthz_reports_redis(server_process, redis_server):
     """/healthz is 503 while Redis is down."""
-    server = server_process("--storage", redis_server.url)
+    server = server_process("--storage", redis_server.url, "--health-check-interval-s", "0.2")
     assert (await http_get(server.port, "/healthz"))[0] == 200
     redis_server.stop()
-    status, _, body = await http_get(server.port, "/healthz")
-    assert status == 503 and "Redis" in json.loads(body)["storage"]
+    document, _ = await healthz_becomes(server.port, 503)
+    assert "Redis" in document["storage"]
     redis_server.start()
-    assert (await http_get(server.port, "/healthz"))[0] == 200
+    await healthz_becomes(server.port, 200)
+
+
+SYNC_CALLS = re.compile(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(fsync|fdatasync|sync_file_range|syncfs|sync)\s*$", re.MULTILINE)
+SYNC_SYSCALLS = "trace=fsync,fdatasync,sync_file_range,syncfs,sync"
+
+
+async def syncs_during(pid: int, work, summary_path) -> int:
+    """How many fsync, fdatasync (or other sync) calls the process (every thread) makes while `work()` runs, counted by strace."""
+    tracer = await asyncio.create_subprocess_exec(
+        "strace", "-f", "-c", "-e", SYNC_SYSCALLS, "-o", str(summary_path), "-p", str(pid),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert tracer.stderr is not None
+    try:
+        attached = await asyncio.wait_for(tracer.stderr.readline(), 10)  # "Process N attached with M threads"
+        assert b"attached" in attached, attached
+        await work()
+    finally:
+        tracer.send_signal(signal.SIGINT)  # detach and write the summary
+        await asyncio.wait_for(tracer.wait(), 10)
+    return sum(int(calls) for calls, _ in SYNC_CALLS.findall(summary_path.read_text()))
+
+
+@pytest.mark.timeout(60)
+async def test_healthz_costs_no_fsync(server_process, tmp_path):
+    """Hundreds of /healthz calls (GET and HEAD) make no fsync or fdatasync: they report the last check, they do not probe."""
+    if shutil.which("strace") is None:
+        pytest.fail("strace is not installed (Debian package strace)")
+    # Checks far apart, so that none falls inside the measurement.
+    server = server_process("--health-check-interval-s", "3600")
+    pid = server.process.pid
+
+    async def ask_health() -> None:
+        for n in range(300):
+            status, _, _ = await http_get(server.port, "/healthz") if n % 2 else await head_healthz(server.port)
+            assert status == 200
+
+    async def write() -> None:
+        async with ScriptClient.connect(server.url, name="alice") as alice:
+            await alice.call("create_session", document_id="d", section_id="s")
+
+    assert await syncs_during(pid, ask_health, tmp_path / "health.strace") == 0
+    # The same count sees the syncs of a write: the tracer was not blind.
+    assert await syncs_during(pid, write, tmp_path / "write.strace") >= 1
+
+
+async def head_healthz(port: int) -> tuple[int, None, None]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"HEAD /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    await writer.drain()
+    raw = await reader.read()
+    writer.close()
+    return int(raw.split(b" ", 2)[1]), None, None
 
 
 @pytest.mark.timeout(60)

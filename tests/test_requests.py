@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import re
 import uuid
 
@@ -9,6 +11,7 @@ import msgspec
 import pytest
 
 from client import ScriptClient
+from protocol.messages import MAX_LISTED_SESSIONS
 
 RFC3339_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
@@ -330,3 +333,128 @@ async def test_a_crashing_request_is_internal_with_trace_id(connect, app, monkey
 def test_frames_are_objects():
     """The wire format is one JSON object per frame (sanity check of the encoder)."""
     assert isinstance(msgspec.json.decode(b'{"type":"pong"}'), dict)
+
+
+async def list_all(client, limit: int | None = None, **fields) -> tuple[list[dict], list[dict]]:
+    """Every page of a listing: (the sessions in page order, the replies)."""
+    sessions, replies, cursor = [], [], None
+    while True:
+        extra = {"limit": limit} if limit is not None else {}
+        if cursor is not None:
+            extra["cursor"] = cursor
+        reply = await client.call("list_sessions", **fields, **extra)
+        replies.append(reply)
+        sessions += reply["sessions"]
+        cursor = reply["next_cursor"]
+        if cursor is None:
+            return sessions, replies
+
+
+async def create_many(url: str, document_id: str, sections: list[str], writers: int = 4) -> list[dict]:
+    """Sessions in several sections at once, over several connections (many share a millisecond)."""
+
+    async def write(n: int) -> list[dict]:
+        async with ScriptClient.connect(url, name=f"w{n}") as writer:
+            return [
+                (await writer.call("create_session", document_id=document_id, section_id=section))["session"]
+                for section in sections[n::writers]
+            ]
+
+    return [session for batch in await asyncio.gather(*(write(n) for n in range(writers))) for session in batch]
+
+
+async def test_list_sessions_pages(connect, app):
+    """`limit` and `cursor` page a listing: the pages put together are the whole listing, in order, each session once."""
+    created = await create_many(app.url, "doc", [f"s{n % 3}" for n in range(40)])
+    async with connect("alice") as alice:
+        whole = await alice.request("list_sessions", id="all", document_id="doc")
+        assert whole["next_cursor"] is None and "next_cursor" in whole and whole["reply_to"] == "all"
+        assert sorted(s["session_id"] for s in whole["sessions"]) == sorted(s["session_id"] for s in created)
+        for fields in ({"document_id": "doc"}, {"document_id": "doc", "section_id": "s1"}):
+            unpaged = (await alice.call("list_sessions", **fields))["sessions"]
+            for limit in (1, 3, 7, len(unpaged), len(unpaged) + 1):
+                paged, replies = await list_all(alice, limit, **fields)
+                assert paged == unpaged, (fields, limit)
+                assert all(len(r["sessions"]) == limit for r in replies[:-1])
+                assert 1 <= len(replies[-1]["sessions"]) <= limit
+        # The limit may change from page to page; the cursor is the position.
+        first = await alice.call("list_sessions", document_id="doc", limit=5)
+        second = await alice.call("list_sessions", document_id="doc", limit=30, cursor=first["next_cursor"])
+        assert first["sessions"] + second["sessions"] == whole["sessions"][:35]
+        # An empty listing is one page.
+        empty = await alice.call("list_sessions", document_id="nothing", limit=1)
+        assert empty["sessions"] == [] and empty["next_cursor"] is None
+
+
+async def test_list_sessions_default_limit_is_1000(connect, app):
+    """Without `limit` a page holds at most 1,000 sessions; the rest follow the cursor."""
+    created = await create_many(app.url, "big", ["a", "b"] * ((MAX_LISTED_SESSIONS + 2) // 2), writers=8)
+    async with connect("alice") as alice:
+        first = await alice.call("list_sessions", document_id="big")
+        assert len(first["sessions"]) == MAX_LISTED_SESSIONS and isinstance(first["next_cursor"], str)
+        rest = await alice.call("list_sessions", document_id="big", cursor=first["next_cursor"])
+        assert len(rest["sessions"]) == 2 and rest["next_cursor"] is None
+        listed = [s["session_id"] for s in first["sessions"] + rest["sessions"]]
+        assert sorted(listed) == sorted(s["session_id"] for s in created)
+        assert (await alice.call("list_sessions", document_id="big", limit=MAX_LISTED_SESSIONS))["sessions"] == first["sessions"]
+
+
+async def test_list_sessions_new_sessions_while_paging(connect):
+    """Sessions created while paging appear at most once; none that existed is skipped."""
+    async with connect("alice") as alice:
+        before = [(await alice.call("create_session", document_id="doc", section_id=f"s{n % 2}"))["session"] for n in range(6)]
+        page = await alice.call("list_sessions", document_id="doc", limit=2)
+        seen = list(page["sessions"])
+        added = []
+        while page["next_cursor"] is not None:
+            added.append((await alice.call("create_session", document_id="doc", section_id="s0"))["session"])
+            page = await alice.call("list_sessions", document_id="doc", limit=2, cursor=page["next_cursor"])
+            seen += page["sessions"]
+    ids = [s["session_id"] for s in seen]
+    assert len(ids) == len(set(ids))
+    assert {s["session_id"] for s in before} <= set(ids) <= {s["session_id"] for s in before + added}
+
+
+async def test_list_sessions_bad_cursor_or_limit(connect):
+    """A cursor that does not decode, or was handed out for other fields, is bad_request; so is a limit out of 1-1,000."""
+    async with connect("alice") as alice:
+        for _ in range(3):
+            await alice.call("create_session", document_id="doc", section_id="a")
+        cursor = (await alice.call("list_sessions", document_id="doc", section_id="a", limit=1))["next_cursor"]
+        forged = base64.urlsafe_b64encode(b'["2026-01-01T00:00:00.000Z","x","0000000000000000"]').decode()
+        for n, fields in enumerate([
+            {"document_id": "doc", "section_id": "a", "cursor": "not a cursor"},
+            {"document_id": "doc", "section_id": "a", "cursor": forged},
+            {"document_id": "doc", "section_id": "a", "cursor": cursor[:-4]},
+            {"document_id": "doc", "section_id": "a", "cursor": ""},
+            {"document_id": "doc", "cursor": cursor},  # another listing: the whole document
+            {"document_id": "doc", "section_id": "b", "cursor": cursor},
+            {"document_id": "other", "section_id": "a", "cursor": cursor},
+            {"document_id": "doc", "limit": 0},
+            {"document_id": "doc", "limit": MAX_LISTED_SESSIONS + 1},
+            {"document_id": "doc", "limit": "10"},
+        ]):
+            reply = await alice.request("list_sessions", id=n, **fields)
+            assert reply["type"] == "error" and reply["code"] == "bad_request", fields
+            assert reply["reply_to"] == n and reply["temporary"] is False
+        # The same fields again: the cursor works (and the limit may differ).
+        rest = await alice.call("list_sessions", document_id="doc", section_id="a", cursor=cursor, limit=5)
+        assert len(rest["sessions"]) == 2 and rest["next_cursor"] is None
+
+
+@pytest.mark.timeout(60)
+async def test_list_sessions_cursor_survives_a_restart(server_process):
+    """A cursor encodes a position, not server memory: it pages on after a restart (and a kill -9)."""
+    server = server_process()
+    created = await create_many(server.url, "doc", [f"s{n % 4}" for n in range(30)])
+    async with ScriptClient.connect(server.url, name="alice") as alice:
+        whole = (await alice.call("list_sessions", document_id="doc"))["sessions"]
+        first = await alice.call("list_sessions", document_id="doc", limit=11)
+    assert sorted(s["session_id"] for s in whole) == sorted(s["session_id"] for s in created)
+    server.kill()
+    restarted = server_process()
+    async with ScriptClient.connect(restarted.url, name="alice") as alice:
+        rest, _ = await list_all(alice, 7, document_id="doc")  # a fresh listing pages the same
+        assert rest == whole
+        page = await alice.call("list_sessions", document_id="doc", limit=100, cursor=first["next_cursor"])
+    assert first["sessions"] + page["sessions"] == whole

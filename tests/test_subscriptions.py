@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from client import ScriptClient
+from protocol.messages import MAX_LISTED_SESSIONS
 from server.app import running
 from server.config import Config
 
@@ -21,6 +24,7 @@ async def test_subscribed_reply(connect):
         reply = await bob.request("subscribe", id="s1", document_id="d", section_id="s")
     assert set(reply) == {
         "type", "reply_to", "document_id", "section_id", "epoch", "offset", "sessions", "presence", "recovered", "events",
+        "sessions_complete",
     }
     assert reply["type"] == "subscribed" and reply["reply_to"] == "s1"
     assert reply["document_id"] == "d" and reply["section_id"] == "s"
@@ -29,6 +33,7 @@ async def test_subscribed_reply(connect):
     assert reply["sessions"] == [created["session"]]
     assert reply["presence"] == ["alice", "bob"]
     assert reply["recovered"] is False and reply["events"] == []
+    assert reply["sessions_complete"] is True
 
 
 async def test_two_subscribers_see_each_others_events(connect):
@@ -235,3 +240,60 @@ async def test_typing(connect):
         assert await bob.next_event("typing") == {"type": "typing", "session_id": sid, "user": "alice"}
         await alice.call("ping")
         assert [e for e in alice.take_events() if e["type"] == "typing"] == []
+
+
+async def create_sessions(url: str, count: int, document_id: str = "d", section_id: str = "s", writers: int = 8) -> list[dict]:
+    """`count` sessions in one section, created over several connections at once (the server batches their fsyncs)."""
+
+    async def write(n: int) -> list[dict]:
+        async with ScriptClient.connect(url, name=f"creator-{n}") as creator:
+            mine = range(n, count, writers)
+            return [(await creator.call("create_session", document_id=document_id, section_id=section_id))["session"] for _ in mine]
+
+    return [session for batch in await asyncio.gather(*(write(n) for n in range(writers))) for session in batch]
+
+
+def stored_order(listed: list[dict]) -> list[str]:
+    return [session["session_id"] for session in listed]
+
+
+@pytest.mark.timeout(120)
+async def test_subscribed_snapshot_is_bounded(app, connect):
+    """Past 1,000 sessions the snapshot holds the 1,000 most recently active, oldest created first, and says it is partial."""
+    await create_sessions(app.url, MAX_LISTED_SESSIONS + 5)
+    async with connect("alice") as alice:
+        everything = []
+        page = await alice.call("list_sessions", document_id="d", section_id="s")
+        while True:
+            everything += page["sessions"]
+            if page["next_cursor"] is None:
+                break
+            page = await alice.call("list_sessions", document_id="d", section_id="s", cursor=page["next_cursor"])
+        assert len(everything) == MAX_LISTED_SESSIONS + 5
+        # The three oldest sessions become the most recently active ones.
+        for session in everything[:3]:
+            await alice.call("send_message", session_id=session["session_id"], text="still going")
+        reply = await subscribe(alice)
+    assert reply["sessions_complete"] is False
+    assert len(reply["sessions"]) == MAX_LISTED_SESSIONS
+    listed = {session["session_id"]: session for session in everything}
+    # Which ones: the active three, then the newest created; the 5 left out are the oldest idle ones.
+    left_out = set(listed) - set(stored_order(reply["sessions"]))
+    assert left_out == set(stored_order(everything[3:8]))
+    # In what order: oldest created first, as list_sessions has them.
+    assert stored_order(reply["sessions"]) == [sid for sid in stored_order(everything) if sid not in left_out]
+    created = [session["created_at"] for session in reply["sessions"]]
+    assert created == sorted(created)
+    # Each session is as it is now (the active ones with their message).
+    assert [session["last_seq"] for session in reply["sessions"][:3]] == [1, 1, 1]
+    assert all(session == listed[session["session_id"]] for session in reply["sessions"][3:])
+
+
+@pytest.mark.timeout(60)
+async def test_subscribed_snapshot_is_complete_up_to_the_bound(app, connect):
+    """A section of exactly 1,000 sessions is sent whole, with sessions_complete true."""
+    created = await create_sessions(app.url, MAX_LISTED_SESSIONS)
+    async with connect("alice") as alice:
+        reply = await subscribe(alice)
+    assert reply["sessions_complete"] is True
+    assert sorted(stored_order(reply["sessions"])) == sorted(stored_order(created))

@@ -19,7 +19,7 @@ class SectionKey(NamedTuple):
     section_id: str
 
 
-class Record(Struct, tag_field="kind", kw_only=True, omit_defaults=True):
+class Record(Struct, tag_field="kind", kw_only=True, omit_defaults=True, gc=False):  # never in a cycle
     offset: int
 
 

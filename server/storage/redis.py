@@ -3,60 +3,131 @@
 # Keys (the {hash tag} keeps one section's keys in one Redis Cluster slot):
 #   sc:{<h(doc,sec)>}:meta   hash   document_id, section_id, epoch, offset
 #   sc:{<h(doc,sec)>}:log    list   record N (JSON) at index N-1
+#   sc:{<h(doc,sec)>}:fence  set    tokens of appends that must never run (see below)
 #   sc:sessions              hash   session_id -> [document_id, section_id]
 #   sc:doc:<h(doc)>          zset   the document's sections, scored by first use
 #
 # Rules kept here:
 # - Appends are compare-and-set on the section's offset, in one Lua script: two
 #   nodes writing one section never both win, so offsets and seqs stay gapless.
-#   The loser gets StaleSection, catches up and decides again. A retried script
-#   whose first run did land (the reply was lost) is recognised and succeeds.
+#   The loser gets StaleSection, catches up and decides again. An append
+#   repeated after it landed (same offset, same first record) succeeds quietly.
 # - The script publishes the new offset on EVENTS_CHANNEL in the same atomic
 #   step, so every node hears of every stored event (and repairs any gap from
 #   the log itself: the message is only a hint).
 # - A session's index entry is written before its section record, as in the
 #   file backend. What Redis acknowledged is as durable as its AOF settings.
+#
+# Unknown outcomes. StorageError ("unavailable") must mean "nothing of it is
+# stored, now or later". Once the append script has been written to a socket,
+# a timeout or a dropped connection does not say that: Redis may have run it
+# and lost the reply, or, stalled (SIGSTOP, a paused VM, a disk that blocks its
+# fsync), hold it in a socket buffer and run it at any later time, even after
+# this node closed the connection, in any order relative to commands that
+# other connections sent meanwhile. So a read that says "not there" proves
+# nothing by itself. Instead:
+# - The append never goes through redis-py's retries (the write client has
+#   none, and the script is sent on a connection this module checked out and
+#   connected itself): it is written to a socket exactly once. A failure before
+#   that (no connection, a failed health-check PING) is "not sent": StorageError.
+# - Every append carries a fresh random token. After a failure once it was
+#   sent, the node runs _RESOLVE (on another connection, again and again until
+#   RESOLVE_BUDGET_S is spent). Atomically, _RESOLVE answers LANDED if the
+#   section's offset is at least the batch's last offset and the record at the
+#   batch's first offset is byte for byte the batch's first record (a message or
+#   a session carries a fresh uuid; an identical close record at that offset is
+#   the same event); otherwise it adds the token to the section's fence set and
+#   answers NOT_LANDED. The append script refuses to run when its token is
+#   fenced, and every append that does run deletes the fence set.
+# - LANDED is true: the records are there. NOT_LANDED is final: the section's
+#   offset never decreases (Redis keeps what it acknowledged) and was at least
+#   E, the offset the batch expects, when _RESOLVE ran. For the batch to land
+#   later, the offset must be exactly E when it runs, so no append landed in
+#   between, so nothing deleted the fence set, so its token is still fenced and
+#   it refuses. A _RESOLVE that runs late (its own reply lost) never fences a
+#   batch that had landed, and running it twice changes nothing. So whatever
+#   order Redis runs queued commands in, the answer given is the truth.
+# - If Redis does not answer _RESOLVE within the budget, append raises
+#   OutcomeUnknown (the chat closes that connection with 1011 and its client
+#   retries with its idempotency key or client_msg_id), and the attempt stays
+#   pending: the section's next append first resolves it and sends nothing
+#   until it has (StorageError meanwhile; StaleSection if it landed, so the
+#   chat catches up before deciding again). Other nodes need not wait: the
+#   compare-and-set and the fence keep them right.
+# - Every wait on Redis is bounded (the *_S constants below). On a silent
+#   Redis an append returns within about CONNECT_TIMEOUT_S + 2 x WRITE_TIMEOUT_S
+#   + 2 x RESOLVE_BUDGET_S (an earlier write's resolution, a handshake or its
+#   own reply, its resolution), a read within CONNECT_TIMEOUT_S + 2 x
+#   READ_TIMEOUT_S, check() within CHECK_TIMEOUT_S.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
+import os
 import time
+from typing import NamedTuple
 
 import msgspec
 import redis.asyncio as redis
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import RedisError
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.maint_notifications import MaintNotificationsConfig
 
 from ..metrics import Metrics
-from .base import SectionKey, SectionLog, SessionCreatedRecord, StaleSection, StorageError, StoredRecord
+from .base import OutcomeUnknown, SectionKey, SectionLog, SessionCreatedRecord, StaleSection, StorageError, StoredRecord
 
 logger = logging.getLogger("sectionchat.storage")
 
 EVENTS_CHANNEL = "sc:events"
 SESSIONS_KEY = "sc:sessions"
 
+# Time bounds (seconds). Reads may be retried once by redis-py (they change
+# nothing); writes never are.
+CONNECT_TIMEOUT_S = 1.0  # TCP connect; the handshake that follows has the command timeout
+READ_TIMEOUT_S = 5.0  # one read (whole sections are read at once)
+WRITE_TIMEOUT_S = 2.0  # one write's reply
+RESOLVE_BUDGET_S = 3.0  # finding out whether a write whose reply was lost landed
+CHECK_TIMEOUT_S = 2.0  # the health check
+
 _encode = msgspec.json.Encoder().encode
 _decode_record = msgspec.json.Decoder(StoredRecord).decode
 _decode_key = msgspec.json.Decoder(tuple[str, str]).decode
 
-# KEYS: meta, log. ARGV: expected offset, epoch, document_id, section_id, channel message, records...
+# KEYS: meta, log, fence. ARGV: expected offset, epoch, document_id, section_id, channel message, token, records...
 _APPEND = """
+if redis.call('SISMEMBER', KEYS[3], ARGV[6]) == 1 then
+    return 'fenced'
+end
 local current = tonumber(redis.call('HGET', KEYS[1], 'offset') or '0')
 local expected = tonumber(ARGV[1])
-local count = #ARGV - 5
+local count = #ARGV - 6
 if current ~= expected then
-    if current >= expected + count and redis.call('LINDEX', KEYS[2], expected) == ARGV[6] then
+    if current >= expected + count and redis.call('LINDEX', KEYS[2], expected) == ARGV[7] then
         return current
     end
     return -1 - current
 end
-redis.call('RPUSH', KEYS[2], unpack(ARGV, 6))
+redis.call('RPUSH', KEYS[2], unpack(ARGV, 7))
 redis.call('HSETNX', KEYS[1], 'epoch', ARGV[2])
 redis.call('HSET', KEYS[1], 'offset', current + count, 'document_id', ARGV[3], 'section_id', ARGV[4])
+redis.call('DEL', KEYS[3])
 redis.call('PUBLISH', '""" + EVENTS_CHANNEL + """', ARGV[5] .. (current + count))
 return current + count
+"""
+
+# KEYS: meta, log, fence. ARGV: expected offset, record count, token, first record.
+# 1: the batch is stored. 0: it is not, and now never will be.
+_RESOLVE = """
+local current = tonumber(redis.call('HGET', KEYS[1], 'offset') or '0')
+local expected = tonumber(ARGV[1])
+if current >= expected + tonumber(ARGV[2]) and redis.call('LINDEX', KEYS[2], expected) == ARGV[4] then
+    return 1
+end
+redis.call('SADD', KEYS[3], ARGV[3])
+return 0
 """
 
 
@@ -73,15 +144,32 @@ def section_keys(key: SectionKey) -> tuple[str, str]:
     return f"sc:{{{tag}}}:meta", f"sc:{{{tag}}}:log"
 
 
-def connect(url: str) -> redis.Redis:
-    """A client that fails fast: a request waiting on a dead Redis is answered `unavailable` soon."""
+def fence_key(key: SectionKey) -> str:
+    return f"sc:{{{section_tag(key)}}}:fence"
+
+
+def connect(url: str, *, socket_timeout: float = READ_TIMEOUT_S, retries: int = 1) -> redis.Redis:
+    """A client that fails fast: a request waiting on a dead or stalled Redis is answered soon."""
     return redis.Redis.from_url(
         url,
-        socket_connect_timeout=2.0,
-        socket_timeout=5.0,
-        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=2),
+        socket_connect_timeout=CONNECT_TIMEOUT_S,
+        socket_timeout=socket_timeout,
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02) if retries else NoBackoff(), retries=retries),
         health_check_interval=10,
+        # Off (they need RESP3, which we do not speak): while they are "auto", the
+        # pool hands out connections the server has closed (a Redis restart)
+        # without noticing, and the next command on one fails.
+        maint_notifications_config=MaintNotificationsConfig(enabled=False),
     )
+
+
+class _Attempt(NamedTuple):
+    """An append as sent, with what it takes to find out whether it landed."""
+
+    expected: int
+    count: int
+    token: str
+    first: bytes  # the encoded first record
 
 
 class RedisStorage:
@@ -90,11 +178,28 @@ class RedisStorage:
     shared = True  # other processes may append to the same sections
     pipelined = False  # one append per section at a time: each is a compare-and-set on the offset
 
-    def __init__(self, url: str, metrics: Metrics | None = None):
+    def __init__(
+        self,
+        url: str,
+        metrics: Metrics | None = None,
+        *,
+        read_timeout_s: float = READ_TIMEOUT_S,
+        write_timeout_s: float = WRITE_TIMEOUT_S,
+        resolve_budget_s: float = RESOLVE_BUDGET_S,
+        check_timeout_s: float = CHECK_TIMEOUT_S,
+    ):
         self.url = url
         self.metrics = metrics
-        self.client = connect(url)
-        self._append = self.client.register_script(_APPEND)
+        # Reads, presence and pub/sub (RedisCluster uses this client too).
+        self.client = connect(url, socket_timeout=read_timeout_s, retries=1)
+        # Writes: no retries, so nothing is ever sent twice behind our back.
+        self.writes = connect(url, socket_timeout=write_timeout_s, retries=0)
+        self._append_script = self.writes.register_script(_APPEND)
+        self._resolve_script = self.writes.register_script(_RESOLVE)
+        self.resolve_budget_s = resolve_budget_s
+        self.check_timeout_s = check_timeout_s
+        # Appends sent whose outcome is not known yet, by section.
+        self._pending: dict[SectionKey, _Attempt] = {}
         # A session never moves, so a found section can be remembered.
         self._session_sections: dict[str, SectionKey] = {}
 
@@ -103,9 +208,11 @@ class RedisStorage:
 
     async def check(self) -> None:
         try:
-            await self.client.ping()
-        except RedisError as error:
-            raise StorageError(f"cannot reach Redis at {self._safe_url()}: {error}") from None
+            async with asyncio.timeout(self.check_timeout_s):
+                await self.client.ping()
+        except (RedisError, OSError) as error:  # OSError: TimeoutError from asyncio.timeout
+            reason = str(error) or f"no answer within {self.check_timeout_s:g} s"
+            raise StorageError(f"cannot reach Redis at {self._safe_url()}: {reason}") from None
 
     def _safe_url(self) -> str:
         # Never print a password that the URL may carry.
@@ -114,6 +221,7 @@ class RedisStorage:
 
     async def close(self) -> None:
         await self.client.aclose()
+        await self.writes.aclose()
 
     async def load_section(self, key: SectionKey) -> SectionLog:
         return await self.read_after(key, 0)
@@ -136,29 +244,111 @@ class RedisStorage:
         return SectionLog(epoch.decode() if epoch else None, records)
 
     async def append(self, key: SectionKey, epoch: str, records: list[StoredRecord]) -> None:
+        expected = records[0].offset - 1
+        pending = self._pending.get(key)
+        if pending is not None:
+            # An earlier append to this section may still land: nothing new goes out until we know.
+            landed = await self._resolve(key, pending, self.resolve_budget_s)
+            if landed is None:
+                raise StorageError("Redis: the outcome of an earlier write to this section is still unknown")
+            if landed and expected < pending.expected + pending.count:
+                raise StaleSection(f"an earlier write to the section landed at offset {pending.expected + 1}")
         created = [r.session.session_id for r in records if isinstance(r, SessionCreatedRecord)]
         meta, log = section_keys(key)
         hint = _encode([key.document_id, key.section_id]).decode() + "\n"
         started = time.perf_counter()
         try:
             if created:
-                async with self.client.pipeline(transaction=True) as pipe:
+                # Its outcome does not matter: an index entry without its record names a
+                # section that lacks the session (`not_found`), as in the file backend.
+                async with self.writes.pipeline(transaction=True) as pipe:
                     entry = _encode([key.document_id, key.section_id])
                     pipe.hset(SESSIONS_KEY, mapping={sid: entry for sid in created})
                     pipe.zadd(f"sc:doc:{_hash(key.document_id)}", {entry: time.time()}, nx=True)
                     await pipe.execute()
-            result = await self._append(
-                keys=[meta, log],
-                args=[records[0].offset - 1, epoch, key.document_id, key.section_id, hint, *map(_encode, records)],
-            )
         except RedisError as error:
             raise StorageError(f"Redis: {error}") from None
+        encoded = [_encode(r) for r in records]
+        attempt = _Attempt(expected, len(records), os.urandom(12).hex(), encoded[0])
+        keys = (meta, log, fence_key(key))
+        args = (expected, epoch, key.document_id, key.section_id, hint, attempt.token, *encoded)
+        result = await self._send_append(key, attempt, keys, args)
         if self.metrics is not None:
             self.metrics.storage_write_seconds.observe(time.perf_counter() - started)
         if result < 0:
-            raise StaleSection(f"section is at offset {-1 - result}, not {records[0].offset - 1}")
+            raise StaleSection(f"section is at offset {-1 - result}, not {expected}")
         for session_id in created:
             self._session_sections[session_id] = key
+
+    async def _send_append(self, key: SectionKey, attempt: _Attempt, keys: tuple, args: tuple) -> int:
+        """Run the append script, sent exactly once; its result, resolved if the reply is lost."""
+        pool = self.writes.connection_pool
+        try:
+            connection = await pool.get_connection()
+        except (RedisError, OSError) as error:
+            raise StorageError(f"Redis: {error}") from None
+        try:
+            try:
+                await connection.check_health()  # a PING if idle; nothing of ours is sent yet
+            except (RedisError, OSError) as error:
+                raise StorageError(f"Redis: {error}") from None
+            self._pending[key] = attempt  # from here on, the script may run at any time
+            try:
+                sha = self._append_script.sha
+                await connection.send_command("EVALSHA", sha, len(keys), *keys, *args, check_health=False)
+                try:
+                    result = await connection.read_response()
+                except NoScriptError:
+                    # Redis ran nothing (it had lost its script cache): send the script itself.
+                    await connection.send_command("EVAL", _APPEND, len(keys), *keys, *args, check_health=False)
+                    result = await connection.read_response()
+            except ResponseError as error:
+                # Redis answered with an error: the script did not run.
+                self._settled(key, attempt)
+                raise StorageError(f"Redis: {error}") from None
+            except (RedisError, OSError) as error:
+                logger.warning("Redis did not confirm a write (%s); finding out whether it landed", error)
+                landed = await self._resolve(key, attempt, self.resolve_budget_s)
+                if landed is None:
+                    raise OutcomeUnknown(
+                        f"Redis did not answer within {self.resolve_budget_s:g} s; the write may or may not be stored"
+                    ) from None
+                if not landed:
+                    raise StorageError(f"Redis: {error} (the write was not stored and never will be)") from None
+                return attempt.expected + attempt.count
+        finally:
+            await pool.release(connection)
+        self._settled(key, attempt)
+        if result == b"fenced":
+            # Only an attempt already resolved as not stored is fenced; nobody waits for its reply.
+            raise StorageError("Redis: the write was fenced off")
+        return int(result)
+
+    async def _resolve(self, key: SectionKey, attempt: _Attempt, budget: float) -> bool | None:
+        """Whether the attempt landed (True) or never will (False); None if Redis does not say in time."""
+        meta, log = section_keys(key)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + budget
+        pause = 0.05
+        while (remaining := deadline - loop.time()) > 0:
+            try:
+                async with asyncio.timeout(remaining):
+                    landed = await self._resolve_script(
+                        keys=[meta, log, fence_key(key)],
+                        args=[attempt.expected, attempt.count, attempt.token, attempt.first],
+                    )
+            except (RedisError, OSError):
+                await asyncio.sleep(min(pause, max(deadline - loop.time(), 0)))
+                pause = min(pause * 2, 0.5)
+                continue
+            self._settled(key, attempt)
+            logger.info("a write whose reply was lost %s", "is stored" if landed else "was not stored (fenced)")
+            return bool(landed)
+        return None
+
+    def _settled(self, key: SectionKey, attempt: _Attempt) -> None:
+        if self._pending.get(key) is attempt:
+            del self._pending[key]
 
     async def find_section(self, session_id: str) -> SectionKey | None:
         key = self._session_sections.get(session_id)
@@ -191,4 +381,3 @@ def parse_hint(data: bytes) -> tuple[SectionKey, int] | None:
         return SectionKey(*_decode_key(head)), int(offset)
     except (msgspec.MsgspecError, ValueError, TypeError):
         return None
-
