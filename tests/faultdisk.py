@@ -5,8 +5,9 @@ files) and keeps, beside it, a model of what is durable: each file's content
 as of its last fsync and each directory's entries as of its last fsync, plus
 what changed since. `materialize` writes what a power cut at this moment would
 leave into a fresh directory: only what was synced, or (the `lucky` mode)
-that plus a random subset of the unsynced changes, applied in order, as a real
-disk may persist some of them.
+that plus a random subset of the unsynced writes to files, applied in order, as a
+real disk may persist some of them, and a random prefix of each directory's
+unsynced changes (file systems journal those in order).
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ class SimulatedDisk(Disk):
         self.persistent = False  # every call from fail_at on fails, until cleared
         self.cut_at: int | None = None  # the call number at which the power goes
         self.dead = False
+        # A test can hold the storage's thread just before a call (to line up what happens meanwhile).
+        self.pause_at: int | None = None
+        self.paused = threading.Event()
+        self.resume = threading.Event()
         self._lock = threading.Lock()
         self._fds: dict[int, Inode] = {}
         self.tree = self._scan(self.root)
@@ -86,6 +91,9 @@ class SimulatedDisk(Disk):
 
     def _call(self, name: str) -> OSError | None:
         """Count a call; raise PowerCut once the power is gone; return the error to inject, if any."""
+        if self.pause_at is not None and self.calls + 1 == self.pause_at:
+            self.paused.set()
+            self.resume.wait(10)
         with self._lock:
             if self.dead:
                 raise PowerCut()
@@ -208,8 +216,8 @@ class SimulatedDisk(Disk):
     def materialize(self, target: Path, rng: random.Random | None = None) -> None:
         """Write what a power cut now would leave into `target` (an empty directory).
 
-        Without `rng`: only what was synced. With it: plus each unsynced change
-        kept with probability 1/2, in order (the "lucky disk").
+        Without `rng`: only what was synced. With it: plus each unsynced write
+        kept with probability 1/2, and a prefix of each directory's changes (the "lucky disk").
         """
         with self._lock:
             self._write_dir(self.tree, target, rng)
@@ -217,12 +225,12 @@ class SimulatedDisk(Disk):
     def _write_dir(self, node: Inode, target: Path, rng: random.Random | None) -> None:
         entries = dict(node.durable_entries)
         if rng is not None:
-            for name, child in node.entry_changes:
-                if rng.random() < 0.5:
-                    if child is None:
-                        entries.pop(name, None)
-                    else:
-                        entries[name] = child
+            # Directory changes are journaled in order (ext4, xfs): a prefix of them survives.
+            for name, child in node.entry_changes[: rng.randint(0, len(node.entry_changes))]:
+                if child is None:
+                    entries.pop(name, None)
+                else:
+                    entries[name] = child
         for name, child in entries.items():
             path = target / name
             if child.is_dir:

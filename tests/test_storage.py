@@ -156,3 +156,41 @@ async def test_unreachable_redis_at_open(redis_server):
     with pytest.raises(StorageError, match="cannot reach Redis"):
         await storage.open()
     await storage.close()
+
+
+async def test_a_format_1_data_dir_is_migrated_on_open(tmp_path):
+    """A data dir of the single-journal layout: what its journal holds beyond the files is put back, then the new layout takes over."""
+    import msgspec
+
+    from server.storage.file import SectionHeader, _name
+
+    data = tmp_path / "data"
+    path = data / "sections" / _name(KEY.document_id) / f"{_name(KEY.section_id)}.log"
+    path.parent.mkdir(parents=True)
+    records = [
+        SessionCreatedRecord(offset=1, session=session("s1")),
+        MessageRecord(offset=2, message=message("s1", 1)),
+        SessionCreatedRecord(offset=3, session=session("s2")),
+        MessageRecord(offset=4, message=message("s2", 1)),
+    ]
+    encode = msgspec.json.encode
+    # The files lost the last two records (a power cut); the old journal still has all four.
+    path.write_bytes(b"".join(encode(item) + b"\n" for item in [SectionHeader("e1", *KEY), *records[:2]]))
+    (data / "sessions.idx").write_bytes(encode(["s1", *KEY]) + b"\n")
+    (data / "journal").write_bytes(encode([*KEY, "e1", records]) + b"\n" + b'["torn')
+    storage = FileStorage(data)
+    await storage.open()
+    try:
+        log = await storage.load_section(KEY)
+        assert log.epoch == "e1" and log.records == records
+        assert await storage.find_section("s2") == KEY
+        await storage.append(KEY, "e1", [MessageRecord(offset=5, message=message("s2", 2))])
+    finally:
+        await storage.close()
+    assert (data / "FORMAT").read_bytes() == b"2\n" and (data / "journal").is_dir()
+    again = FileStorage(data)
+    await again.open()
+    try:
+        assert [r.offset for r in (await again.load_section(KEY)).records] == [1, 2, 3, 4, 5]
+    finally:
+        await again.close()

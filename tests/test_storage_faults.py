@@ -17,6 +17,17 @@ def set_file_size_limit(pid: int, limit: int) -> None:
     resource.prlimit(pid, resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
 
 
+async def retry_until_stored(client: ScriptClient, request: str, **fields) -> dict:
+    """What a client does after `unavailable`: retry (with its key) until the storage has recovered."""
+    for attempt in range(200):
+        reply = await client.request(request, **fields)
+        if reply["type"] != "error":
+            return reply
+        assert reply["code"] == "unavailable"
+        await asyncio.sleep(0.01 * min(attempt, 10))  # client backoff; the storage retries on its own timer too
+    raise AssertionError("storage did not recover")
+
+
 @pytest.mark.timeout(60)
 async def test_write_failure_is_unavailable_and_recovers(server_process, data_dir):
     """A write that fails (file size limit) is `unavailable`, leaves no trace, and writing resumes later."""
@@ -41,7 +52,7 @@ async def test_write_failure_is_unavailable_and_recovers(server_process, data_di
         assert [e["message"] for e in seen] == acked
         # Space returns: the same request now succeeds, with the next seq.
         set_file_size_limit(server.process.pid, resource.RLIM_INFINITY)
-        retry = await alice.call("send_message", session_id=sid, text="x" * 1000, client_msg_id=f"m{len(acked)}")
+        retry = await retry_until_stored(alice, "send_message", session_id=sid, text="x" * 1000, client_msg_id=f"m{len(acked)}")
         assert retry["message"]["seq"] == len(acked) + 1
         assert (await bob.next_event("message"))["message"] == retry["message"]
     server.kill()
@@ -122,7 +133,7 @@ async def test_concurrent_writes_into_a_failing_disk(server_process):
         stored = (await checker.call("history", session_id=sid, limit=200))["messages"]
         assert sorted(m["seq"] for m in acked) == [m["seq"] for m in stored] == list(range(1, len(stored) + 1))
         set_file_size_limit(server.process.pid, resource.RLIM_INFINITY)
-        after = await checker.call("send_message", session_id=sid, text="space is back")
+        after = await retry_until_stored(checker, "send_message", session_id=sid, text="space is back", client_msg_id="back")
         assert after["message"]["seq"] == len(stored) + 1
     server.kill()
     restarted = server_process()

@@ -36,7 +36,7 @@ import pytest
 from faultdisk import SimulatedDisk
 
 from protocol import JSON
-from protocol.messages import CreateSession, SendMessage, Subscribe
+from protocol.messages import CreateSession, Message, SendMessage, Session, Subscribe
 from server.chat import Chat
 from server.storage.base import MessageRecord, SectionKey, SessionCreatedRecord, StorageError
 from server.storage.disk import Disk
@@ -44,7 +44,7 @@ from server.storage.file import FileStorage, _decode_line
 
 SECTIONS = [SectionKey("doc", f"s{n}") for n in range(3)]
 CLIENTS_PER_SECTION = 2
-MESSAGES_PER_CLIENT = 3
+MESSAGES_PER_CLIENT = 4
 SEGMENT_SIZES = (2048, 1 << 20)
 SCRATCH = Path("/dev/shm") if os.path.isdir("/dev/shm") else None  # fsync is free there; the model decides durability
 
@@ -112,12 +112,17 @@ async def workload(storage: FileStorage, outcomes: Outcomes, tag: str) -> None:
         if reply is None:
             return
         session_id = outcomes.session_ids[title] = reply["session"]["session_id"]
-        for m in range(MESSAGES_PER_CLIENT):
+
+        async def send(m: int) -> None:
             cmid = f"{title}-{m}"
             await chat.handle(peer, SendMessage(id=2 + m, session_id=session_id, text=f"text {cmid}", client_msg_id=cmid))
             outcomes.messages[cmid], reply = _outcome(peer, 2 + m)
             if reply is not None:
                 outcomes.acked_messages[cmid] = reply["message"]
+
+        # Two at a time: batches queue behind batches in flight, as under load.
+        for m in range(0, MESSAGES_PER_CLIENT, 2):
+            await asyncio.gather(send(m), send(m + 1))
 
     await asyncio.gather(*(client(key, n) for key in SECTIONS for n in range(CLIENTS_PER_SECTION)))
     await chat.drain()
@@ -252,7 +257,7 @@ async def count_calls() -> int:
 
 
 async def wait_until_writable(storage: FileStorage) -> None:
-    for _ in range(2000):
+    for _ in range(10_000):
         if storage.journal.broken is None:
             return
         await asyncio.sleep(0.001)  # a bounded poll of the storage's own state: it retries on a timer
@@ -352,7 +357,10 @@ async def test_power_cuts_during_and_after_recovery():
                     await storage.close()
                 after = case.fresh(f"after-{cut}")
                 disk.materialize(after, None if cut % 2 else random.Random(cut))
-                await check(after, these)
+                try:
+                    await check(after, these)
+                except AssertionError as error:
+                    raise AssertionError(f"power cut at call {first_cut}, then at call {cut} of the recovery: {error}") from error
                 cases += 1
     print(f"{cases} power cuts during or after a recovery")
 
@@ -389,3 +397,38 @@ def test_the_simulated_disk_forgets_what_was_not_synced(tmp_path):
     with pytest.raises(OSError):
         disk.open(tmp_path / "c", os.O_WRONLY | os.O_CREAT)
     assert isinstance(Disk(), Disk)
+
+
+async def test_a_write_queued_behind_a_failed_section_file_update(tmp_path):
+    """The journal took a batch but its section file did not: it is acknowledged, what queued behind it is refused, and the next offset follows it."""
+    root = tmp_path / "data"
+    root.mkdir()
+    disk = SimulatedDisk(root)
+    storage = _fast(FileStorage(root, disk=disk), 1 << 20)
+    await storage.open()
+    key = SECTIONS[0]
+    session = Session("s", *key, None, "alice", "2026-12-01T00:00:00.000Z", False, 0)
+
+    def message(seq: int) -> MessageRecord:
+        return MessageRecord(offset=seq + 1, message=Message("s", seq, f"m{seq}", "alice", "hi", None, "2026-12-01T00:00:00.000Z"))
+
+    await storage.load_section(key)
+    await storage.append(key, "e", [SessionCreatedRecord(offset=1, session=session)])
+    # Next: the journal's write and fdatasync succeed, then the section file's write fails.
+    disk.fail_at = disk.pause_at = disk.calls + 3
+    first = asyncio.ensure_future(storage.append(key, "e", [message(1)]))
+    await asyncio.to_thread(disk.paused.wait, 10)
+    queued = asyncio.ensure_future(storage.append(key, "e", [message(2)]))
+    await asyncio.sleep(0)  # it is queued behind the batch in flight
+    disk.resume.set()
+    await first
+    with pytest.raises(StorageError):
+        await queued
+    disk.fail_at = None
+    await wait_until_writable(storage)
+    await storage.append(key, "e", [message(2)])
+    await storage.close()
+    reopened = FileStorage(root)
+    await reopened.open()
+    assert [r.offset for r in (await reopened.load_section(key)).records] == [1, 2, 3]
+    await reopened.close()

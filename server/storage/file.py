@@ -253,7 +253,7 @@ class Journal:
         self._checkpointer: asyncio.Task[None] | None = None
         # Why writes cannot be acknowledged now (None: they can).
         self.broken: str | None = None
-        self._rebuild = False  # derived files must be rebuilt from the journal before going on
+        self._untrusted: set[Path] = set()  # derived files to rebuild from the journal before going on
         self._unresolved: list[PendingAppend] = []  # written when the journal failed: outcome unknown
         self._unresolved_since = 0.0
         self._last_logged = -LOG_INTERVAL_S
@@ -262,6 +262,7 @@ class Journal:
         self.outcome_deadline_s = OUTCOME_DEADLINE_S
         self.retry_delays_s = RETRY_DELAYS_S
         self.segment_bytes = SEGMENT_BYTES
+        self._retry_waiter: asyncio.Future[None] | None = None
 
     # The write path ---------------------------------------------------------------
 
@@ -289,12 +290,12 @@ class Journal:
                     logger.exception("storage write failed unexpectedly")
                     self._batch_failed(batch, BatchFailed(OSError(repr(error)), written=True))
                     continue
-                if derived_error is not None:
-                    self._break(derived_error, rebuild=True)
                 for item in batch:
                     item.section.durable_offset = item.last_offset
                     if not item.outcome.done():
                         item.outcome.set_result(None)
+                if derived_error is not None:  # after the above: what it refuses is rewound to this batch
+                    self._break(*derived_error)
                 self._start_checkpoint()
                 if self.metrics is not None:
                     self.metrics.storage_write_seconds.observe(time.perf_counter() - started)
@@ -302,10 +303,10 @@ class Journal:
         finally:
             self._flusher = None
 
-    def _write_batch(self, batch: list[PendingAppend]) -> str | None:
+    def _write_batch(self, batch: list[PendingAppend]) -> tuple[str, set[Path]] | None:
         """In a worker thread: the journal entry, its fdatasync, then the derived files.
 
-        Returns why a derived file is no longer trusted, if one failed.
+        Returns why derived files are no longer trusted, and which, if a write to one failed.
         """
         disk, storage = self.disk, self.storage
         planned: dict[DerivedFile, int] = {}  # where the next bytes of each file go
@@ -353,19 +354,26 @@ class Journal:
             raise BatchFailed(error, written=True) from None
         self._size += len(data)
         # Durable: now the derived files. A failure here loses nothing (the
-        # journal has it) but leaves the file untrusted until it is rebuilt.
-        try:
-            for item in batch:
-                for file, at, data in item.derived:
-                    if file.size != at:
-                        raise OSError(f"{file.path} is at {file.size}, expected {at}")
-                    file.size = at + len(data)  # what the file holds once rebuilt, even if this write fails
-                    self.current.touched.add(file.path)
-                    disk.write(self.descriptors.get(file.path), data)
-        except OSError as error:
-            logger.error("cannot update %s after a durable write (%s); rebuilding it from the journal", file.path, _error_text(error))
-            self.descriptors.forget(file.path)
-            return f"cannot write {file.path.name}: {_error_text(error)}"
+        # journal has it) but leaves the file, and those not yet written,
+        # untrusted until they are rebuilt from it.
+        failure: OSError | None = None
+        untrusted: set[Path] = set()
+        for item in batch:
+            for file, at, data in item.derived:
+                assert file.size == at, f"{file.path} is at {file.size}, expected {at}"
+                file.size = at + len(data)  # what the file holds, now or once rebuilt
+                self.current.touched.add(file.path)
+                if failure is None:
+                    try:
+                        disk.write(self.descriptors.get(file.path), data)
+                        continue
+                    except OSError as error:
+                        failure = error
+                        logger.error("cannot update %s after a durable write (%s); rebuilding from the journal", file.path, _error_text(error))
+                        self.descriptors.forget(file.path)
+                untrusted.add(file.path)
+        if failure is not None:
+            return f"cannot update {len(untrusted)} files: {_error_text(failure)}", untrusted
         return None
 
     def _start_segment(self, number: int | None = None) -> None:
@@ -404,18 +412,18 @@ class Journal:
             # Until the journal is cut back we cannot say it was not stored.
             self._unresolved = [item for item in batch if not item.outcome.done()]
             self._unresolved_since = time.monotonic()
-            self._break(_error_text(failure.error), rebuild=False)
+            self._break(_error_text(failure.error))
         else:
             _refuse(batch, StorageError(f"cannot write: {_error_text(failure.error)}"))
             self._refuse_queued()
 
-    def _break(self, reason: str, *, rebuild: bool) -> None:
+    def _break(self, reason: str, rebuild: set[Path] = frozenset()) -> None:
         """Accept nothing until `_recover` has verified the storage again."""
         if self.broken is None:
             self.broken = reason
             if self.metrics is not None:
                 self.metrics.storage_failures.inc()
-        self._rebuild = self._rebuild or rebuild
+        self._untrusted |= rebuild
         self._refuse_queued()
         if self._flusher is None:
             self._flusher = asyncio.get_running_loop().create_task(self._flush())
@@ -445,22 +453,38 @@ class Journal:
         attempt = 0
         while True:
             self._report_unknown_outcomes()
-            if self._rebuild:
+            if self._untrusted:
                 await self.storage.stop_reads()
             try:
                 await aiofiles.os.wrap(self._restore)()
             except OSError as error:
                 if attempt == 0:
                     logger.warning("storage still failing (%s); retrying", _error_text(error))
-                await asyncio.sleep(self.retry_delays_s[min(attempt, len(self.retry_delays_s) - 1)])
+                await self._pause(self.retry_delays_s[min(attempt, len(self.retry_delays_s) - 1)])
                 attempt += 1
                 continue
             self._log_failure(f"storage recovered after {attempt} retries; accepting writes again")
             unresolved, self._unresolved = self._unresolved, []
             _refuse(unresolved, StorageError(f"cannot write: {self.broken}; nothing was stored"))
-            self.broken, self._rebuild = None, False
+            self.broken = None
+            self._untrusted.clear()
             self.storage.readable.set()
             return
+
+    async def _pause(self, delay: float) -> None:
+        """Until the next recovery attempt is due, or a write wants one now."""
+        loop = asyncio.get_running_loop()
+        waiter = self._retry_waiter = loop.create_future()
+        timer = loop.call_later(delay, _settle, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._retry_waiter = None
+
+    def retry_now(self) -> None:
+        if self._retry_waiter is not None:
+            _settle(self._retry_waiter)
 
     def _report_unknown_outcomes(self) -> None:
         if self._unresolved and time.monotonic() - self._unresolved_since >= self.outcome_deadline_s:
@@ -474,9 +498,9 @@ class Journal:
         self._drop_descriptor()
         assert self.current is not None
         self.disk.truncate_path(self.current.path, self._size)
-        if self._rebuild:
+        if self._untrusted:
             self.descriptors.close_all()
-            self.storage.rebuild_derived([*self.sealed, self.current], sync=True)
+            self.storage.rebuild_derived([*self.sealed, self.current], sync=True, only=self._untrusted)
         self._fd = self.disk.open(self.current.path, os.O_WRONLY | os.O_APPEND)
 
     def _drop_descriptor(self) -> None:
@@ -502,9 +526,8 @@ class Journal:
                     await aiofiles.os.wrap(self._retire)(segment)
                 except OSError as error:
                     logger.error("checkpoint failed (%s); rebuilding from the journal", _error_text(error))
-                    self._break(f"checkpoint failed: {_error_text(error)}", rebuild=True)
+                    self._break(f"checkpoint failed: {_error_text(error)}", set(segment.touched))
                     return
-                self.sealed.remove(segment)
         finally:
             self._checkpointer = None
 
@@ -512,17 +535,16 @@ class Journal:
         """In a worker thread: make a segment's effects durable on their own, then delete it."""
         sync_all(self.disk, segment.touched, segment.new_dirs)
         self.disk.unlink(segment.path)
+        self.sealed.remove(segment)  # gone: a rebuild must not look for it
         self.disk.sync_path(self.dir)
 
     # Lifecycle ------------------------------------------------------------------------
 
     def start(self) -> None:
         """In a worker thread, after recovery on open: an empty journal with a fresh segment."""
-        numbers = [int(p.stem) for p in _segments(self.dir)]
-        self._start_segment(max(numbers, default=0) + 1)
-        for number in numbers:
-            self.disk.unlink(self.dir / f"{number:016d}.wal")
-        self.disk.sync_path(self.dir)
+        old = _segments(self.dir)
+        self._start_segment(max((int(p.stem) for p in old), default=0) + 1)
+        _delete_oldest_first(self.disk, self.dir, old)
 
     def abandon(self) -> None:
         """Stop at once without writing anything more, as a kill -9 would (for tests)."""
@@ -553,10 +575,16 @@ class Journal:
         for segment in [*self.sealed, self.current]:
             sync_all(self.disk, segment.touched, segment.new_dirs)
         self._drop_descriptor()
-        for segment in [*self.sealed, self.current]:
-            self.disk.unlink(segment.path)
-        self.disk.sync_path(self.dir)
+        _delete_oldest_first(self.disk, self.dir, [segment.path for segment in [*self.sealed, self.current]])
         self.sealed, self.current = [], None
+
+
+def _delete_oldest_first(disk: Disk, directory: Path, segments: list[Path]) -> None:
+    # Each deletion is durable before the next: whatever a crash leaves is the
+    # newest segments, which replay correctly on their own (the older ones never would).
+    for path in segments:
+        disk.unlink(path)
+        disk.sync_path(directory)
 
 
 def sync_all(disk: Disk, files: set[Path], directories: set[Path]) -> None:
@@ -571,6 +599,11 @@ def _segments(directory: Path) -> list[Path]:
         return sorted(p for p in directory.iterdir() if p.suffix == ".wal")
     except FileNotFoundError:
         return []
+
+
+def _settle(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 def _rewind(items: list[PendingAppend]) -> None:
@@ -608,7 +641,7 @@ class FileStorage:
         self.journal = Journal(self)
         self.index = DerivedFile(self.root / INDEX_NAME, 0)
         self._session_sections: dict[str, SectionKey] = {}
-        self._document_sections: dict[str, dict[SectionKey, None]] = {}
+        self._document_sections: dict[str, dict[SectionKey, SectionKey]] = {}
         self._loaded: dict[SectionKey, LoadedSection] = {}
         self.readable = asyncio.Event()  # cleared while derived files are being rebuilt
         self.readable.set()
@@ -663,8 +696,8 @@ class FileStorage:
         if not format_path.exists() or format_path.read_bytes() != FORMAT:
             disk.write_atomically(format_path, FORMAT)
 
-    def rebuild_derived(self, segments: list[Segment], *, sync: bool) -> None:
-        """In a worker thread: rewrite every derived file the journal covers from where its first entry starts.
+    def rebuild_derived(self, segments: list[Segment], *, sync: bool, only: set[Path] | None = None) -> None:
+        """In a worker thread: rewrite every derived file the journal covers (or those in `only`) from where its first entry starts.
 
         The journal is cut at its first torn or damaged entry (nothing after it
         was acknowledged). With `sync`, the rebuilt files and their directories
@@ -674,7 +707,10 @@ class FileStorage:
         writes: dict[Path, tuple[int, list[bytes]]] = {}
         sections: dict[Path, int] = {}  # section files rebuilt, and where they now end
         for number, segment in enumerate(segments):
-            content = disk.read_file(segment.path)
+            try:
+                content = disk.read_file(segment.path)
+            except FileNotFoundError:
+                continue  # retired, its deletion not yet synced: everything in it was
             good = 0
             for line in content.splitlines(keepends=True):
                 payload = _unframe(line[:-1]) if line.endswith(b"\n") else None
@@ -703,6 +739,8 @@ class FileStorage:
                 for later in segments[number + 1 :]:
                     disk.truncate_path(later.path, 0)
                 break
+        if only is not None:
+            writes = {path: planned for path, planned in writes.items() if path in only}
         new_dirs: set[Path] = set()
         for path, (at, chunks) in writes.items():
             disk.makedirs(path.parent)
@@ -893,6 +931,7 @@ class FileStorage:
             # Built on an append that failed after this one was decided.
             raise StorageError("an earlier write to this section failed; nothing was stored")
         if self.journal.broken is not None:
+            self.journal.retry_now()  # the fault may have cleared: writes resume at the speed of traffic
             raise StorageError(f"storage is recovering ({self.journal.broken}); nothing was stored")
         section.next_offset = records[-1].offset + 1
         created = _created(records)
@@ -905,8 +944,9 @@ class FileStorage:
             self._remember_session(session_id, key)
 
     def _remember_session(self, session_id: str, key: SectionKey) -> None:
+        # One SectionKey object per section, shared by its sessions.
+        key = self._document_sections.setdefault(key.document_id, {}).setdefault(key, key)
         self._session_sections[session_id] = key
-        self._document_sections.setdefault(key.document_id, {})[key] = None
 
     async def find_section(self, session_id: str) -> SectionKey | None:
         return self._session_sections.get(session_id)
