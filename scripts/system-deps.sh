@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Debian packages the test suite needs: Chromium for the browser tests, redis-server
-# for the Redis backend.
+# for the Redis backend, strace for the syscall fault-injection tests.
 # Installs only what is missing; needs root (or sudo) when something is.
 set -euo pipefail
 packages=()
 command -v chromium >/dev/null 2>&1 || packages+=(chromium)
 command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
+command -v strace >/dev/null 2>&1 || packages+=(strace)
 if [ ${#packages[@]} -eq 0 ]; then
     exit 0
 fi
