@@ -17,13 +17,19 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(BIN)/python -m bench.requests
 
-# Every benchmark and the plots (about 8 minutes).
+# Every benchmark and the plots (about 8 minutes, plus about 15 for bench-growth).
 bench-all: $(VENV)/.installed
 	$(BIN)/python -m bench.requests
 	$(BIN)/python -m bench.fanout
 	$(BIN)/python -m bench.memory
 	$(BIN)/python -m bench.scaling
 	$(BIN)/python -m bench.plots
+	$(BIN)/python -m bench.growth
+
+# Costs against the data's size: start, history, subscribe, write, restart (about 15 minutes).
+.PHONY: bench-growth
+bench-growth: $(VENV)/.installed
+	$(BIN)/python -m bench.growth
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
