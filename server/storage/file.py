@@ -99,6 +99,7 @@ _encode = msgspec.json.Encoder().encode
 _decode_line = msgspec.json.Decoder(Union[SectionHeader, StoredRecord]).decode
 _decode_record = msgspec.json.Decoder(StoredRecord).decode
 _decode_index_line = msgspec.json.Decoder(tuple[str, str, str]).decode
+_decode_index = msgspec.json.Decoder(list[tuple[str, str, str]]).decode
 _decode_entry = msgspec.json.Decoder(JournalEntry).decode
 _decode_legacy_entry = msgspec.json.Decoder(LegacyJournalEntry).decode
 
@@ -826,22 +827,31 @@ class FileStorage:
         self.disk.unlink(path)
 
     async def _load_index(self) -> None:
-        index = await self._run(self._read_index_sync)
-        for session_id, key in index.items():
-            self._remember_session(session_id, key)
+        self._session_sections = await self._run(self._read_index_sync)
+        for key in self._session_sections.values():  # one SectionKey object per section
+            self._document_sections.setdefault(key.document_id, {})[key] = key
 
     def _read_index_sync(self) -> dict[str, SectionKey]:
         path = self.index.path
         content = _read_or_empty(self.disk, path)
         end = content.rfind(b"\n") + 1
+        lines = content[:end].splitlines()
+        try:  # one decode for the whole file; line by line only if some line is damaged
+            rows = _decode_index(b"[" + b",".join(lines) + b"]")
+        except msgspec.MsgspecError:
+            rows = []
+            for number, line in enumerate(lines, 1):
+                try:
+                    rows.append(_decode_index_line(line))
+                except msgspec.MsgspecError:
+                    logger.warning("skipping unreadable line %d of %s", number, path)
+        keys: dict[tuple[str, str], SectionKey] = {}
         index: dict[str, SectionKey] = {}
-        for number, line in enumerate(content[:end].splitlines(), 1):
-            try:
-                session_id, document_id, section_id = _decode_index_line(line)
-            except msgspec.MsgspecError:
-                logger.warning("skipping unreadable line %d of %s", number, path)
-                continue
-            index[session_id] = SectionKey(document_id, section_id)
+        for session_id, document_id, section_id in rows:
+            key = keys.get((document_id, section_id))
+            if key is None:
+                key = keys[(document_id, section_id)] = SectionKey(document_id, section_id)
+            index[session_id] = key
         if end < len(content) and not self.read_only:
             logger.warning("cutting a torn tail of %d bytes from %s", len(content) - end, path)
             self.disk.truncate_path(path, end)
