@@ -34,8 +34,8 @@ from pathlib import Path
 import msgspec
 import pytest
 from faultdisk import SimulatedDisk
+from test_chat import CollectingPeer
 
-from protocol import JSON
 from protocol.messages import CreateSession, Message, SendMessage, Session, Subscribe
 from server.chat import Chat
 from server.storage.base import MessageRecord, SectionKey, SessionCreatedRecord, StorageError
@@ -49,18 +49,10 @@ SEGMENT_SIZES = (2048, 1 << 20)
 SCRATCH = Path("/dev/shm") if os.path.isdir("/dev/shm") else None  # fsync is free there; the model decides durability
 
 
-class Peer:
-    codec = JSON
-    documents = None
+class Peer(CollectingPeer):
+    """A peer that also records being closed (with 1011 when a write's outcome is unknown)."""
 
-    def __init__(self, user: str):
-        self.user = user
-        self.connection_id = user
-        self.frames: list[dict] = []
-        self.closed: int | None = None
-
-    def send(self, data: bytes) -> None:
-        self.frames.append(msgspec.json.decode(data))
+    closed: int | None = None
 
     def close(self, code: int, reason: str) -> None:
         self.closed = code
@@ -246,6 +238,20 @@ async def run_on(disk: SimulatedDisk, root: Path, outcomes: Outcomes, tag: str, 
     return storage
 
 
+async def run_into_power_cut(
+    case: Case, root: Path, cut: int, outcomes: Outcomes, tag: str, lucky: random.Random | None
+) -> Path:
+    """Run the workload on `root` until the power goes at call `cut`; return what the disk kept, in a fresh dir."""
+    disk = SimulatedDisk(root)
+    disk.cut_at = cut
+    storage = await run_on(disk, root, outcomes, tag, SEGMENT_SIZES[cut % 2])
+    if storage is not None:
+        await storage.close()
+    after = case.fresh(f"after-{tag}-{cut}")
+    disk.materialize(after, lucky)
+    return after
+
+
 async def count_calls() -> int:
     with Case() as case:
         disk = SimulatedDisk(case.data)
@@ -310,14 +316,8 @@ async def test_every_power_cut_keeps_every_invariant():
     for cut in range(1, calls + 2):
         for lucky in (False, True):
             with Case() as case:
-                disk = SimulatedDisk(case.data)
-                disk.cut_at = cut
                 outcomes = Outcomes()
-                storage = await run_on(disk, case.data, outcomes, "a", SEGMENT_SIZES[cut % 2])
-                if storage is not None:
-                    await storage.close()
-                after = case.fresh("after")
-                disk.materialize(after, random.Random(rng.random()) if lucky else None)
+                after = await run_into_power_cut(case, case.data, cut, outcomes, "a", random.Random(rng.random()) if lucky else None)
                 await check(after, outcomes)
                 cases += 1
     print(f"{cases} power-cut cases over {calls} calls")
@@ -331,14 +331,8 @@ async def test_power_cuts_during_and_after_recovery():
     cases = 0
     for first_cut in sorted(rng.sample(range(calls // 3, calls + 1), 6)):
         with Case() as case:
-            disk = SimulatedDisk(case.data)
-            disk.cut_at = first_cut
             outcomes = Outcomes()
-            storage = await run_on(disk, case.data, outcomes, "a")
-            if storage is not None:
-                await storage.close()
-            crashed = case.fresh("crashed")
-            disk.materialize(crashed, random.Random(first_cut))
+            crashed = await run_into_power_cut(case, case.data, first_cut, outcomes, "a", random.Random(first_cut))
             # How many calls the recovery and a second workload take.
             probe = case.fresh("probe")
             shutil.copytree(crashed, probe, dirs_exist_ok=True)
@@ -349,14 +343,8 @@ async def test_power_cuts_during_and_after_recovery():
             for cut in range(1, counting.calls + 2):
                 again = case.fresh(f"again-{cut}")
                 shutil.copytree(crashed, again, dirs_exist_ok=True)
-                disk = SimulatedDisk(again)
-                disk.cut_at = cut
                 these = Outcomes(**_copy(outcomes))
-                storage = await run_on(disk, again, these, "b")
-                if storage is not None:
-                    await storage.close()
-                after = case.fresh(f"after-{cut}")
-                disk.materialize(after, None if cut % 2 else random.Random(cut))
+                after = await run_into_power_cut(case, again, cut, these, "b", None if cut % 2 else random.Random(cut))
                 try:
                     await check(after, these)
                 except AssertionError as error:
