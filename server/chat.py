@@ -21,8 +21,9 @@ import logging
 import os
 import secrets
 import time
+from array import array
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import NamedTuple, Protocol
@@ -138,12 +139,15 @@ def reply(peer: Peer, frame: ServerFrame) -> None:
 
 
 class SessionState:
-    __slots__ = ("session", "messages", "by_client_msg_id")
+    """A session as a section holds it: its messages are not in memory, only where they are."""
+
+    __slots__ = ("session", "offsets", "by_client_msg_id", "last_sent_at")
 
     def __init__(self, session: Session):
         self.session = session
-        self.messages: list[Message] = []  # messages[i].seq == i + 1
-        self.by_client_msg_id: dict[str, Message] = {}
+        self.offsets = array("I")  # the section offset of each message: seq N at index N - 1
+        self.by_client_msg_id: dict[str, int] = {}  # -> seq
+        self.last_sent_at: str | None = None
 
 
 class Section:
@@ -184,10 +188,11 @@ class Section:
                 event = SessionCreated(session=session, offset=record.offset)
             case MessageRecord(message=message):
                 state = self.sessions[message.session_id]
-                state.messages.append(message)
+                state.offsets.append(record.offset)
                 state.session.last_seq = message.seq
+                state.last_sent_at = message.sent_at
                 if message.client_msg_id is not None:
-                    state.by_client_msg_id[message.client_msg_id] = message
+                    state.by_client_msg_id[message.client_msg_id] = message.seq
                 event = MessageEvent(message=message, offset=record.offset)
             case SessionClosedRecord(session=session):
                 self.sessions[session.session_id].session.closed = True
@@ -204,6 +209,13 @@ class Section:
         if state is None:
             raise ChatError(errors.NOT_FOUND, f"no session {session_id!r}")
         return state
+
+    def recent_messages(self, offsets: Sequence[int]) -> list[Message] | None:
+        """The messages at these offsets if all are still in the recovery window, else None."""
+        first = self.offset - len(self.recent) + 1
+        if not offsets or min(offsets) < first:
+            return None
+        return [self.recent[offset - first].message for offset in offsets]  # type: ignore[union-attr]
 
     def events_after(self, offset: int) -> list[StoredEvent] | None:
         """Stored events after `offset`, or None if some have left the recovery window."""
@@ -241,9 +253,16 @@ class Draft:
         return None if session_id is None else self.session(session_id)
 
     def message(self, session_id: str, client_msg_id: str) -> Message | None:
+        """The message already sent with this client_msg_id, if any."""
         message = self._messages.get((session_id, client_msg_id))
-        if message is None and session_id in self._section.sessions:
-            message = self._section.sessions[session_id].by_client_msg_id.get(client_msg_id)
+        state = self._section.sessions.get(session_id)
+        if message is None and state is not None and client_msg_id in state.by_client_msg_id:
+            found = self._section.recent_messages([state.offsets[state.by_client_msg_id[client_msg_id] - 1]])
+            if found is None:
+                # Stored long ago, so not in memory; Chat.handle reads such originals from storage
+                # before it queues a write, so only a retry racing its original gets here.
+                raise ChatError(errors.UNAVAILABLE, "the original message is being read; retry")
+            message = found[0]
         return message
 
     def add(self, record: StoredRecord) -> None:
@@ -332,10 +351,11 @@ class Chat:
                             errors.TOO_LARGE, f"text is {len(request.text)} characters; the limit is {self.max_text_chars}"
                         )
                     key = await self._key_of(peer, request.session_id)
-                    await self._write(peer, key, partial(self._plan_send_message, peer, request))
+                    if not await self._repeated(peer, key, request):
+                        await self._write(peer, key, partial(self._plan_send_message, peer, request))
                 case History():
                     section = await self._section_of(peer, request.session_id)
-                    reply(peer, _history_page(section.session(request.session_id), request))
+                    reply(peer, await self._history(section, section.session(request.session_id), request))
                 case CloseSession():
                     key = await self._key_of(peer, request.session_id)
                     await self._write(peer, key, partial(self._plan_close_session, peer, request))
@@ -530,6 +550,39 @@ class Chat:
             raise ChatError(errors.CONFLICT, "the session is already closed")
         closed = msgspec.structs.replace(session, closed=True)
         return [SessionClosedRecord(offset=draft.offset + 1, session=closed)], SessionClosed(session=closed, reply_to=request.id)
+
+    async def _repeated(self, peer: Peer, key: SectionKey, request: SendMessage) -> bool:
+        """Answer a retry of a message stored earlier with the original; False if it is new (as far as is known yet)."""
+        if request.client_msg_id is None:
+            return False
+        section = await self._loaded(key)
+        state = section.session(request.session_id)
+        seq = state.by_client_msg_id.get(request.client_msg_id)
+        if seq is None:
+            return False
+        [original] = await self._messages_at(section, [state.offsets[seq - 1]])
+        reply(peer, MessageAck(message=original, reply_to=request.id))
+        return True
+
+    async def _messages_at(self, section: Section, offsets: Sequence[int]) -> list[Message]:
+        """Messages by offset: from the recovery window when they are all in it, else a page read from storage."""
+        found = section.recent_messages(offsets)
+        if found is not None:
+            return found
+        return [record.message for record in await self.storage.read_records(section.key, list(offsets))]  # type: ignore[union-attr]
+
+    async def _history(self, section: Section, state: SessionState, request: History) -> HistoryPage:
+        count, limit = len(state.offsets), request.limit
+        if request.after_seq is not None:
+            start = min(request.after_seq, count)
+            end = min(start + limit, count)
+            has_more = end < count
+        else:
+            end = count if request.before_seq is None else min(max(request.before_seq - 1, 0), count)
+            start = max(end - limit, 0)
+            has_more = start > 0
+        page = await self._messages_at(section, state.offsets[start:end]) if end > start else []
+        return HistoryPage(session_id=request.session_id, messages=page, has_more=has_more, reply_to=request.id)
 
     async def _catch_up(self, section: Section) -> None:
         """Apply and announce what other nodes stored in the section since we last looked."""
@@ -819,20 +872,6 @@ def _presence_frame(key: SectionKey, before: set[str], after: set[str]) -> Prese
     return Presence(document_id=key.document_id, section_id=key.section_id, joined=joined, left=left)
 
 
-def _history_page(state: SessionState, request: History) -> HistoryPage:
-    messages, limit = state.messages, request.limit
-    if request.after_seq is not None:
-        start = min(request.after_seq, len(messages))
-        page = messages[start : start + limit]
-        has_more = start + limit < len(messages)
-    else:
-        end = len(messages) if request.before_seq is None else min(max(request.before_seq - 1, 0), len(messages))
-        start = max(end - limit, 0)
-        page = messages[start:end]
-        has_more = start > 0
-    return HistoryPage(session_id=request.session_id, messages=page, has_more=has_more, reply_to=request.id)
-
-
 def _unavailable(reply_to: str | int | None) -> Error:
     return Error(code=errors.UNAVAILABLE, message="storage is unavailable; nothing was stored", temporary=True, reply_to=reply_to)
 
@@ -872,8 +911,8 @@ def _session_page(sessions: list[Session], request: ListSessions) -> SessionList
 
 def _last_activity(state: SessionState) -> str:
     """When the session last changed: its creation or its latest message (until sessions carry last_activity_at)."""
-    if state.messages:
-        return max(state.session.created_at, state.messages[-1].sent_at)
+    if state.last_sent_at is not None:
+        return max(state.session.created_at, state.last_sent_at)
     return state.session.created_at
 
 

@@ -94,3 +94,28 @@ async def test_cancelled_request_still_completes_its_write(storage):
     bob = CollectingPeer("bob")
     await reloaded.handle(bob, History(session_id=sid))
     assert bob.last()["messages"] == in_memory
+
+
+async def test_history_and_retries_beyond_the_recovery_window_read_from_storage(storage):
+    """Only the recovery window of messages is in memory: older pages and originals of retries come from storage."""
+    chat = Chat(storage, recovery_window=3, section_idle_s=0)
+    alice = CollectingPeer("alice")
+    await chat.handle(alice, CreateSession(document_id="d", section_id="s"))
+    sid = alice.last()["session"]["session_id"]
+    acked = []
+    for n in range(10):
+        await chat.handle(alice, SendMessage(id=n, session_id=sid, text=f"m{n}", client_msg_id=f"c{n}"))
+        acked.append(alice.last()["message"])
+    for evict in (False, True):
+        if evict:
+            assert await chat.evict_idle() == 1  # and loaded back
+        await chat.handle(alice, History(session_id=sid, limit=4))
+        assert alice.last()["messages"] == acked[6:] and alice.last()["has_more"] is True
+        await chat.handle(alice, History(session_id=sid, before_seq=7, limit=4))
+        assert alice.last()["messages"] == acked[2:6]
+        await chat.handle(alice, History(session_id=sid, after_seq=0, limit=200))
+        assert alice.last()["messages"] == acked and alice.last()["has_more"] is False
+        await chat.handle(alice, SendMessage(id="again", session_id=sid, text="m0", client_msg_id="c0"))
+        assert alice.last() == {"type": "message_ack", "reply_to": "again", "message": acked[0]}
+    await chat.handle(alice, History(session_id=sid, limit=200))
+    assert len(alice.last()["messages"]) == 10  # the retries stored nothing

@@ -64,6 +64,18 @@ async def test_append_then_load(storage):
     assert (await storage.read_after(KEY, 3)).records == []
 
 
+async def test_records_are_read_by_offset(storage):
+    """A page of records is read by offset from a loaded section, including ones appended since it was loaded."""
+    await storage.load_section(KEY)
+    records = [SessionCreatedRecord(offset=1, session=session("s1"))] + [
+        MessageRecord(offset=n + 1, message=message("s1", n)) for n in range(1, 6)
+    ]
+    await storage.append(KEY, "e", records[:3])
+    await storage.load_section(KEY)
+    await storage.append(KEY, "e", records[3:])
+    assert await storage.read_records(KEY, [6, 2, 4]) == [records[5], records[1], records[3]]
+
+
 async def test_sessions_are_found_and_listed(storage):
     """find_section locates a session; document_sections lists sections in first-use order."""
     other = SectionKey("doc", "later")

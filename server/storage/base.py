@@ -84,6 +84,9 @@ class Storage(Protocol):
     async def read_after(self, key: SectionKey, offset: int) -> SectionLog:
         """The section's epoch and its records after `offset`, in order."""
 
+    async def read_records(self, key: SectionKey, offsets: list[int]) -> list[StoredRecord]:
+        """The records at these offsets of a loaded section (a page: reads what it returns, not the section)."""
+
     async def append(self, key: SectionKey, epoch: str, records: list[StoredRecord]) -> None:
         """Store records durably right after offset `records[0].offset - 1`.
 

@@ -51,6 +51,9 @@ class Disk:
     def read(self, fd: int, size: int) -> bytes:
         return os.read(fd, size)
 
+    def pread(self, fd: int, size: int, offset: int) -> bytes:
+        return os.pread(fd, size, offset)
+
     def size(self, fd: int) -> int:
         return os.fstat(fd).st_size
 

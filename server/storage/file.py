@@ -41,10 +41,12 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import hashlib
+import itertools
 import logging
 import os
 import time
 import zlib
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,12 +155,16 @@ class DerivedFile:
 class LoadedSection:
     """A section the chat logic holds in memory, as the storage tracks it."""
 
-    __slots__ = ("file", "next_offset", "durable_offset")
+    __slots__ = ("file", "next_offset", "durable_offset", "starts", "lengths")
 
-    def __init__(self, file: DerivedFile, offset: int):
+    def __init__(self, file: DerivedFile, starts: array[int], lengths: array[int]):
         self.file = file
+        offset = len(starts)
         self.next_offset = offset + 1  # counting appends in flight
         self.durable_offset = offset  # the last offset acknowledged
+        # Where each record's line is in the file (offset N at index N - 1): pages are read from there.
+        self.starts = starts
+        self.lengths = lengths
 
 
 @dataclass(eq=False)
@@ -170,8 +176,9 @@ class PendingAppend:
     created: list[str]
     last_offset: int
     outcome: asyncio.Future[None]
-    # Filled in by the batch job: the derived writes, once the entry is durable.
+    # Filled in by the batch job: the derived writes, once the entry is durable, and where its lines start.
     derived: list[tuple[DerivedFile, int, bytes]] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -294,7 +301,10 @@ class Journal:
                     self._break(repr(error), {item.section.file.path for item in batch} | {self.storage.index.path})
                     continue
                 for item in batch:
-                    item.section.durable_offset = item.last_offset
+                    loaded = item.section
+                    loaded.durable_offset = item.last_offset
+                    loaded.starts.extend(item.starts)
+                    loaded.lengths.extend(map(len, item.encoded))
                     if not item.outcome.done():
                         item.outcome.set_result(None)
                 if derived_error is not None:  # after the above: what it refuses is rewound to this batch
@@ -320,14 +330,17 @@ class Journal:
                 file = item.section.file
                 at = planned.get(file, file.size)
                 lines = b"".join(line + b"\n" for line in item.encoded)
+                header = b""
                 if at == 0:
                     # The file and its directory may be new (or left by a failed batch): their
                     # entries are synced by the checkpoint that retires this segment.
                     new_dirs += [file.path.parent, file.path.parent.parent]
                     disk.makedirs(file.path.parent)
                     self.descriptors.get(file.path)  # create it now: a failure here stores nothing
-                    lines = _header_line(item.epoch, item.key) + lines
+                    header = _header_line(item.epoch, item.key)
+                    lines = header + lines
                 planned[file] = at + len(lines)
+                item.starts = list(itertools.accumulate((len(line) + 1 for line in item.encoded[:-1]), initial=at + len(header)))
                 item.derived = [(file, at, lines)]
                 index_at = -1
                 if item.created:
@@ -894,31 +907,57 @@ class FileStorage:
                 self._no_readers.set()
 
     async def load_section(self, key: SectionKey) -> SectionLog:
-        epoch, records, size = await self._read(self._load_section_sync, key)
-        self._loaded[key] = LoadedSection(DerivedFile(self._section_path(key), size), len(records))
+        epoch, records, size, starts, lengths = await self._read(self._load_section_sync, key)
+        self._loaded[key] = LoadedSection(DerivedFile(self._section_path(key), size), starts, lengths)
         return SectionLog(epoch, records)
 
-    def _load_section_sync(self, key: SectionKey) -> tuple[str | None, list[StoredRecord], int]:
+    def _load_section_sync(self, key: SectionKey):
         path = self._section_path(key)
         content = _read_or_empty(self.disk, path)
-        epoch, records, size, torn = self._parse_section(key, content)
+        starts, lengths = array("Q"), array("I")
+        epoch, records, size, torn = self._parse_section(key, content, starts, lengths)
         if torn and not self.read_only:
             logger.warning("cutting a torn tail of %d bytes from %s", torn, path)
             self.disk.truncate_path(path, size)
-        return epoch, records, size
+        return epoch, records, size, starts, lengths
+
+    async def read_records(self, key: SectionKey, offsets: list[int]) -> list[StoredRecord]:
+        section = self._loaded.get(key)
+        if section is None:
+            raise StorageError("section is not loaded")
+        spans = [(section.starts[offset - 1], section.lengths[offset - 1]) for offset in offsets]
+        lines = await self._read(self._read_spans, section.file.path, spans)
+        try:
+            return [_decode_record(line) for line in lines]
+        except msgspec.MsgspecError as error:
+            raise StorageError(f"unreadable record in {section.file.path.name}: {error}") from None
+
+    def _read_spans(self, path: Path, spans: list[tuple[int, int]]) -> list[bytes]:
+        fd = self.disk.open(path, os.O_RDONLY)
+        try:
+            return [self.disk.pread(fd, length, start) for start, length in spans]
+        finally:
+            self.disk.close(fd)
 
     async def read_after(self, key: SectionKey, offset: int) -> SectionLog:
         content = await self._read(_read_or_empty, self.disk, self._section_path(key))
         epoch, records, _, _ = self._parse_section(key, content)
         return SectionLog(epoch, records[offset:])
 
-    def _parse_section(self, key: SectionKey, content: bytes) -> tuple[str | None, list[StoredRecord], int, int]:
-        """The section's epoch and valid records, the size their lines span, and the size of a torn tail."""
+    def _parse_section(
+        self, key: SectionKey, content: bytes, starts: array[int] | None = None, lengths: array[int] | None = None
+    ) -> tuple[str | None, list[StoredRecord], int, int]:
+        """The section's epoch and valid records, the size their lines span, and the size of a torn tail.
+
+        `starts` and `lengths` get where each record's line is.
+        """
         path = self._section_path(key)
         end = content.rfind(b"\n") + 1
         epoch: str | None = None
         records: list[StoredRecord] = []
-        for number, line in enumerate(content[:end].splitlines(), 1):
+        position = 0
+        for number, line in enumerate(content[:end].split(b"\n")[:-1], 1):  # not splitlines: positions count
+            start, position = position, position + len(line) + 1
             try:
                 item = _decode_line(line)
             except msgspec.MsgspecError:
@@ -932,6 +971,9 @@ class FileStorage:
                 logger.warning("skipping line %d of %s: offset %d out of order", number, path, item.offset)
             else:
                 records.append(item)
+                if starts is not None and lengths is not None:
+                    starts.append(start)
+                    lengths.append(len(line))
         return epoch, records, end, len(content) - end
 
     async def append(self, key: SectionKey, epoch: str, records: list[StoredRecord]) -> None:
