@@ -721,8 +721,7 @@ class FileStorage:
         are fsynced, so the journal may then be deleted.
         """
         disk = self.disk
-        writes: dict[Path, tuple[int, list[bytes]]] = {}
-        sections: dict[Path, int] = {}  # section files rebuilt, and where they now end
+        writes: dict[Path, PlannedWrite] = {}
         for number, segment in enumerate(segments):
             try:
                 content = disk.read_file(segment.path)
@@ -746,7 +745,6 @@ class FileStorage:
                 if entry.section_at == 0:
                     lines = _header_line(entry.epoch, key) + lines
                 _plan_write(writes, path, entry.section_at, lines)
-                sections[path] = entry.section_at + len(lines)
                 if entry.index_at >= 0:
                     created = _created([_decode_record(bytes(raw)) for raw in entry.records])
                     _plan_write(writes, self.index.path, entry.index_at, _index_lines(created, key))
@@ -759,7 +757,8 @@ class FileStorage:
         if only is not None:
             writes = {path: planned for path, planned in writes.items() if path in only}
         new_dirs: set[Path] = set()
-        for path, (at, chunks) in writes.items():
+        for path, planned in writes.items():
+            at = planned.start
             disk.makedirs(path.parent)
             new_dirs.update((path.parent, path.parent.parent))
             fd = disk.open(path, os.O_WRONLY | os.O_CREAT)
@@ -771,7 +770,7 @@ class FileStorage:
                     disk.ftruncate(fd, at)
                 disk.close(fd)
                 fd = disk.open(path, os.O_WRONLY | os.O_APPEND)
-                disk.write(fd, b"".join(chunks))
+                disk.write(fd, b"".join(planned.chunks))
                 if sync:
                     disk.fsync(fd)
             finally:
@@ -782,11 +781,10 @@ class FileStorage:
             logger.info("rebuilt %d files from the journal", len(writes))
         # What is in memory follows the files.
         for loaded in self._loaded.values():
-            if loaded.file.path in sections:
-                loaded.file.size = sections[loaded.file.path]
+            if loaded.file.path in writes:
+                loaded.file.size = writes[loaded.file.path].end
         if self.index.path in writes:
-            at, chunks = writes[self.index.path]
-            self.index.size = at + sum(map(len, chunks))
+            self.index.size = writes[self.index.path].end
 
     def _migrate_v1(self, legacy: Path) -> None:
         """Format 1 kept one `journal` file of records not yet checkpointed: put them into the files."""
@@ -1013,16 +1011,24 @@ class FileStorage:
         self._loaded.pop(key, None)
 
 
-def _plan_write(writes: dict[Path, tuple[int, list[bytes]]], path: Path, at: int, data: bytes) -> None:
+@dataclass(eq=False)
+class PlannedWrite:
+    """What a rebuild writes to one file: `chunks`, from `start` to `end`."""
+
+    start: int
+    end: int
+    chunks: list[bytes]
+
+
+def _plan_write(writes: dict[Path, PlannedWrite], path: Path, at: int, data: bytes) -> None:
     planned = writes.get(path)
     if planned is None:
-        writes[path] = (at, [data])
+        writes[path] = PlannedWrite(at, at + len(data), [data])
         return
-    start, chunks = planned
-    end = start + sum(map(len, chunks))
-    if at != end:
-        raise OSError(f"the journal puts bytes at {at} of {path}, expected {end}")
-    chunks.append(data)
+    if at != planned.end:
+        raise OSError(f"the journal puts bytes at {at} of {path}, expected {planned.end}")
+    planned.chunks.append(data)
+    planned.end += len(data)
 
 
 def _read_or_empty(disk: Disk, path: Path) -> bytes:
