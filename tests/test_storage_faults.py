@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import resource
+from pathlib import Path
 
 import pytest
 
@@ -140,3 +141,17 @@ async def test_concurrent_writes_into_a_failing_disk(server_process):
     async with ScriptClient.connect(restarted.url, name="checker") as checker:
         history = (await checker.call("history", session_id=sid, limit=200))["messages"]
         assert history == [*stored, after["message"]]
+
+
+@pytest.mark.timeout(60)
+async def test_an_fd_limit_never_turns_into_failed_writes(server_process):
+    """Writing to more sections than descriptors allow: open files stay bounded, every write is stored, handshakes go on."""
+    server = server_process()
+    resource.prlimit(server.process.pid, resource.RLIMIT_NOFILE, (200, 200))
+    async with ScriptClient.connect(server.url, name="alice") as alice:
+        for n in range(400):
+            await alice.call("create_session", document_id="d", section_id=f"s{n}")
+        async with ScriptClient.connect(server.url, name="bob") as bob:
+            assert len((await bob.call("list_sessions", document_id="d"))["sessions"]) == 400
+    open_files = len(list(Path(f"/proc/{server.process.pid}/fd").iterdir()))
+    assert open_files < 200
