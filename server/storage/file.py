@@ -66,6 +66,7 @@ INDEX_NAME = "sessions.idx"
 JOURNAL_DIR = "journal"
 SEGMENT_BYTES = 16 * 1024 * 1024  # a full segment is checkpointed and deleted
 MAX_OPEN_FILES = 128
+INDEX_CHUNK_BYTES = 4 << 20  # the session index is decoded this much at a time
 OUTCOME_DEADLINE_S = 10.0  # how long a write whose outcome is unknown waits for the storage to find out
 LOG_INTERVAL_S = 5.0  # failures are reported at most this often
 RETRY_DELAYS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)  # between recovery attempts
@@ -846,23 +847,27 @@ class FileStorage:
         path = self.index.path
         content = _read_or_empty(self.disk, path)
         end = content.rfind(b"\n") + 1
-        lines = content[:end].splitlines()
-        try:  # one decode for the whole file; line by line only if some line is damaged
-            rows = _decode_index(b"[" + b",".join(lines) + b"]")
-        except msgspec.MsgspecError:
-            rows = []
-            for number, line in enumerate(lines, 1):
-                try:
-                    rows.append(_decode_index_line(line))
-                except msgspec.MsgspecError:
-                    logger.warning("skipping unreadable line %d of %s", number, path)
         keys: dict[tuple[str, str], SectionKey] = {}
         index: dict[str, SectionKey] = {}
-        for session_id, document_id, section_id in rows:
-            key = keys.get((document_id, section_id))
-            if key is None:
-                key = keys[(document_id, section_id)] = SectionKey(document_id, section_id)
-            index[session_id] = key
+        start = 0
+        while start < end:
+            # A few MiB of lines at a time, each chunk one decode (line by line only if one is damaged).
+            stop = content.rfind(b"\n", start, start + INDEX_CHUNK_BYTES) + 1 or content.find(b"\n", start) + 1
+            chunk, start = content[start:stop], stop
+            try:
+                rows = _decode_index(b"[" + chunk[:-1].replace(b"\n", b",") + b"]")
+            except msgspec.MsgspecError:
+                rows = []
+                for line in chunk.splitlines():
+                    try:
+                        rows.append(_decode_index_line(line))
+                    except msgspec.MsgspecError:
+                        logger.warning("skipping an unreadable line of %s: %r", path, line[:80])
+            for session_id, document_id, section_id in rows:
+                key = keys.get((document_id, section_id))
+                if key is None:
+                    key = keys[(document_id, section_id)] = SectionKey(document_id, section_id)
+                index[session_id] = key
         if end < len(content) and not self.read_only:
             logger.warning("cutting a torn tail of %d bytes from %s", len(content) - end, path)
             self.disk.truncate_path(path, end)
@@ -953,9 +958,13 @@ class FileStorage:
         end = content.rfind(b"\n") + 1
         epoch: str | None = None
         records: list[StoredRecord] = []
-        position = 0
-        for number, line in enumerate(content[:end].split(b"\n")[:-1], 1):  # not splitlines: positions count
-            start, position = position, position + len(line) + 1
+        # Line by line with find, not one split of the whole file: every call is
+        # short, so a big section never holds the GIL (and the event loop) for long.
+        view, start, number = memoryview(content), 0, 0
+        while start < end:
+            stop = content.find(b"\n", start)
+            line, number = view[start:stop], number + 1
+            start, position = stop + 1, start
             try:
                 item = _decode_line(line)
             except msgspec.MsgspecError:
@@ -970,7 +979,7 @@ class FileStorage:
             else:
                 records.append(item)
                 if starts is not None and lengths is not None:
-                    starts.append(start)
+                    starts.append(position)
                     lengths.append(len(line))
         return epoch, records, end, len(content) - end
 
