@@ -94,7 +94,9 @@ class App:
         """Check storage once; the outcome is what /healthz reports until the next check."""
         assert self.storage is not None
         try:
-            await asyncio.wait_for(self.storage.check(), HEALTH_CHECK_TIMEOUT_S)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the cancel that stops this task.
+            async with asyncio.timeout(HEALTH_CHECK_TIMEOUT_S):
+                await self.storage.check()
         except StorageError as error:
             problem: str | None = str(error) or type(error).__name__
         except TimeoutError:
@@ -201,7 +203,7 @@ class App:
             self._sweeper.cancel()
         if self._checker is not None:
             self._checker.cancel()  # before storage closes under a check in flight
-            await asyncio.gather(self._checker, return_exceptions=True)
+            await asyncio.wait([self._checker], timeout=HEALTH_CHECK_TIMEOUT_S)  # bounded: shutdown never hangs on it
         if self.cluster is not None:
             await self.cluster.stop()
         if self.storage is not None:

@@ -895,7 +895,8 @@ class FileStorage:
         """Run a read of derived files in a worker thread, never while they are being rebuilt."""
         if not self.readable.is_set():
             try:
-                await asyncio.wait_for(self.readable.wait(), self.journal.outcome_deadline_s)
+                async with asyncio.timeout(self.journal.outcome_deadline_s):  # not wait_for: it can swallow a cancel on 3.11
+                    await self.readable.wait()
             except TimeoutError:
                 raise StorageError(f"storage is recovering ({self.journal.broken})") from None
         self._readers += 1
