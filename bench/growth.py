@@ -58,6 +58,7 @@ from typing import Any
 import msgspec
 
 from bench.harness import LIMITS_OFF, LISTENING, ROOT, BenchError, filesystem_type, markdown_table, median, percentile
+from bench.plots import log_axes
 
 CURVES = ("start", "history", "subscribe", "write", "restart")
 RESULTS_DIR = ROOT / "bench" / "results"
@@ -1393,21 +1394,11 @@ def _reference(axis, xs: list[float], y0: float, label: str = "∝ data (slope 1
 
 
 def _axes(axis, xs: list[int], xlabel: str, ylabel: str, logy: bool = True) -> None:
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLocator
+    log_axes(axis, xs, xlabel, ylabel, logy=logy, tick=_short_count)
 
-    axis.set_xscale("log")
-    axis.set_xticks(xs)
-    axis.set_xticklabels([f"{x / 1e6:g}M" if x >= 1e6 else f"{x / 1000:g}k" if x >= 1000 else f"{x:,}" for x in xs])
-    axis.xaxis.set_minor_locator(NullLocator())
-    if logy:
-        axis.set_yscale("log")
-        axis.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-        axis.yaxis.set_minor_locator(NullLocator())
-        axis.yaxis.set_minor_formatter(NullFormatter())
-        axis.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:,.0f}" if v >= 1 else f"{v:g}"))
-    axis.set_xlabel(xlabel, fontsize=11)
-    axis.set_ylabel(ylabel, fontsize=11)
-    axis.grid(True, which="major", alpha=0.3)
+
+def _short_count(x: int) -> str:
+    return f"{x / 1e6:g}M" if x >= 1e6 else f"{x / 1000:g}k" if x >= 1000 else f"{x:,}"
 
 
 def plot(documents: dict[str, dict], out_dir: Path, suffix: str = "") -> list[Path]:

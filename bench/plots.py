@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from bench import fanout
@@ -106,18 +107,22 @@ def _series(
     )  # fmt: skip
 
 
-def _log_axes(axis, sizes: list[int], xlabel: str, ylabel: str) -> None:
+def log_axes(
+    axis, sizes: list[int], xlabel: str, ylabel: str, *, logy: bool = True, tick: Callable[[int], str] = "{:,}".format
+) -> None:
+    """Log x axis ticked at the sizes measured (labelled by `tick`), log y axis unless `logy` is false."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLocator
 
     axis.set_xscale("log")
-    axis.set_yscale("log")
     axis.set_xticks(sizes)
-    axis.set_xticklabels([f"{s:,}" for s in sizes])
+    axis.set_xticklabels([tick(s) for s in sizes])
     axis.xaxis.set_minor_locator(NullLocator())
-    axis.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    axis.yaxis.set_minor_locator(NullLocator())
-    axis.yaxis.set_minor_formatter(NullFormatter())
-    axis.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:,.0f}" if v >= 1 else f"{v:g}"))
+    if logy:
+        axis.set_yscale("log")
+        axis.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        axis.yaxis.set_minor_locator(NullLocator())
+        axis.yaxis.set_minor_formatter(NullFormatter())
+        axis.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:,.0f}" if v >= 1 else f"{v:g}"))
     axis.set_xlabel(xlabel, fontsize=11)
     axis.set_ylabel(ylabel, fontsize=11)
     axis.grid(True, which="major", alpha=0.3)
@@ -141,7 +146,7 @@ def plot_fanout(document: dict, out_dir: Path) -> list[Path]:
     for axis, value, name in ((axes[0], "paced_p50_ms", "p50"), (axes[1], "paced_p99_ms", "p99")):
         for target in targets:
             _series(axis, runs, target, "subscribers", value)
-        _log_axes(axis, sizes, "subscribers in the section", f"latency {name}, ms (log)")
+        log_axes(axis, sizes, "subscribers in the section", f"latency {name}, ms (log)")
         axis.set_title(f"{name}: publisher send → subscriber receive", fontsize=12)
         axis.yaxis.set_tick_params(labelleft=True)
     axes[0].legend(loc="upper left", fontsize=10)
@@ -163,7 +168,7 @@ def plot_fanout(document: dict, out_dir: Path) -> list[Path]:
     figure, axis = plt.subplots(figsize=(7.5, 5))
     for target in targets:
         _series(axis, runs, target, "subscribers", "deliveries_per_s")
-    _log_axes(axis, sizes, "subscribers in the section", "deliveries per second (log)")
+    log_axes(axis, sizes, "subscribers in the section", "deliveries per second (log)")
     axis.set_title(
         f"Fan-out throughput, bursts of {burst}\n(≤ {settings['window']} unacked, ≤ {settings['burst_seconds']:g} s "
         f"of sending; median of {runs_per} runs, bars = min–max)",
@@ -193,7 +198,7 @@ def plot_create(document: dict, out_dir: Path) -> Path:
     figure, axis = plt.subplots(figsize=(7.5, 5))
     for target in ("sectionchat", "echo"):
         _series(axis, runs, target, "clients", "rate")
-    _log_axes(axis, sizes, "concurrent clients", "create_session round trips per second (log)")
+    log_axes(axis, sizes, "concurrent clients", "create_session round trips per second (log)")
     _sizes, sc, _lo, _hi = points(runs, "sectionchat", "clients", "rate")
     _sizes, echo, _lo, _hi = points(runs, "echo", "clients", "rate")
     for size, a, b in zip(sizes, sc, echo, strict=False):

@@ -106,6 +106,9 @@ class Peer(Protocol):
     def send(self, data: bytes) -> None:
         """Queue one encoded frame; never blocks."""
 
+    def close(self, code: int, reason: str) -> None:
+        """Close the connection (it reconnects); never blocks."""
+
 
 _second_prefix: tuple[int, str] = (-1, "")
 
@@ -379,8 +382,7 @@ class Chat:
         except OutcomeUnknown as error:
             # No reply would be true: the write may be stored. 1011 makes the client retry with its key.
             logger.warning("closing connection %s with 1011: %s", peer.connection_id, error)
-            if (close := getattr(peer, "close", None)) is not None:
-                close(1011, "outcome of a write unknown; retry with its key")
+            peer.close(1011, "outcome of a write unknown; retry with its key")
         except StorageError as error:
             # The storage reports its outages itself, at a bounded rate; this is per request.
             logger.debug("storage failed: %s", error)
@@ -911,9 +913,7 @@ def _session_page(sessions: list[Session], request: ListSessions) -> SessionList
 
 def _last_activity(state: SessionState) -> str:
     """When the session last changed: its creation or its latest message (until sessions carry last_activity_at)."""
-    if state.last_sent_at is not None:
-        return max(state.session.created_at, state.last_sent_at)
-    return state.session.created_at
+    return state.last_sent_at or state.session.created_at
 
 
 def _snapshot_sessions(section: Section) -> tuple[list[Session], bool]:

@@ -182,8 +182,13 @@ def resolved_config(*args: str, env: dict[str, str] | None = None, cwd: Path = R
 
 
 async def http_get(port: int, path: str) -> tuple[int, dict[str, str], bytes]:
+    return await raw_http(port, f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+
+
+async def raw_http(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send `request` as given and read the answer to EOF (the server closes after one)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+    writer.write(request)
     await writer.drain()
     raw = await reader.read()
     writer.close()

@@ -23,9 +23,13 @@ class CollectingPeer:
         self.user = user
         self.connection_id = user
         self.frames: list[dict] = []
+        self.closed: int | None = None
 
     def send(self, data: bytes) -> None:
         self.frames.append(msgspec.json.decode(data))
+
+    def close(self, code: int, reason: str) -> None:
+        self.closed = code
 
     def last(self) -> dict:
         return self.frames[-1]

@@ -6,7 +6,7 @@ import asyncio
 
 import msgspec
 import pytest
-from conftest import http_get
+from conftest import http_get, raw_http
 
 
 async def test_root_serves_the_browser_client(app):
@@ -34,19 +34,6 @@ async def test_unknown_paths_are_404(app):
     for path in ("/nope", "/static/", "/static/../server/app.py", "/static/%2e%2e/pyproject.toml", "/ws/extra"):
         status, _, _ = await http_get(app.port, path)
         assert status == 404, path
-
-
-async def raw_http(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
-    """Send `request` as given and read the answer to EOF (the server closes after one)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(request)
-    await writer.drain()
-    raw = await reader.read()
-    writer.close()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    status_line, *header_lines = head.decode().split("\r\n")
-    headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in header_lines)}
-    return int(status_line.split()[1]), headers, body
 
 
 def request_line(method: str, path: str, *headers: str) -> bytes:

@@ -50,12 +50,7 @@ SCRATCH = Path("/dev/shm") if os.path.isdir("/dev/shm") else None  # fsync is fr
 
 
 class Peer(CollectingPeer):
-    """A peer that also records being closed (with 1011 when a write's outcome is unknown)."""
-
-    closed: int | None = None
-
-    def close(self, code: int, reason: str) -> None:
-        self.closed = code
+    """A peer whose replies are found by request id."""
 
     def reply_to(self, request_id: int) -> dict | None:
         return next((f for f in reversed(self.frames) if f.get("reply_to") == request_id), None)

@@ -518,7 +518,7 @@ class Journal:
         self.disk.truncate_path(self.current.path, self._size)
         if self._untrusted:
             self.descriptors.close_all()
-            self.storage.rebuild_derived([*self.sealed, self.current], sync=True, only=self._untrusted)
+            self.storage.rebuild_derived([*self.sealed, self.current], only=self._untrusted)
         self._fd = self.disk.open(self.current.path, os.O_WRONLY | os.O_APPEND)
 
     def _drop_descriptor(self) -> None:
@@ -707,19 +707,18 @@ class FileStorage:
             self._migrate_v1(legacy)
         if not journal_dir.is_dir():
             sync_all(disk, set(), set(disk.makedirs(journal_dir)))
-        segments = [Segment(int(p.stem), p) for p in _segments(self.root / JOURNAL_DIR)]
-        self.rebuild_derived(segments, sync=True)
+        self.rebuild_derived([Segment(int(p.stem), p) for p in _segments(journal_dir)])
         self.journal.start()
         format_path = self.root / "FORMAT"
         if not format_path.exists() or format_path.read_bytes() != FORMAT:
             disk.write_atomically(format_path, FORMAT)
 
-    def rebuild_derived(self, segments: list[Segment], *, sync: bool, only: set[Path] | None = None) -> None:
+    def rebuild_derived(self, segments: list[Segment], only: set[Path] | None = None) -> None:
         """In a worker thread: rewrite every derived file the journal covers (or those in `only`) from where its first entry starts.
 
         The journal is cut at its first torn or damaged entry (nothing after it
-        was acknowledged). With `sync`, the rebuilt files and their directories
-        are fsynced, so the journal may then be deleted.
+        was acknowledged). The rebuilt files and their directories are fsynced,
+        so the journal may then be deleted.
         """
         disk = self.disk
         writes: dict[Path, PlannedWrite] = {}
@@ -759,25 +758,10 @@ class FileStorage:
             writes = {path: planned for path, planned in writes.items() if path in only}
         new_dirs: set[Path] = set()
         for path, planned in writes.items():
-            at = planned.start
             disk.makedirs(path.parent)
             new_dirs.update((path.parent, path.parent.parent))
-            fd = disk.open(path, os.O_WRONLY | os.O_CREAT)
-            try:
-                size = disk.size(fd)
-                if size < at:
-                    raise OSError(f"{path} ends at {size} but the journal continues it at {at}: data was lost")
-                if size > at:
-                    disk.ftruncate(fd, at)
-                disk.close(fd)
-                fd = disk.open(path, os.O_WRONLY | os.O_APPEND)
-                disk.write(fd, b"".join(planned.chunks))
-                if sync:
-                    disk.fsync(fd)
-            finally:
-                disk.close(fd)
-        if sync:
-            sync_all(disk, set(), new_dirs)
+            _write_from(disk, path, planned.start, b"".join(planned.chunks), sync=True)
+        sync_all(disk, set(), new_dirs)
         if writes:
             logger.info("rebuilt %d files from the journal", len(writes))
         # What is in memory follows the files.
@@ -805,13 +789,12 @@ class FileStorage:
                 lines = b"".join(_encode(r) + b"\n" for r in missing)
                 if epoch is None:
                     lines = _header_line(entry.epoch, key) + lines
-                if not path.parent.is_dir():
-                    disk.makedirs(path.parent)
-                _append(disk, path, size, lines)
+                disk.makedirs(path.parent)
+                _write_from(disk, path, size, lines)
                 touched.add(path)
             unindexed = [sid for sid in _created(entry.records) if sid not in index]
             if unindexed:
-                _append(disk, self.index.path, None, _index_lines(unindexed, key))
+                _write_from(disk, self.index.path, None, _index_lines(unindexed, key))
                 index.update(dict.fromkeys(unindexed, key))
                 touched.add(self.index.path)
         sync_all(disk, touched, {p.parent for p in touched} | {self._sections_dir})
@@ -1048,12 +1031,21 @@ def _read_or_empty(disk: Disk, path: Path) -> bytes:
         return b""
 
 
-def _append(disk: Disk, path: Path, size: int | None, data: bytes) -> None:
-    """Append `data` to `path`, first cutting it back to `size` (a torn tail) when given."""
+def _write_from(disk: Disk, path: Path, at: int | None, data: bytes, *, sync: bool = False) -> None:
+    """Write `data` into `path` from position `at` (None: its end), cutting off what lies beyond.
+
+    A file shorter than `at` lost what it was known to hold: that is an error, never padded over.
+    """
     fd = disk.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     try:
-        if size is not None and disk.size(fd) > size:
-            disk.ftruncate(fd, size)
+        if at is not None:
+            size = disk.size(fd)
+            if size < at:
+                raise OSError(f"{path} ends at {size} but the journal continues it at {at}: data was lost")
+            if size > at:
+                disk.ftruncate(fd, at)  # O_APPEND: the write goes to the new end
         disk.write(fd, data)
+        if sync:
+            disk.fsync(fd)
     finally:
         disk.close(fd)
