@@ -50,7 +50,7 @@ import sys
 import tempfile
 import time
 from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -388,7 +388,9 @@ class Cache:
         self.tree = tree
         self.made: list[dict[str, Any]] = []  # what this invocation generated (and how long it took)
 
-    def get(self, key: str, build: Callable[[Export], None], base: Dataset | None = None) -> Dataset:
+    def get(
+        self, key: str, build: Callable[[Export], None], base: Dataset | None = None, use: Callable[[str], Awaitable[None]] | None = None
+    ) -> Dataset:
         path = self.root / key
         meta_path = path / "growth-meta.json"
         if meta_path.exists():
@@ -414,11 +416,17 @@ class Cache:
                 raise BenchError(f"sectionchat import failed for {key}:\n{finished.stderr[-3000:]}")
             os.unlink(export.path)
             # One clean start and stop, so any first-start work (migrations, rebuilt
-            # indexes) is done here and not in the first measured run.
+            # indexes) is done here and not in the first measured run; and `use`
+            # (a first request, as any server sees after an import), timed.
             began = time.monotonic()
             server = Server(self.tree, data, partial / "settle.log")
+            first_use_s = None
             try:
                 server.start(timeout=1800)
+                if use is not None:
+                    used = time.monotonic()
+                    asyncio.run(use(server.url))
+                    first_use_s = round(time.monotonic() - used, 3)
             finally:
                 code = server.stop(timeout=600)
             settle_s = time.monotonic() - began
@@ -433,6 +441,7 @@ class Cache:
                 "generate_s": round(generated_s, 2),
                 "import_s": round(import_s, 2),
                 "settle_s": round(settle_s, 2),
+                "first_use_s": first_use_s,
                 "import_output": finished.stderr.strip().splitlines()[-1:],
                 "data_dir_bytes": dir_bytes(data),
                 "tree": self.tree.describe(),
@@ -477,7 +486,14 @@ class Cache:
             export.session(session_id(2, 0), "doc-history", "history")
             export.messages(session_id(2, 0), messages)
 
-        return self.get(f"history-{messages}", build)
+        async def use(url: str) -> None:
+            client = await Client.open(url, "first-use")
+            try:
+                await client.call("history", session_id=session_id(2, 0), limit=50)
+            finally:
+                await client.close()
+
+        return self.get(f"history-{messages}", build, use=use)
 
     def sections(self, count: int) -> Dataset:
         """`count` sections, each one session with a few messages."""

@@ -201,6 +201,9 @@ class App:
             await self.chat.drain()
         if self._sweeper is not None:
             self._sweeper.cancel()
+            await asyncio.wait([self._sweeper])
+        if self.chat is not None:
+            await self.chat.close()
         if self._checker is not None:
             self._checker.cancel()  # before storage closes under a check in flight
             await asyncio.wait([self._checker], timeout=HEALTH_CHECK_TIMEOUT_S)  # bounded: shutdown never hangs on it

@@ -10,7 +10,8 @@
 #   subscriber's `subscribed` reply comes before any event that follows it.
 # - A record is applied the same way whether it was just stored or is being
 #   replayed from storage (`Section.apply`).
-# - Sections nobody uses leave memory and are loaded back on demand.
+# - Sections nobody uses leave memory and are loaded back on demand, from the
+#   state the storage was asked to keep (`Section.snapshot`) and the records after it.
 
 from __future__ import annotations
 
@@ -71,6 +72,7 @@ from .storage.base import (
     MessageRecord,
     OutcomeUnknown,
     SectionKey,
+    SectionState,
     SessionClosedRecord,
     SessionCreatedRecord,
     StaleSection,
@@ -82,6 +84,7 @@ from .storage.base import (
 logger = logging.getLogger("sectionchat.chat")
 
 LOAD_CHUNK = 2000  # records applied between yields to the event loop when a section loads
+KEEP_STATE_AFTER = 1000  # records replayed or added since the kept state before the storage keeps a new one
 
 # What a write decides: the records to store (none: nothing to write) and the reply.
 Plan = tuple[list[StoredRecord], ServerFrame]
@@ -153,6 +156,37 @@ class SessionState:
         self.last_sent_at: str | None = None
 
 
+class SessionSnapshot(msgspec.Struct, array_like=True, gc=False):
+    session: Session
+    offsets: bytes  # SessionState.offsets
+    client_msg_ids: list[str]
+    client_msg_seqs: bytes  # array("I"), the seq of each of client_msg_ids
+    last_sent_at: str | None
+
+
+class SectionSnapshot(msgspec.Struct, array_like=True, gc=False):
+    """A section's state as `Section.apply` left it, kept by the storage so that a load need not replay every record."""
+
+    sessions: list[SessionSnapshot]
+    idempotency: list[tuple[str, str, str]]  # (user, idempotency key, session id)
+
+
+_encode_snapshot = msgspec.msgpack.Encoder().encode
+_decode_snapshot = msgspec.msgpack.Decoder(SectionSnapshot).decode
+
+
+def event_of(record: StoredRecord) -> StoredEvent:
+    """The event that announces a stored record."""
+    match record:
+        case SessionCreatedRecord(session=session):
+            return SessionCreated(session=session, offset=record.offset)
+        case MessageRecord(message=message):
+            return MessageEvent(message=message, offset=record.offset)
+        case SessionClosedRecord(session=session):
+            return SessionClosed(session=session, offset=record.offset)
+    raise TypeError(record)
+
+
 class Section:
     """One section of one document: its stored stream in memory, and who listens."""
 
@@ -179,16 +213,15 @@ class Section:
         self.wakeup: asyncio.Future[None] | None = None  # set when a write is queued
         self.pins = 0
         self.last_used = time.monotonic()
+        self.kept_offset = 0  # the offset of the state the storage keeps for it
 
     def apply(self, record: StoredRecord) -> StoredEvent:
         """Make a stored record part of the section's state; return its event."""
-        event: StoredEvent
         match record:
             case SessionCreatedRecord(session=session, idempotency_key=key):
                 self.sessions[session.session_id] = SessionState(msgspec.structs.replace(session))
                 if key is not None:
                     self.idempotency[(session.created_by, key)] = session.session_id
-                event = SessionCreated(session=session, offset=record.offset)
             case MessageRecord(message=message):
                 state = self.sessions[message.session_id]
                 state.offsets.append(record.offset)
@@ -196,13 +229,35 @@ class Section:
                 state.last_sent_at = message.sent_at
                 if message.client_msg_id is not None:
                     state.by_client_msg_id[message.client_msg_id] = message.seq
-                event = MessageEvent(message=message, offset=record.offset)
             case SessionClosedRecord(session=session):
                 self.sessions[session.session_id].session.closed = True
-                event = SessionClosed(session=session, offset=record.offset)
+        event = event_of(record)
         self.offset = record.offset
         self.recent.append(event)
         return event
+
+    def snapshot(self) -> bytes:
+        """The state `apply` built, encoded (the recovery window is not part of it: it is read back as records)."""
+        sessions = [
+            SessionSnapshot(
+                state.session, state.offsets.tobytes(), list(state.by_client_msg_id),
+                array("I", state.by_client_msg_id.values()).tobytes(), state.last_sent_at,
+            )
+            for state in self.sessions.values()
+        ]
+        idempotency = [(user, key, session_id) for (user, key), session_id in self.idempotency.items()]
+        return _encode_snapshot(SectionSnapshot(sessions, idempotency))
+
+    def restore(self, offset: int, data: bytes) -> None:
+        """Take the state a snapshot of the section at `offset` holds."""
+        snapshot = _decode_snapshot(data)
+        for kept in snapshot.sessions:
+            state = self.sessions[kept.session.session_id] = SessionState(kept.session)
+            state.offsets.frombytes(kept.offsets)
+            state.by_client_msg_id = dict(zip(kept.client_msg_ids, array("I", kept.client_msg_seqs), strict=True))
+            state.last_sent_at = kept.last_sent_at
+        self.idempotency = {(user, key): session_id for user, key, session_id in snapshot.idempotency}
+        self.offset = self.kept_offset = offset
 
     def present(self) -> set[str]:
         return set(self.presence) | self.remote_presence
@@ -321,6 +376,7 @@ class Chat:
         self.max_subscriptions = max_subscriptions
         self._session_quota = PerUserQuota(sessions_per_minute, 60.0)
         self.recovery_window = recovery_window
+        self.keep_state_after = KEEP_STATE_AFTER
         self.presence_window_s = presence_window_s
         self.section_idle_s = section_idle_s
         self.max_cached_sections = max_cached_sections
@@ -796,6 +852,13 @@ class Chat:
 
     async def _load(self, section: Section) -> None:
         log = await self.storage.load_section(section.key)
+        if log.state is not None:
+            section.restore(*log.state)
+            # The recovery window: the last records the state covers, read back (a page, not the section).
+            first = max(1, log.state.offset - self.recovery_window + len(log.records) + 1)
+            window = range(first, log.state.offset + 1)
+            if window:
+                section.recent.extend(map(event_of, await self.storage.read_records(section.key, list(window))))
         for n, record in enumerate(log.records, 1):
             section.apply(record)
             if n % LOAD_CHUNK == 0:
@@ -803,6 +866,14 @@ class Chat:
                 await asyncio.sleep(0)
         section.epoch = log.epoch or secrets.token_hex(8)
         section.loaded = True
+        if len(log.records) >= self.keep_state_after:
+            await self._keep_state(section)  # replayed many records: the next load need not
+
+    async def _keep_state(self, section: Section) -> None:
+        """Have the storage keep the section's state (only ever between writes: nothing in flight)."""
+        if section.loaded and not section.lock.locked() and not section.queue and section.offset > section.kept_offset:
+            await self.storage.keep_state(section.key, SectionState(section.offset, section.snapshot()))
+            section.kept_offset = section.offset
 
     async def evict_idle(self) -> int:
         """Drop sections nobody has used for a while; returns how many."""
@@ -821,6 +892,8 @@ class Chat:
             if section.presence_flush is not None:
                 section.presence_flush.cancel()  # nobody is left to tell
         for section in candidates:
+            if section.offset - section.kept_offset >= self.keep_state_after:
+                await self._keep_state(section)
             await self.storage.release(section.key)
         return len(candidates)
 
@@ -832,6 +905,13 @@ class Chat:
         """Wait for writes in flight (a connection that went away may have left some)."""
         while self._tasks:
             await asyncio.wait(list(self._tasks))
+
+    async def close(self) -> None:
+        """At shutdown, after the last write: have the storage keep the state of sections that changed much."""
+        await self.drain()
+        for section in list(self._sections.values()):
+            if section.offset - section.kept_offset >= self.keep_state_after:
+                await self._keep_state(section)
 
 
 def _forget_task(tasks: set[asyncio.Task[None]]):

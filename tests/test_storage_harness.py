@@ -37,8 +37,8 @@ from faultdisk import SimulatedDisk
 from test_chat import CollectingPeer
 
 from protocol.messages import CreateSession, Message, SendMessage, Session, Subscribe
-from server.chat import Chat
-from server.storage.base import MessageRecord, SectionKey, SessionCreatedRecord, StorageError
+from server.chat import Chat, Section
+from server.storage.base import MessageRecord, SectionKey, SectionLog, SessionCreatedRecord, StorageError
 from server.storage.disk import Disk
 from server.storage.file import FileStorage, _decode_line
 
@@ -81,6 +81,7 @@ def _outcome(peer: Peer, request_id: int) -> tuple[str, dict | None]:
 
 async def workload(storage: FileStorage, outcomes: Outcomes, tag: str) -> None:
     chat = Chat(storage, sessions_per_minute=0)
+    chat.keep_state_after = 1  # every section's state is kept at the end (chat.close), under the same faults
     watchers: dict[SectionKey, Peer] = {}
     for key in SECTIONS:
         watcher = Peer(f"watch-{key.section_id}")
@@ -112,7 +113,7 @@ async def workload(storage: FileStorage, outcomes: Outcomes, tag: str) -> None:
             await asyncio.gather(send(m), send(m + 1))
 
     await asyncio.gather(*(client(key, n) for key in SECTIONS for n in range(CLIENTS_PER_SECTION)))
-    await chat.drain()
+    await chat.close()
     for key, watcher in watchers.items():
         seen = outcomes.events.setdefault(key, {})
         live = [frame for frame in watcher.frames if "offset" in frame and frame["type"] != "subscribed"]
@@ -127,11 +128,15 @@ def _fast(storage: FileStorage, segment_bytes: int) -> FileStorage:
     storage.journal.retry_delays_s = (0.001,)
     # Small: segments fill up and are checkpointed during the workload. Large: the journal keeps everything.
     storage.journal.segment_bytes = segment_bytes
+    storage.fold_after = 3  # the session index is folded into its table during the workload, twice
     return storage
 
 
 async def crash(storage: FileStorage) -> None:
     """kill -9: nothing more is written; what the page cache has stays (the real files)."""
+    if storage._folder is not None:
+        storage._closing.set()
+        await asyncio.wait([storage._folder])  # its worker thread cannot be stopped: the kill comes after it
     storage.journal.abandon()
     await asyncio.sleep(0)  # let the cancelled tasks end
     os.close(storage._lock_fd)
@@ -143,11 +148,18 @@ async def check(root: Path, outcomes: Outcomes) -> None:
     storage = FileStorage(root)
     await storage.open()
     try:
+        # The index first, before any section is loaded (then it answers from the files alone).
+        sections = await storage.document_sections("doc")
+        assert len(set(sections)) == len(sections) and set(sections) <= set(SECTIONS), sections
+        for title, session_id in outcomes.session_ids.items():
+            key = await storage.find_section(session_id)
+            assert key is not None and key.section_id == title.split("-")[1] and key in sections, (title, key)
         titles: Counter[str] = Counter()
         messages: dict[str, dict] = {}
         duplicates: Counter[str] = Counter()
         for key in SECTIONS:
-            log = await storage.load_section(key)
+            log = await storage.read_after(key, 0)
+            await _check_kept_state(storage, key, log)
             assert [r.offset for r in log.records] == list(range(1, len(log.records) + 1)), "offsets not gapless"
             _check_file_is_clean(storage, key, len(log.records))
             seqs: dict[str, int] = {}
@@ -187,6 +199,23 @@ async def check(root: Path, outcomes: Outcomes) -> None:
             assert peer.reply_to(9)["type"] == "session_created"
     finally:
         await storage.close()
+
+
+async def _check_kept_state(storage: FileStorage, key: SectionKey, log: SectionLog) -> None:
+    """A load from the kept state builds exactly the section that replaying every record does."""
+    loaded = await storage.load_section(key)
+    if loaded.state is None:
+        assert loaded.records == log.records
+        return
+    offset, data = loaded.state
+    assert loaded.epoch == log.epoch and loaded.records == log.records[offset:], "the kept state does not join up with the records"
+    from_state, replayed = Section(key, 10), Section(key, 10)
+    from_state.restore(offset, data)
+    for record in loaded.records:
+        from_state.apply(record)
+    for record in log.records:
+        replayed.apply(record)
+    assert from_state.snapshot() == replayed.snapshot() and from_state.offset == replayed.offset
 
 
 def _check_file_is_clean(storage: FileStorage, key: SectionKey, records: int) -> None:

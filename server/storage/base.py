@@ -39,11 +39,22 @@ class SessionClosedRecord(Record, tag="session_closed"):
 StoredRecord = Union[SessionCreatedRecord, MessageRecord, SessionClosedRecord]
 
 
+class SectionState(NamedTuple):
+    """What the chat logic made of a section's records up to `offset`, encoded by it; opaque to storage."""
+
+    offset: int
+    data: bytes
+
+
 class SectionLog(NamedTuple):
-    """A section as loaded from storage: its epoch (None if nothing was ever stored) and records."""
+    """A section as loaded from storage: its epoch (None if nothing was ever stored) and records.
+
+    With a `state` (one saved by `release`), `records` are those after its offset.
+    """
 
     epoch: str | None
     records: list[StoredRecord]
+    state: SectionState | None = None
 
 
 class StorageError(Exception):
@@ -98,6 +109,13 @@ class Storage(Protocol):
 
     async def document_sections(self, document_id: str) -> list[SectionKey]:
         """The sections of a document that hold at least one session, oldest first."""
+
+    async def keep_state(self, key: SectionKey, state: SectionState) -> None:
+        """Keep the chat logic's state of a loaded section with nothing in flight, for its next load.
+
+        That load then returns the state and only the records after it. An
+        optimisation: a backend may ignore it, and it never fails.
+        """
 
     async def release(self, key: SectionKey) -> None:
         """The chat logic no longer holds this section in memory: drop what is cached for it."""

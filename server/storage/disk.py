@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -70,6 +71,35 @@ class Disk:
         finally:
             self.close(fd)
 
+    def size_of(self, path: Path) -> int:
+        """The file's size; 0 if there is none."""
+        try:
+            fd = self.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return 0
+        try:
+            return self.size(fd)
+        finally:
+            self.close(fd)
+
+    def read_at(self, path: Path, size: int, offset: int) -> bytes:
+        """`size` bytes (-1: all) from `offset`; empty if there is no file."""
+        try:
+            fd = self.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return b""
+        try:
+            if size < 0:
+                size = max(self.size(fd) - offset, 0)
+            chunks = []
+            while size > 0 and (chunk := self.pread(fd, min(size, 1 << 24), offset)):
+                chunks.append(chunk)
+                offset += len(chunk)
+                size -= len(chunk)
+            return b"".join(chunks)
+        finally:
+            self.close(fd)
+
     def sync_path(self, path: Path) -> None:
         """fsync a file or directory by name (a directory: so that its new entries survive a power cut)."""
         fd = self.open(path, os.O_RDONLY)
@@ -99,12 +129,13 @@ class Disk:
             return changed
         return [*changed, path.parent]
 
-    def write_atomically(self, path: Path, data: bytes) -> None:
-        """Replace `path` with `data` durably: a new file, synced, renamed over, the directory synced."""
+    def write_atomically(self, path: Path, data: bytes | Iterable[bytes]) -> None:
+        """Replace `path` with `data` (or its chunks) durably: a new file, synced, renamed over, the directory synced."""
         temporary = path.with_name(path.name + ".new")
         fd = self.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         try:
-            self.write(fd, data)
+            for chunk in [data] if isinstance(data, bytes) else data:
+                self.write(fd, chunk)
             self.fsync(fd)
         finally:
             self.close(fd)

@@ -6,7 +6,9 @@
 #   FORMAT                          "2": this layout (a v1 dir is migrated on open)
 #   journal/<n>.wal                 segments of entries "<crc32> <json>\n"
 #   sessions.idx                    one line per session: [session_id, document_id, section_id]
+#   sessions.tbl                    the index up to some line, sorted, searched on disk (sessiontable.py)
 #   sections/<h(doc)>/<h(sec)>.log  a header line, then one record per line
+#   sections/<h(doc)>/<h(sec)>.state  the chat logic's state of the section up to some record (a cache)
 #
 # Rules kept here (the fault tests in tests/test_storage_harness.py check them):
 # - An append is acknowledged once its journal entry is written and the journal
@@ -35,6 +37,10 @@
 #   rebuilt before it deletes a segment.
 # - Open descriptors are bounded (an LRU of MAX_OPEN_FILES); running out of
 #   descriptors closes the cached ones and retries instead of failing a write.
+# - Nothing is read whole that grows with the data: a start reads the index
+#   after the session table, a section loads from its kept state and the
+#   records after it, pages are read by offset. Table and states are caches,
+#   written atomically and checked on use; one that does not fit is passed over.
 
 from __future__ import annotations
 
@@ -56,8 +62,9 @@ import aiofiles.os
 import msgspec
 
 from ..metrics import Metrics
-from .base import OutcomeUnknown, SectionKey, SectionLog, SessionCreatedRecord, StorageError, StoredRecord
+from .base import OutcomeUnknown, SectionKey, SectionLog, SectionState, SessionCreatedRecord, StorageError, StoredRecord
 from .disk import Disk, out_of_descriptors
+from .sessiontable import DamagedTable, SessionTable, TableRow
 
 logger = logging.getLogger("sectionchat.storage")
 
@@ -67,6 +74,8 @@ JOURNAL_DIR = "journal"
 SEGMENT_BYTES = 16 * 1024 * 1024  # a full segment is checkpointed and deleted
 MAX_OPEN_FILES = 128
 INDEX_CHUNK_BYTES = 4 << 20  # the session index is decoded this much at a time
+FOLD_AFTER_SESSIONS = 50_000  # index lines past the session table before they are folded into it
+FOLD_RETRY_S = 30.0
 OUTCOME_DEADLINE_S = 10.0  # how long a write whose outcome is unknown waits for the storage to find out
 LOG_INTERVAL_S = 5.0  # failures are reported at most this often
 RETRY_DELAYS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)  # between recovery attempts
@@ -89,6 +98,18 @@ class JournalEntry(msgspec.Struct, array_like=True):
     records: list[msgspec.Raw]  # each record as encoded once, byte for byte its line in the section file
 
 
+class KeptState(msgspec.Struct, array_like=True):
+    """`<section>.state`: the chat logic's state of a section, and where its records are, up to `offset`."""
+
+    epoch: str
+    offset: int
+    size: int  # the bytes of the section file it covers
+    starts: bytes  # array("Q")
+    lengths: bytes  # array("I")
+    session_ids: list[str]
+    data: bytes
+
+
 class LegacyJournalEntry(msgspec.Struct, array_like=True):
     """An entry of the single `journal` file of format 1."""
 
@@ -105,6 +126,8 @@ _decode_index_line = msgspec.json.Decoder(tuple[str, str, str]).decode
 _decode_index = msgspec.json.Decoder(list[tuple[str, str, str]]).decode
 _decode_entry = msgspec.json.Decoder(JournalEntry).decode
 _decode_legacy_entry = msgspec.json.Decoder(LegacyJournalEntry).decode
+_encode_kept = msgspec.msgpack.Encoder().encode
+_decode_kept = msgspec.msgpack.Decoder(KeptState).decode
 
 
 def _name(identifier: str) -> str:
@@ -156,10 +179,12 @@ class DerivedFile:
 class LoadedSection:
     """A section the chat logic holds in memory, as the storage tracks it."""
 
-    __slots__ = ("file", "next_offset", "durable_offset", "starts", "lengths")
+    __slots__ = ("file", "epoch", "next_offset", "durable_offset", "starts", "lengths", "session_ids")
 
-    def __init__(self, file: DerivedFile, starts: array[int], lengths: array[int]):
+    def __init__(self, file: DerivedFile, epoch: str | None, starts: array[int], lengths: array[int], session_ids: list[str]):
         self.file = file
+        self.epoch = epoch
+        self.session_ids = session_ids
         offset = len(starts)
         self.next_offset = offset + 1  # counting appends in flight
         self.durable_offset = offset  # the last offset acknowledged
@@ -180,6 +205,7 @@ class PendingAppend:
     # Filled in by the batch job: the derived writes, once the entry is durable, and where its lines start.
     derived: list[tuple[DerivedFile, int, bytes]] = field(default_factory=list)
     starts: list[int] = field(default_factory=list)
+    index_span: tuple[int, int] = (-1, -1)  # where its session lines are in the index
 
 
 @dataclass(eq=False)
@@ -306,6 +332,8 @@ class Journal:
                     loaded.durable_offset = item.last_offset
                     loaded.starts.extend(item.starts)
                     loaded.lengths.extend(map(len, item.encoded))
+                    if item.created:
+                        self.storage.remember(TableRow(*item.index_span, item.created, item.key))
                     if not item.outcome.done():
                         item.outcome.set_result(None)
                 if derived_error is not None:  # after the above: what it refuses is rewound to this batch
@@ -350,6 +378,7 @@ class Journal:
                     index_bytes = _index_lines(item.created, item.key)
                     planned[index] = index_at + len(index_bytes)
                     item.derived.append((index, index_at, index_bytes))
+                    item.index_span = (index_at, index_at + len(index_bytes))
                     if index_at == 0:
                         new_dirs.append(index.path.parent)
                 raw = list(map(msgspec.Raw, item.encoded))
@@ -658,9 +687,17 @@ class FileStorage:
         self._lock_fd: int | None = None
         self.journal = Journal(self)
         self.index = DerivedFile(self.root / INDEX_NAME, 0)
-        self._session_sections: dict[str, SectionKey] = {}
-        self._document_sections: dict[str, dict[SectionKey, SectionKey]] = {}
+        self.table = SessionTable(self.disk, self.root)
+        # The index after the table (its tail), in memory: sessions, its rows in index order, new sections per document.
+        self._tail: dict[str, SectionKey] = {}
+        self._tail_rows: list[TableRow] = []
+        self._tail_sections: dict[str, dict[SectionKey, SectionKey]] = {}
+        self.fold_after = FOLD_AFTER_SESSIONS
+        self._folder: asyncio.Task[None] | None = None
+        self._closing = asyncio.Event()
         self._loaded: dict[SectionKey, LoadedSection] = {}
+        self._loaded_sessions: dict[str, SectionKey] = {}  # the sessions of loaded sections
+        self._keeping: set[SectionKey] = set()  # sections whose state is being written
         self.readable = asyncio.Event()  # cleared while derived files are being rebuilt
         self.readable.set()
         self._readers = 0
@@ -775,7 +812,7 @@ class FileStorage:
         """Format 1 kept one `journal` file of records not yet checkpointed: put them into the files."""
         disk = self.disk
         touched: set[Path] = set()
-        index = self._read_index_sync()
+        index = {sid for row in self._read_index_rows(0)[0] for sid in row.session_ids}
         for line in disk.read_file(legacy).splitlines():
             try:
                 entry = _decode_legacy_entry(line)
@@ -795,7 +832,7 @@ class FileStorage:
             unindexed = [sid for sid in _created(entry.records) if sid not in index]
             if unindexed:
                 _write_from(disk, self.index.path, None, _index_lines(unindexed, key))
-                index.update(dict.fromkeys(unindexed, key))
+                index.update(unindexed)
                 touched.add(self.index.path)
         sync_all(disk, touched, {p.parent for p in touched} | {self._sections_dir})
         disk.unlink(legacy)
@@ -822,42 +859,66 @@ class FileStorage:
         self.disk.unlink(path)
 
     async def _load_index(self) -> None:
-        self._session_sections = await self._run(self._read_index_sync)
-        for key in self._session_sections.values():  # one SectionKey object per section
-            self._document_sections.setdefault(key.document_id, {})[key] = key
+        for row in await self._run(self._read_index_tail):
+            self.remember(row)
 
-    def _read_index_sync(self) -> dict[str, SectionKey]:
+    def _read_index_tail(self) -> list[TableRow]:
+        """In a worker thread: the index lines the session table does not cover (all of them if there is no table)."""
         path = self.index.path
-        content = _read_or_empty(self.disk, path)
+        size = self.disk.size_of(path)
+        if not self.table.open(size) and self.table.path.exists():
+            logger.warning("%s is unusable; reading the whole session index", self.table.path.name)
+        start = self.table.covers
+        if start and self.disk.read_at(path, 1, start - 1) != b"\n":
+            logger.warning("%s does not end where a line of %s does; reading the whole index", self.table.path.name, path.name)
+            self.table.open(-1)
+            start = 0
+        rows, end = self._read_index_rows(start)
+        if end < size and not self.read_only:
+            logger.warning("cutting a torn tail of %d bytes from %s", size - end, path)
+            self.disk.truncate_path(path, end)
+        self.index.size = end
+        return rows
+
+    def _read_index_rows(self, start: int) -> tuple[list[TableRow], int]:
+        """The index's lines from `start`, and where the last whole one ends."""
+        path = self.index.path
+        content = self.disk.read_at(path, -1, start)
         end = content.rfind(b"\n") + 1
         keys: dict[tuple[str, str], SectionKey] = {}
-        index: dict[str, SectionKey] = {}
-        start = 0
-        while start < end:
+        rows: list[TableRow] = []
+        position = 0
+        while position < end:
             # A few MiB of lines at a time, each chunk one decode (line by line only if one is damaged).
-            stop = content.rfind(b"\n", start, start + INDEX_CHUNK_BYTES) + 1 or content.find(b"\n", start) + 1
-            chunk, start = content[start:stop], stop
+            stop = content.rfind(b"\n", position, position + INDEX_CHUNK_BYTES) + 1 or content.find(b"\n", position) + 1
+            chunk = content[position:stop]
             try:
-                rows = _decode_index(b"[" + chunk[:-1].replace(b"\n", b",") + b"]")
+                lines = _decode_index(b"[" + chunk[:-1].replace(b"\n", b",") + b"]")
+                spans = itertools.pairwise(itertools.accumulate(map(len, chunk.split(b"\n")[:-1]), lambda a, n: a + n + 1, initial=start + position))
             except msgspec.MsgspecError:
-                rows = []
-                for line in chunk.splitlines():
+                lines, spans = [], []
+                at = start + position
+                for line in chunk.split(b"\n")[:-1]:
                     try:
-                        rows.append(_decode_index_line(line))
+                        lines.append(_decode_index_line(line))
+                        spans.append((at, at + len(line) + 1))
                     except msgspec.MsgspecError:
                         logger.warning("skipping an unreadable line of %s: %r", path, line[:80])
-            for session_id, document_id, section_id in rows:
+                        lines.append(("", "", ""))  # a row of no session, so that the rows still join up
+                        spans.append((at, at + len(line) + 1))
+                    at += len(line) + 1
+            for (session_id, document_id, section_id), (line_start, line_end) in zip(lines, spans, strict=True):
                 key = keys.get((document_id, section_id))
                 if key is None:
                     key = keys[(document_id, section_id)] = SectionKey(document_id, section_id)
-                index[session_id] = key
-        if end < len(content) and not self.read_only:
-            logger.warning("cutting a torn tail of %d bytes from %s", len(content) - end, path)
-            self.disk.truncate_path(path, end)
-        self.index.size = end
-        return index
+                rows.append(TableRow(line_start, line_end, [session_id] if session_id else [], key))
+            position = stop
+        return rows, start + end
 
     async def close(self) -> None:
+        self._closing.set()
+        if self._folder is not None:
+            await asyncio.wait([self._folder])  # a fold under way finishes: its thread cannot be stopped
         if not self.read_only and self._lock_fd is not None:
             await self.journal.close()
         if self._lock_fd is not None:
@@ -887,26 +948,85 @@ class FileStorage:
         try:
             return await self._run(function, *args)
         except OSError as error:
-            raise StorageError(f"cannot read section: {_error_text(error)}") from None
+            raise StorageError(f"cannot read the data dir: {_error_text(error)}") from None
         finally:
             self._readers -= 1
             if not self._readers:
                 self._no_readers.set()
 
     async def load_section(self, key: SectionKey) -> SectionLog:
-        epoch, records, size, starts, lengths = await self._read(self._load_section_sync, key)
-        self._loaded[key] = LoadedSection(DerivedFile(self._section_path(key), size), starts, lengths)
-        return SectionLog(epoch, records)
+        epoch, records, size, starts, lengths, kept = await self._read(self._load_section_sync, key)
+        session_ids = [*kept.session_ids, *_created(records)] if kept is not None else _created(records)
+        self._loaded[key] = LoadedSection(DerivedFile(self._section_path(key), size), epoch, starts, lengths, session_ids)
+        self._loaded_sessions.update(dict.fromkeys(session_ids, key))
+        return SectionLog(epoch, records, None if kept is None else SectionState(kept.offset, kept.data))
 
     def _load_section_sync(self, key: SectionKey):
+        """In a worker thread: the section from its kept state and the records after it, or from all its records."""
         path = self._section_path(key)
-        content = _read_or_empty(self.disk, path)
         starts, lengths = array("Q"), array("I")
-        epoch, records, size, torn = self._parse_section(key, content, starts, lengths)
+        kept = self._read_kept(key)
+        if kept is not None:
+            starts.frombytes(kept.starts)
+            lengths.frombytes(kept.lengths)
+            content = self.disk.read_at(path, -1, kept.size)
+            epoch, records, size, torn = self._parse_section(key, content, starts, lengths, after=kept.offset, at=kept.size, epoch=kept.epoch)
+        else:
+            content = _read_or_empty(self.disk, path)
+            epoch, records, size, torn = self._parse_section(key, content, starts, lengths)
         if torn and not self.read_only:
             logger.warning("cutting a torn tail of %d bytes from %s", torn, path)
             self.disk.truncate_path(path, size)
-        return epoch, records, size, starts, lengths
+        return epoch, records, size, starts, lengths, kept
+
+    def _read_kept(self, key: SectionKey) -> KeptState | None:
+        """The section's kept state if it still describes the start of its file (it is only a cache: anything else, None)."""
+        path = self._section_path(key)
+        data = self.disk.read_at(path.with_suffix(".state"), -1, 0)
+        if not data:
+            return None
+        try:
+            if int(data[:8], 16) != zlib.crc32(data[8:]):
+                raise ValueError("checksum")
+            kept = _decode_kept(data[8:])
+            first = self.disk.read_at(path, 4096, 0)
+            header = _decode_line(first[: first.find(b"\n")])
+            if not isinstance(header, SectionHeader) or header.epoch != kept.epoch:
+                raise ValueError("another epoch")
+            start, length = array("Q", kept.starts[-8:])[0], array("I", kept.lengths[-4:])[0]
+            line = self.disk.read_at(path, length + 1, start)
+            if start + length + 1 != kept.size or line[-1:] != b"\n" or _decode_record(line[:-1]).offset != kept.offset:
+                raise ValueError("not where the file has it")
+        except (ValueError, msgspec.MsgspecError) as error:
+            logger.info("not using the kept state of %s (%s)", path.name, error)
+            return None
+        return kept
+
+    async def keep_state(self, key: SectionKey, state: SectionState) -> None:
+        loaded = self._loaded.get(key)
+        if (
+            self.read_only
+            or loaded is None
+            or loaded.epoch is None
+            or not state.offset
+            or state.offset != loaded.durable_offset
+            or loaded.next_offset != state.offset + 1
+            or key in self._keeping
+        ):
+            return
+        size = loaded.starts[state.offset - 1] + loaded.lengths[state.offset - 1] + 1
+        kept = KeptState(
+            loaded.epoch, state.offset, size, loaded.starts[: state.offset].tobytes(), loaded.lengths[: state.offset].tobytes(),
+            list(loaded.session_ids), state.data,
+        )
+        payload = _encode_kept(kept)
+        self._keeping.add(key)
+        try:
+            await self._read(self.disk.write_atomically, loaded.file.path.with_suffix(".state"), b"%08x" % zlib.crc32(payload) + payload)
+        except StorageError as error:
+            logger.warning("cannot keep the state of %s (%s)", loaded.file.path.name, error)
+        finally:
+            self._keeping.discard(key)
 
     async def read_records(self, key: SectionKey, offsets: list[int]) -> list[StoredRecord]:
         section = self._loaded.get(key)
@@ -932,15 +1052,23 @@ class FileStorage:
         return SectionLog(epoch, records[offset:])
 
     def _parse_section(
-        self, key: SectionKey, content: bytes, starts: array[int] | None = None, lengths: array[int] | None = None
+        self,
+        key: SectionKey,
+        content: bytes,
+        starts: array[int] | None = None,
+        lengths: array[int] | None = None,
+        *,
+        after: int = 0,
+        at: int = 0,
+        epoch: str | None = None,
     ) -> tuple[str | None, list[StoredRecord], int, int]:
         """The section's epoch and valid records, the size their lines span, and the size of a torn tail.
 
-        `starts` and `lengths` get where each record's line is.
+        `content` is the file from byte `at`, which follows the record at offset
+        `after`. `starts` and `lengths` get where each record's line is.
         """
         path = self._section_path(key)
         end = content.rfind(b"\n") + 1
-        epoch: str | None = None
         records: list[StoredRecord] = []
         # Line by line with find, not one split of the whole file: every call is
         # short, so a big section never holds the GIL (and the event loop) for long.
@@ -958,14 +1086,14 @@ class FileStorage:
                 if (item.document_id, item.section_id) != key:
                     raise StorageError(f"{path} belongs to another section")
                 epoch = epoch or item.epoch
-            elif item.offset != len(records) + 1:
+            elif item.offset != after + len(records) + 1:
                 logger.warning("skipping line %d of %s: offset %d out of order", number, path, item.offset)
             else:
                 records.append(item)
                 if starts is not None and lengths is not None:
-                    starts.append(position)
+                    starts.append(at + position)
                     lengths.append(len(line))
-        return epoch, records, end, len(content) - end
+        return epoch, records, at + end, len(content) - end
 
     async def append(self, key: SectionKey, epoch: str, records: list[StoredRecord]) -> None:
         section = self._loaded.get(key)
@@ -980,28 +1108,86 @@ class FileStorage:
             self.journal.retry_now()  # the fault may have cleared: writes resume at the speed of traffic
             raise StorageError(f"storage is recovering ({self.journal.broken}); nothing was stored")
         section.next_offset = records[-1].offset + 1
+        section.epoch = epoch
         created = _created(records)
         item = PendingAppend(
             key, epoch, section, [_encode(r) for r in records], created, records[-1].offset,
             asyncio.get_running_loop().create_future(),
         )
         await self.journal.commit(item)
-        for session_id in created:
-            self._remember_session(session_id, key)
 
-    def _remember_session(self, session_id: str, key: SectionKey) -> None:
-        # One SectionKey object per section, shared by its sessions.
-        key = self._document_sections.setdefault(key.document_id, {}).setdefault(key, key)
-        self._session_sections[session_id] = key
+    # The session index ------------------------------------------------------
+
+    def remember(self, row: TableRow) -> None:
+        """Sessions just stored (in the order their lines are in the index)."""
+        self._tail_rows.append(row)
+        if not row.session_ids:
+            return
+        row.key = self._tail_sections.setdefault(row.key.document_id, {}).setdefault(row.key, row.key)  # one object per section
+        for session_id in row.session_ids:
+            self._tail[session_id] = row.key
+        loaded = self._loaded.get(row.key)
+        if loaded is not None:
+            loaded.session_ids.extend(row.session_ids)
+            self._loaded_sessions.update(dict.fromkeys(row.session_ids, row.key))
+        if len(self._tail) >= self.fold_after and self._folder is None and not self.read_only:
+            self._folder = asyncio.get_running_loop().create_task(self._fold())
 
     async def find_section(self, session_id: str) -> SectionKey | None:
-        return self._session_sections.get(session_id)
+        key = self._loaded_sessions.get(session_id) or self._tail.get(session_id)
+        if key is not None:
+            return key
+        try:
+            return await self._read(self.table.find, session_id)
+        except DamagedTable as error:
+            raise StorageError(str(error)) from None
 
     async def document_sections(self, document_id: str) -> list[SectionKey]:
-        return list(self._document_sections.get(document_id, ()))
+        try:
+            found = await self._read(self.table.sections, document_id)
+        except DamagedTable as error:
+            raise StorageError(str(error)) from None
+        return found + [key for key in self._tail_sections.get(document_id, ()) if key not in found]
+
+    async def _fold(self) -> None:
+        """Move the tail of the index into the table (in a worker thread), so that a start reads only what follows."""
+        try:
+            while len(self._tail) >= self.fold_after and self.journal.broken is None and not self._closing.is_set():
+                rows, end = [], self.table.covers
+                for row in self._tail_rows:  # the part of the tail that continues the table without a gap
+                    if row.start != end:
+                        break
+                    rows.append(row)
+                    end = row.end
+                if not rows:
+                    return
+                try:
+                    await self._read(self.table.fold, rows)
+                except (StorageError, DamagedTable) as error:
+                    logger.warning("cannot fold the session index into %s (%s); trying again later", self.table.path.name, error)
+                    try:
+                        async with asyncio.timeout(FOLD_RETRY_S):
+                            await self._closing.wait()
+                    except TimeoutError:
+                        pass
+                    continue
+                del self._tail_rows[: len(rows)]
+                for row in rows:
+                    for session_id in row.session_ids:
+                        del self._tail[session_id]
+                self._tail_sections = {}
+                for row in self._tail_rows:
+                    if row.session_ids:
+                        self._tail_sections.setdefault(row.key.document_id, {}).setdefault(row.key, row.key)
+                logger.info("folded %d sessions into %s (%d in it)", sum(len(r.session_ids) for r in rows), self.table.path.name, self.table.header.sessions)
+        finally:
+            self._folder = None
 
     async def release(self, key: SectionKey) -> None:
-        self._loaded.pop(key, None)
+        loaded = self._loaded.pop(key, None)
+        if loaded is not None:
+            for session_id in loaded.session_ids:
+                self._loaded_sessions.pop(session_id, None)
 
 
 @dataclass(eq=False)

@@ -77,7 +77,16 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.maint_notifications import MaintNotificationsConfig
 
 from ..metrics import Metrics
-from .base import OutcomeUnknown, SectionKey, SectionLog, SessionCreatedRecord, StaleSection, StorageError, StoredRecord
+from .base import (
+    OutcomeUnknown,
+    SectionKey,
+    SectionLog,
+    SectionState,
+    SessionCreatedRecord,
+    StaleSection,
+    StorageError,
+    StoredRecord,
+)
 
 logger = logging.getLogger("sectionchat.storage")
 
@@ -383,6 +392,9 @@ class RedisStorage:
         except RedisError as error:
             raise StorageError(f"Redis: {error}") from None
         return [SectionKey(*_decode_key(entry)) for entry in entries]
+
+    async def keep_state(self, key: SectionKey, state: SectionState) -> None:
+        pass  # a section's records are read from Redis in one round trip: nothing to gain
 
     async def release(self, key: SectionKey) -> None:
         pass

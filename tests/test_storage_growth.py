@@ -1,0 +1,191 @@
+"""What keeps the file storage's costs from growing with the data: the session table and kept section states.
+
+A start reads only the part of the session index that was not yet folded into
+`sessions.tbl`, and a section loads from the state the chat logic last had the
+storage keep, plus the records after it. Both are derived data: each test
+checks the answers are the same as without them, and that a damaged or stale
+one is noticed and passed over.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from test_chat import CollectingPeer
+
+from protocol.messages import CreateSession, History, SendMessage, Subscribe
+from server.chat import Chat
+from server.storage.base import SectionKey, SessionCreatedRecord
+from server.storage.file import FileStorage
+from server.storage.sessiontable import TABLE_NAME
+
+pytestmark = pytest.mark.timeout(60)
+
+DOCS = ["doc", 'doc/2 \t"x"', "ünï"]
+
+
+async def _create_sessions(storage: FileStorage, count: int) -> dict[str, SectionKey]:
+    chat, peer = Chat(storage, sessions_per_minute=0), CollectingPeer("alice")
+    created = {}
+    for n in range(count):
+        key = SectionKey(DOCS[n % 3], f"section {n % 7}")
+        await chat.handle(peer, CreateSession(id=n, document_id=key.document_id, section_id=key.section_id))
+        created[peer.frames[-1]["session"]["session_id"]] = key
+    return created
+
+
+def _first_use(created: dict[str, SectionKey], document_id: str) -> list[SectionKey]:
+    return list(dict.fromkeys(key for key in created.values() if key.document_id == document_id))
+
+
+async def test_sessions_are_found_in_the_table_after_a_restart(tmp_path):
+    """Folded sessions are found on disk; a start holds only the index's tail in memory."""
+    storage = FileStorage(tmp_path)
+    storage.fold_after = 10
+    await storage.open()
+    created = await _create_sessions(storage, 95)
+    await storage.close()
+    assert (tmp_path / TABLE_NAME).exists()
+
+    again = FileStorage(tmp_path)
+    await again.open()
+    try:
+        assert again.table.header.sessions >= 90 and len(again._tail) < 10  # the rest is on disk, not in memory
+        for session_id, key in created.items():
+            assert await again.find_section(session_id) == key
+        assert await again.find_section("no-such-session") is None
+        for document_id in DOCS:
+            assert await again.document_sections(document_id) == _first_use(created, document_id)
+        assert await again.document_sections("no-such-document") == []
+    finally:
+        await again.close()
+
+
+@pytest.mark.parametrize("damage", ["garbled header", "torn", "covers more than the index"])
+async def test_an_unusable_table_is_passed_over(tmp_path, damage):
+    """A damaged table, or one that claims more of the index than there is, is not used: the whole index is read."""
+    storage = FileStorage(tmp_path)
+    storage.fold_after = 10
+    await storage.open()
+    created = await _create_sessions(storage, 40)
+    await storage.close()
+    table = tmp_path / TABLE_NAME
+    data = table.read_bytes()
+    if damage == "garbled header":
+        table.write_bytes(data[:20] + b"X" + data[21:])
+    elif damage == "torn":
+        table.write_bytes(data[:-7])
+    else:
+        index = tmp_path / "sessions.idx"
+        index.write_bytes(index.read_bytes()[:100])
+
+    again = FileStorage(tmp_path)
+    await again.open()
+    try:
+        if damage == "covers more than the index":
+            assert again.table.header.sessions == 0
+        else:
+            assert again.table.header.sessions == 0 and len(again._tail) == len(created)
+            for session_id, key in created.items():
+                assert await again.find_section(session_id) == key
+            for document_id in DOCS:
+                assert await again.document_sections(document_id) == _first_use(created, document_id)
+    finally:
+        await again.close()
+
+
+async def _conversation(storage: FileStorage) -> tuple[str, int]:
+    """Sessions (one with an idempotency key) and messages with client_msg_ids; returns a session id and the offset."""
+    chat, peer = Chat(storage, sessions_per_minute=0), CollectingPeer("alice")
+    chat.keep_state_after = 5
+    for n in range(3):
+        await chat.handle(peer, CreateSession(id=n, document_id="doc", section_id="s", idempotency_key=f"k{n}"))
+    session_id = peer.frames[-1]["session"]["session_id"]
+    for n in range(30):
+        await chat.handle(peer, SendMessage(id=100 + n, session_id=session_id, text=f"text {n}", client_msg_id=f"c{n}"))
+    await chat.close()
+    return session_id, 33
+
+
+async def _answers(root, session_id: str) -> list:
+    """What a fresh server answers about the section: history pages, retries, recovery, a new write."""
+    storage = FileStorage(root)
+    await storage.open()
+    try:
+        chat, peer = Chat(storage, sessions_per_minute=0, recovery_window=10), CollectingPeer("alice")
+        await chat.handle(peer, History(id=1, session_id=session_id, limit=7))
+        await chat.handle(peer, History(id=2, session_id=session_id, before_seq=12, limit=5))
+        await chat.handle(peer, SendMessage(id=3, session_id=session_id, text="again", client_msg_id="c4"))
+        await chat.handle(peer, CreateSession(id=4, document_id="doc", section_id="s", idempotency_key="k1"))
+        await chat.handle(peer, Subscribe(id=5, document_id="doc", section_id="s", since_offset=27))
+        await chat.handle(peer, SendMessage(id=7, session_id=session_id, text="new", client_msg_id="c-new"))
+        kept = (await storage.load_section(SectionKey("doc", "s"))).state
+        return [peer.frames, kept is not None]
+    finally:
+        await storage.close()
+
+
+async def test_a_section_loads_from_its_kept_state_as_if_every_record_were_replayed(tmp_path):
+    """History, client_msg_id retries, idempotency keys and recovery by offset answer the same with and without the kept state."""
+    storage = FileStorage(tmp_path / "kept")
+    await storage.open()
+    session_id, _ = await _conversation(storage)
+    await storage.close()
+    states = list((tmp_path / "kept").rglob("*.state"))
+    assert len(states) == 1
+    shutil.copytree(tmp_path / "kept", tmp_path / "replayed")
+    for state in (tmp_path / "replayed").rglob("*.state"):
+        state.unlink()
+
+    with_state, used = await _answers(tmp_path / "kept", session_id)
+    without, _ = await _answers(tmp_path / "replayed", session_id)
+    assert used
+    # Everything but the new message's own id and time is the same.
+    for frame in (with_state[-1], without[-1]):
+        frame["message"].pop("message_id"), frame["message"].pop("sent_at")
+    assert with_state == without
+    assert [f["type"] for f in with_state[:5]] == ["history", "history", "message_ack", "session_created", "subscribed"]
+    subscribed = with_state[4]
+    assert subscribed["recovered"] and [e["offset"] for e in subscribed["events"]] == list(
+        range(28, 34)
+    )  # from the window
+
+
+@pytest.mark.parametrize("damage", ["garbled", "another section's", "ahead of the file"])
+async def test_a_kept_state_that_does_not_fit_is_passed_over(tmp_path, damage):
+    """A kept state that is damaged, belongs elsewhere, or covers records the file does not have is not used."""
+    storage = FileStorage(tmp_path)
+    await storage.open()
+    session_id, _ = await _conversation(storage)
+    chat, peer = Chat(storage, sessions_per_minute=0), CollectingPeer("bob")
+    chat.keep_state_after = 1
+    await chat.handle(peer, CreateSession(id=1, document_id="doc", section_id="other"))
+    other = peer.frames[-1]["session"]["session_id"]
+    for n in range(3):
+        await chat.handle(peer, SendMessage(id=2 + n, session_id=other, text="x"))
+    await chat.close()
+    await storage.close()
+    small, state = sorted(tmp_path.rglob("*.state"), key=lambda p: p.stat().st_size)  # the conversation's is the bigger
+    if damage == "garbled":
+        data = state.read_bytes()
+        state.write_bytes(data[:30] + bytes([data[30] ^ 1]) + data[31:])
+    elif damage == "another section's":
+        shutil.copy(small, state)
+    else:
+        log = state.with_suffix(".log")
+        lines = log.read_bytes().splitlines(keepends=True)
+        log.write_bytes(
+            b"".join(lines[:-3])
+        )  # as if the last records were never there (cannot happen: a test of the check)
+
+    again = FileStorage(tmp_path)
+    await again.open()
+    try:
+        log = await again.load_section(SectionKey("doc", "s"))
+        assert log.state is None
+        records = log.records
+        assert [r.offset for r in records] == list(range(1, len(records) + 1))
+        assert sum(isinstance(r, SessionCreatedRecord) for r in records) == 3
+    finally:
+        await again.close()
