@@ -152,7 +152,7 @@ async def test_a_section_loads_from_its_kept_state_as_if_every_record_were_repla
     )  # from the window
 
 
-@pytest.mark.parametrize("damage", ["garbled", "another section's", "ahead of the file"])
+@pytest.mark.parametrize("damage", ["garbled", "torn", "another section's", "ahead of the file"])
 async def test_a_kept_state_that_does_not_fit_is_passed_over(tmp_path, damage):
     """A kept state that is damaged, belongs elsewhere, or covers records the file does not have is not used."""
     storage = FileStorage(tmp_path)
@@ -167,9 +167,11 @@ async def test_a_kept_state_that_does_not_fit_is_passed_over(tmp_path, damage):
     await chat.close()
     await storage.close()
     small, state = sorted(tmp_path.rglob("*.state"), key=lambda p: p.stat().st_size)  # the conversation's is the bigger
+    data = state.read_bytes()
     if damage == "garbled":
-        data = state.read_bytes()
-        state.write_bytes(data[:30] + bytes([data[30] ^ 1]) + data[31:])
+        state.write_bytes(data[:-30] + bytes([data[-30] ^ 1]) + data[-29:])
+    elif damage == "torn":
+        state.write_bytes(data[:-1])
     elif damage == "another section's":
         shutil.copy(small, state)
     else:
@@ -187,5 +189,28 @@ async def test_a_kept_state_that_does_not_fit_is_passed_over(tmp_path, damage):
         records = log.records
         assert [r.offset for r in records] == list(range(1, len(records) + 1))
         assert sum(isinstance(r, SessionCreatedRecord) for r in records) == 3
+    finally:
+        await again.close()
+
+
+async def test_damaged_positions_in_a_kept_state_are_found_and_passed_over(tmp_path):
+    """Positions are not read at a load (that would cost a read of them all): a page read checks what it finds."""
+    storage = FileStorage(tmp_path)
+    await storage.open()
+    session_id, _ = await _conversation(storage)
+    await storage.close()
+    [state] = tmp_path.rglob("*.state")
+    data = bytearray(state.read_bytes())
+    data[8 * 4 : 8 * 6] = bytes(16)  # where records 5 and 6 start: garbage
+    state.write_bytes(bytes(data))
+
+    again = FileStorage(tmp_path)
+    await again.open()
+    try:
+        chat, peer = Chat(again, sessions_per_minute=0, recovery_window=5), CollectingPeer("alice")
+        await chat.handle(peer, History(id=1, session_id=session_id, limit=30))
+        page = peer.frames[-1]
+        assert page["type"] == "history" and [m["seq"] for m in page["messages"]] == list(range(1, 31))
+        assert not state.exists()  # and the next load replays the section
     finally:
         await again.close()

@@ -56,7 +56,7 @@ from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import NamedTuple, Union
 
 import aiofiles.os
 import msgspec
@@ -76,6 +76,7 @@ MAX_OPEN_FILES = 128
 INDEX_CHUNK_BYTES = 4 << 20  # the session index is decoded this much at a time
 FOLD_AFTER_SESSIONS = 50_000  # index lines past the session table before they are folded into it
 FOLD_RETRY_S = 30.0
+MAX_RECORD_BYTES = 1 << 20  # no record's line is longer (frames are at most 64 KiB)
 OUTCOME_DEADLINE_S = 10.0  # how long a write whose outcome is unknown waits for the storage to find out
 LOG_INTERVAL_S = 5.0  # failures are reported at most this often
 RETRY_DELAYS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)  # between recovery attempts
@@ -99,13 +100,18 @@ class JournalEntry(msgspec.Struct, array_like=True):
 
 
 class KeptState(msgspec.Struct, array_like=True):
-    """`<section>.state`: the chat logic's state of a section, and where its records are, up to `offset`."""
+    """The chat logic's state of a section up to `offset`, as `<section>.state` holds it.
+
+    The file: where each record up to `offset` starts in the section file (8
+    bytes each, offset N at byte 8 (N - 1): the same place in every later
+    state, so pages are read from it by pread even while it is replaced), then
+    this, encoded, then the encoding's length and crc32 (4 bytes each). A load
+    reads only the end, never the positions.
+    """
 
     epoch: str
     offset: int
     size: int  # the bytes of the section file it covers
-    starts: bytes  # array("Q")
-    lengths: bytes  # array("I")
     session_ids: list[str]
     data: bytes
 
@@ -179,18 +185,37 @@ class DerivedFile:
 class LoadedSection:
     """A section the chat logic holds in memory, as the storage tracks it."""
 
-    __slots__ = ("file", "epoch", "next_offset", "durable_offset", "starts", "lengths", "session_ids")
+    __slots__ = ("file", "epoch", "next_offset", "durable_offset", "kept", "starts", "lengths", "session_ids")
 
-    def __init__(self, file: DerivedFile, epoch: str | None, starts: array[int], lengths: array[int], session_ids: list[str]):
+    def __init__(
+        self,
+        file: DerivedFile,
+        epoch: str | None,
+        kept: KeptPlace | None,
+        starts: array[int],
+        lengths: array[int],
+        session_ids: list[str],
+    ):
         self.file = file
         self.epoch = epoch
         self.session_ids = session_ids
-        offset = len(starts)
-        self.next_offset = offset + 1  # counting appends in flight
-        self.durable_offset = offset  # the last offset acknowledged
-        # Where each record's line is in the file (offset N at index N - 1): pages are read from there.
+        # Where each record's line is in the file, for the records after the
+        # kept state (offset N at index N - 1 - kept offset); the kept state's
+        # file has the others. Pages are read from there.
+        self.kept = kept
         self.starts = starts
         self.lengths = lengths
+        offset = len(starts) + (kept.offset if kept else 0)
+        self.next_offset = offset + 1  # counting appends in flight
+        self.durable_offset = offset  # the last offset acknowledged
+
+
+class KeptPlace(NamedTuple):
+    """Where a kept state is, and what of the section file it covers."""
+
+    path: Path
+    offset: int
+    size: int
 
 
 @dataclass(eq=False)
@@ -214,6 +239,10 @@ class Segment:
     path: Path
     touched: set[Path] = field(default_factory=set)  # derived files written for its entries
     new_dirs: set[Path] = field(default_factory=set)  # directories that got new entries meanwhile
+
+
+class WrongPositions(Exception):
+    """A kept state's positions do not lead to the records they name (the file was damaged)."""
 
 
 class BatchFailed(Exception):
@@ -956,8 +985,12 @@ class FileStorage:
 
     async def load_section(self, key: SectionKey) -> SectionLog:
         epoch, records, size, starts, lengths, kept = await self._read(self._load_section_sync, key)
-        session_ids = [*kept.session_ids, *_created(records)] if kept is not None else _created(records)
-        self._loaded[key] = LoadedSection(DerivedFile(self._section_path(key), size), epoch, starts, lengths, session_ids)
+        path = self._section_path(key)
+        place, session_ids = None, _created(records)
+        if kept is not None:
+            place = KeptPlace(path.with_suffix(".state"), kept.offset, kept.size)
+            session_ids = [*kept.session_ids, *session_ids]
+        self._loaded[key] = LoadedSection(DerivedFile(path, size), epoch, place, starts, lengths, session_ids)
         self._loaded_sessions.update(dict.fromkeys(session_ids, key))
         return SectionLog(epoch, records, None if kept is None else SectionState(kept.offset, kept.data))
 
@@ -967,8 +1000,6 @@ class FileStorage:
         starts, lengths = array("Q"), array("I")
         kept = self._read_kept(key)
         if kept is not None:
-            starts.frombytes(kept.starts)
-            lengths.frombytes(kept.lengths)
             content = self.disk.read_at(path, -1, kept.size)
             epoch, records, size, torn = self._parse_section(key, content, starts, lengths, after=kept.offset, at=kept.size, epoch=kept.epoch)
         else:
@@ -982,20 +1013,29 @@ class FileStorage:
     def _read_kept(self, key: SectionKey) -> KeptState | None:
         """The section's kept state if it still describes the start of its file (it is only a cache: anything else, None)."""
         path = self._section_path(key)
-        data = self.disk.read_at(path.with_suffix(".state"), -1, 0)
-        if not data:
+        state_path = path.with_suffix(".state")
+        size = self.disk.size_of(state_path)
+        if not size:
             return None
         try:
-            if int(data[:8], 16) != zlib.crc32(data[8:]):
+            if size < 8:
+                raise ValueError("torn")
+            length, checksum = array("I", self.disk.read_at(state_path, 8, size - 8))
+            if length > size - 8:
+                raise ValueError("torn")
+            payload = self.disk.read_at(state_path, length, size - 8 - length)
+            if len(payload) != length or zlib.crc32(payload) != checksum:
                 raise ValueError("checksum")
-            kept = _decode_kept(data[8:])
+            kept = _decode_kept(payload)
+            if not kept.offset or size != 8 * kept.offset + length + 8:
+                raise ValueError("size")
             first = self.disk.read_at(path, 4096, 0)
             header = _decode_line(first[: first.find(b"\n")])
             if not isinstance(header, SectionHeader) or header.epoch != kept.epoch:
                 raise ValueError("another epoch")
-            start, length = array("Q", kept.starts[-8:])[0], array("I", kept.lengths[-4:])[0]
-            line = self.disk.read_at(path, length + 1, start)
-            if start + length + 1 != kept.size or line[-1:] != b"\n" or _decode_record(line[:-1]).offset != kept.offset:
+            [start] = array("Q", self.disk.read_at(state_path, 8, 8 * (kept.offset - 1)))
+            line = self.disk.read_at(path, kept.size - start, start)
+            if line[-1:] != b"\n" or b"\n" in line[:-1] or _decode_record(line[:-1]).offset != kept.offset:
                 raise ValueError("not where the file has it")
         except (ValueError, msgspec.MsgspecError) as error:
             logger.info("not using the kept state of %s (%s)", path.name, error)
@@ -1014,35 +1054,88 @@ class FileStorage:
             or key in self._keeping
         ):
             return
-        size = loaded.starts[state.offset - 1] + loaded.lengths[state.offset - 1] + 1
-        kept = KeptState(
-            loaded.epoch, state.offset, size, loaded.starts[: state.offset].tobytes(), loaded.lengths[: state.offset].tobytes(),
-            list(loaded.session_ids), state.data,
-        )
-        payload = _encode_kept(kept)
+        tail = state.offset - (loaded.kept.offset if loaded.kept else 0)
+        size = loaded.starts[tail - 1] + loaded.lengths[tail - 1] + 1 if tail else loaded.kept.size
+        kept = KeptState(loaded.epoch, state.offset, size, list(loaded.session_ids), state.data)
+        path = loaded.file.path.with_suffix(".state")
         self._keeping.add(key)
         try:
-            await self._read(self.disk.write_atomically, loaded.file.path.with_suffix(".state"), b"%08x" % zlib.crc32(payload) + payload)
+            await self._read(self._write_kept, path, loaded.kept, loaded.starts[:tail].tobytes(), _encode_kept(kept))
         except StorageError as error:
             logger.warning("cannot keep the state of %s (%s)", loaded.file.path.name, error)
+            return
         finally:
             self._keeping.discard(key)
+        if self._loaded.get(key) is loaded:  # its positions are in the new file now, at the same place
+            loaded.kept = KeptPlace(path, state.offset, size)
+            del loaded.starts[:tail], loaded.lengths[:tail]
+
+    def _write_kept(self, path: Path, old: KeptPlace | None, starts: bytes, payload: bytes) -> None:
+        """In a worker thread: the state file, with the old one's positions (if any), then `starts`."""
+        earlier = self.disk.read_at(old.path, 8 * old.offset, 0) if old is not None else b""
+        if old is not None and len(earlier) != 8 * old.offset:
+            raise OSError(f"{old.path.name} is shorter than it was")
+        footer = array("I", [len(payload), zlib.crc32(payload)]).tobytes()
+        self.disk.write_atomically(path, [earlier, starts, payload, footer])
 
     async def read_records(self, key: SectionKey, offsets: list[int]) -> list[StoredRecord]:
         section = self._loaded.get(key)
         if section is None:
             raise StorageError("section is not loaded")
-        spans = [(section.starts[offset - 1], section.lengths[offset - 1]) for offset in offsets]
-        lines = await self._read(self._read_spans, section.file.path, spans)
         try:
-            return [_decode_record(line) for line in lines]
-        except msgspec.MsgspecError as error:
-            raise StorageError(f"unreadable record in {section.file.path.name}: {error}") from None
+            return await self._read_records(section, offsets)
+        except WrongPositions as error:  # a damaged kept state: find where the records are in the section file
+            logger.warning("%s; reading them from %s", error, section.file.path.name)
+            await self._read(self._forget_kept, key, section)
+            return await self._read_records(section, offsets)
 
-    def _read_spans(self, path: Path, spans: list[tuple[int, int]]) -> list[bytes]:
+    def _forget_kept(self, key: SectionKey, section: LoadedSection) -> None:
+        """In a worker thread: where every record is, from the section file itself; the kept state is deleted."""
+        starts, lengths = array("Q"), array("I")
+        content = self.disk.read_at(section.file.path, section.file.size, 0)
+        _, records, _, _ = self._parse_section(key, content, starts, lengths)
+        if len(records) < section.durable_offset:
+            raise OSError(f"{section.file.path.name} has {len(records)} records, not {section.durable_offset}")
+        if section.kept is not None:
+            self.disk.unlink(section.kept.path)
+        section.kept = None
+        section.starts, section.lengths = starts[: section.durable_offset], lengths[: section.durable_offset]
+
+    async def _read_records(self, section: LoadedSection, offsets: list[int]) -> list[StoredRecord]:
+        kept = section.kept.offset if section.kept else 0
+        earlier = [offset for offset in offsets if offset <= kept]
+        spans = {o: (section.starts[o - kept - 1], section.lengths[o - kept - 1]) for o in offsets if o > kept}
+        lines = await self._read(self._read_spans, section.file.path, section.kept, earlier, spans)
+        try:
+            records = [_decode_record(line) for line in lines]
+        except msgspec.MsgspecError as error:
+            if section.kept is not None and any(offset <= section.kept.offset for offset in offsets):
+                raise WrongPositions(f"the kept state of {section.file.path.name} does not say where its records are") from None
+            raise StorageError(f"unreadable record in {section.file.path.name}: {error}") from None
+        by_offset = {record.offset: record for record in records}
+        if len(by_offset) != len(records) or by_offset.keys() != set(offsets):
+            raise WrongPositions(f"the kept state of {section.file.path.name} does not say where its records are")
+        return [by_offset[offset] for offset in offsets]
+
+    def _read_spans(
+        self, path: Path, kept: KeptPlace | None, earlier: list[int], spans: dict[int, tuple[int, int]]
+    ) -> list[bytes]:
+        """In a worker thread: the lines at these offsets (in order), those up to the kept state's found through its file."""
+        if earlier:
+            assert kept is not None
+            low, high = min(earlier), max(earlier)
+            # The starts from `low` to the one after `high`: a line ends where the next one starts.
+            starts = array("Q", self.disk.read_at(kept.path, 8 * (min(high + 1, kept.offset) - low + 1), 8 * (low - 1)))
+            if high == kept.offset:
+                starts.append(kept.size)
+            for offset in earlier:
+                start = starts[offset - low]
+                spans[offset] = (start, starts[offset - low + 1] - start - 1)
+                if not 0 <= spans[offset][1] <= MAX_RECORD_BYTES:
+                    raise WrongPositions(f"the kept state of {path.name} puts record {offset} at {start}")
         fd = self.disk.open(path, os.O_RDONLY)
         try:
-            return [self.disk.pread(fd, length, start) for start, length in spans]
+            return [self.disk.pread(fd, spans[offset][1], spans[offset][0]) for offset in sorted(spans)]
         finally:
             self.disk.close(fd)
 
