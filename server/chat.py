@@ -24,7 +24,7 @@ import secrets
 import time
 from array import array
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import NamedTuple, Protocol
@@ -85,6 +85,7 @@ logger = logging.getLogger("sectionchat.chat")
 
 LOAD_CHUNK = 2000  # records applied between yields to the event loop when a section loads
 KEEP_STATE_AFTER = 1000  # records replayed or added since the kept state before the storage keeps a new one
+KEEP_STATE_EVERY = 50_000  # records added before a section in use has its state kept
 
 # What a write decides: the records to store (none: nothing to write) and the reply.
 Plan = tuple[list[StoredRecord], ServerFrame]
@@ -554,6 +555,10 @@ class Chat:
             for event in events:
                 self._broadcast(section, event, peer)
             _settle(outcome)
+        if section.offset - section.kept_offset >= KEEP_STATE_EVERY:
+            # A busy section may never leave memory: keep its state now and then, so that a load after a crash stays short.
+            section.kept_offset = section.offset - 1  # not again before this task has run
+            self._spawn(self._keep_state(section))
         section.pins -= len(batch.writes)
 
     def _count_stored(self, records: list[StoredRecord]) -> None:
@@ -784,9 +789,13 @@ class Chat:
         for section in sections:
             if section.loaded and not section.sync_scheduled and (offset is None or offset > section.offset):
                 section.sync_scheduled = True
-                task = asyncio.ensure_future(self._sync(section.key))
-                self._tasks.add(task)
-                task.add_done_callback(_forget_task(self._tasks))
+                self._spawn(self._sync(section.key))
+
+    def _spawn(self, work: Coroutine[None, None, None]) -> None:
+        """Run `work` beside the caller; `drain` waits for it."""
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(_forget_task(self._tasks))
 
     async def _sync(self, key: SectionKey) -> None:
         try:
@@ -870,10 +879,10 @@ class Chat:
             await self._keep_state(section)  # replayed many records: the next load need not
 
     async def _keep_state(self, section: Section) -> None:
-        """Have the storage keep the section's state (only ever between writes: nothing in flight)."""
-        if section.loaded and not section.lock.locked() and not section.queue and section.offset > section.kept_offset:
-            await self.storage.keep_state(section.key, SectionState(section.offset, section.snapshot()))
+        """Have the storage keep the section's state as it is now (everything applied is durable)."""
+        if section.loaded and section.offset > section.kept_offset:
             section.kept_offset = section.offset
+            await self.storage.keep_state(section.key, SectionState(section.offset, section.snapshot()))
 
     async def evict_idle(self) -> int:
         """Drop sections nobody has used for a while; returns how many."""

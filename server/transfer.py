@@ -14,13 +14,23 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator
 from typing import IO, Union
 
 import msgspec
 from tqdm import tqdm
 
-from .storage.base import MessageRecord, SectionKey, SessionClosedRecord, SessionCreatedRecord, Storage, StoredRecord
+from .chat import Section
+from .storage.base import (
+    MessageRecord,
+    SectionKey,
+    SectionState,
+    SessionClosedRecord,
+    SessionCreatedRecord,
+    Storage,
+    StoredRecord,
+)
 
 FORMAT = "sectionchat-export"
 VERSION = 1
@@ -97,10 +107,11 @@ async def import_lines(storage: Storage, lines: Iterable[bytes], *, progress: bo
     with tqdm(desc="importing", unit=" records", disable=None if progress else True) as bar:
         for start, records in _sections(lines):
             key = SectionKey(start.document_id, start.section_id)
-            existing = await storage.load_section(key)
-            present = {r.session.session_id for r in existing.records if isinstance(r, SessionCreatedRecord)}
-            epoch = existing.epoch or start.epoch or "imported"
-            offset = len(existing.records)
+            loaded = await storage.load_section(key)
+            existing = loaded.records if loaded.state is None else (await storage.read_after(key, 0)).records
+            present = {r.session.session_id for r in existing if isinstance(r, SessionCreatedRecord)}
+            epoch = loaded.epoch or start.epoch or "imported"
+            offset = len(existing)
             fresh: list[StoredRecord] = []
             for record in records:
                 if _session_id(record) in present:
@@ -113,6 +124,12 @@ async def import_lines(storage: Storage, lines: Iterable[bytes], *, progress: bo
                 await storage.append(key, epoch, batch)
                 imported += len(batch)
                 bar.update(len(batch))
+            if fresh:
+                # So that the server's first load of the section does not replay every record.
+                section = Section(key, recovery_window=0)
+                for record in itertools.chain(existing, fresh):
+                    section.apply(record)
+                await storage.keep_state(key, SectionState(section.offset, section.snapshot()))
             await storage.release(key)
     return imported, skipped
 

@@ -9,16 +9,19 @@ one is noticed and passed over.
 
 from __future__ import annotations
 
+import io
 import shutil
 
 import pytest
 from test_chat import CollectingPeer
 
 from protocol.messages import CreateSession, History, SendMessage, Subscribe
+from server import chat as chat_module
 from server.chat import Chat
 from server.storage.base import SectionKey, SessionCreatedRecord
 from server.storage.file import FileStorage
 from server.storage.sessiontable import TABLE_NAME
+from server.transfer import export_document, import_lines
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -212,5 +215,57 @@ async def test_damaged_positions_in_a_kept_state_are_found_and_passed_over(tmp_p
         page = peer.frames[-1]
         assert page["type"] == "history" and [m["seq"] for m in page["messages"]] == list(range(1, 31))
         assert not state.exists()  # and the next load replays the section
+    finally:
+        await again.close()
+
+
+async def test_an_import_leaves_kept_states_and_imports_again_without_reusing_offsets(tmp_path):
+    """After `import` a section loads from a kept state; importing into a section that has one skips what is there."""
+    source = FileStorage(tmp_path / "source")
+    await source.open()
+    session_id, _ = await _conversation(source)
+    out = io.BytesIO()
+    await export_document(source, "doc", out, progress=False)
+    await source.close()
+    exported = out.getvalue().splitlines()
+
+    target = FileStorage(tmp_path / "target")
+    await target.open()
+    try:
+        assert await import_lines(target, exported, progress=False) == (33, 0)
+        log = await target.load_section(SectionKey("doc", "s"))
+        assert log.state is not None and log.state.offset == 33 and log.records == []
+        await target.release(SectionKey("doc", "s"))
+        # Again, plus a session the target does not have: only that one is new, at the next offsets.
+        [created] = [line for line in exported if b'"session_created"' in line and session_id.encode() in line]
+        extra = created.replace(session_id.encode(), b"another-session")
+        assert await import_lines(target, [*exported, extra], progress=False) == (1, 33)
+        everything = await target.read_after(SectionKey("doc", "s"), 0)
+        assert [r.offset for r in everything.records] == list(range(1, 35))
+        assert (await target.load_section(SectionKey("doc", "s"))).state.offset == 34
+    finally:
+        await target.close()
+
+
+async def test_a_busy_section_has_its_state_kept_without_leaving_memory(tmp_path, monkeypatch):
+    """A section in use all the time still gets a kept state now and then, so a load after a crash replays little."""
+    monkeypatch.setattr(chat_module, "KEEP_STATE_EVERY", 10)
+    storage = FileStorage(tmp_path)
+    await storage.open()
+    try:
+        chat, peer = Chat(storage, sessions_per_minute=0), CollectingPeer("alice")
+        await chat.handle(peer, CreateSession(id=1, document_id="doc", section_id="s"))
+        session_id = peer.frames[-1]["session"]["session_id"]
+        for n in range(25):
+            await chat.handle(peer, SendMessage(id=2 + n, session_id=session_id, text=f"text {n}"))
+        await chat.drain()
+        assert chat._sections[SectionKey("doc", "s")].kept_offset >= 20
+    finally:
+        await storage.close()  # no chat.close(): as if the server were killed
+    again = FileStorage(tmp_path)
+    await again.open()
+    try:
+        log = await again.load_section(SectionKey("doc", "s"))
+        assert log.state is not None and log.state.offset >= 20 and len(log.records) == 26 - log.state.offset
     finally:
         await again.close()

@@ -111,7 +111,7 @@ class Storage(Protocol):
         """The sections of a document that hold at least one session, oldest first."""
 
     async def keep_state(self, key: SectionKey, state: SectionState) -> None:
-        """Keep the chat logic's state of a loaded section with nothing in flight, for its next load.
+        """Keep the chat logic's state of a loaded section (of durable records only), for its next load.
 
         That load then returns the state and only the records after it. An
         optimisation: a backend may ignore it, and it never fails.

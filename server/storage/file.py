@@ -1048,9 +1048,7 @@ class FileStorage:
             self.read_only
             or loaded is None
             or loaded.epoch is None
-            or not state.offset
-            or state.offset != loaded.durable_offset
-            or loaded.next_offset != state.offset + 1
+            or not (loaded.kept.offset if loaded.kept else 0) < state.offset <= loaded.durable_offset
             or key in self._keeping
         ):
             return
