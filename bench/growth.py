@@ -1025,7 +1025,7 @@ def curve_write(ctx: Context) -> dict[str, Any]:
                 server = Server(ctx.tree, run.path / "data", run.path / "server.log")
                 try:
                     server.start()
-                    result = _write_once(server, count, sizes)
+                    result = _write_once(server, min(count, ctx.write_into or count), sizes)
                 finally:
                     server.stop(timeout=300)
                 check_clean(server, f"writes to {count:,} sections")
@@ -1576,6 +1576,7 @@ class Context:
     cache: Cache
     scratch: Path
     write_runs: int | None
+    write_into: int | None = None  # write curve: write into only this many of the stored sections
 
 
 def int_list(text: str) -> tuple[int, ...]:
@@ -1614,6 +1615,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="write curve: runs per point (default 1; its spread is over thirds of the window)",
+    )
+    parser.add_argument(
+        "--write-into",
+        type=int,
+        help="write curve: write into only the first N sections of each data dir (does latency follow what is stored, or what is written?)",
     )
     parser.add_argument(
         "--journal-messages",
@@ -1700,7 +1706,7 @@ def main(argv: list[str] | None = None) -> int:
         if tree.dirty:
             say("note: the working tree's server code has uncommitted changes; they are what is measured")
         cache = Cache(cache_root, tree)
-        ctx = Context(sizes, tree, cache, scratch, args.write_runs)
+        ctx = Context(sizes, tree, cache, scratch, args.write_runs, args.write_into)
         say(f"server code: {tree.path} ({tree.commit[:12] if tree.commit else '?'}), data dirs in {cache.root}")
         kind = filesystem_type(str(cache.root))
         if kind == "tmpfs":
