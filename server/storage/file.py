@@ -77,6 +77,7 @@ INDEX_CHUNK_BYTES = 4 << 20  # the session index is decoded this much at a time
 FOLD_AFTER_SESSIONS = 50_000  # index lines past the session table before they are folded into it
 FOLD_RETRY_S = 30.0
 MAX_RECORD_BYTES = 1 << 20  # no record's line is longer (frames are at most 64 KiB)
+READ_GAP_BYTES = 64 * 1024  # a page's records this close together are read in one pread
 OUTCOME_DEADLINE_S = 10.0  # how long a write whose outcome is unknown waits for the storage to find out
 LOG_INTERVAL_S = 5.0  # failures are reported at most this often
 RETRY_DELAYS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)  # between recovery attempts
@@ -1082,22 +1083,24 @@ class FileStorage:
             raise StorageError("section is not loaded")
         try:
             return await self._read_records(section, offsets)
-        except WrongPositions as error:  # a damaged kept state: find where the records are in the section file
+        except WrongPositions as error:  # a damaged kept state: find where its records are in the section file
             logger.warning("%s; reading them from %s", error, section.file.path.name)
-            await self._read(self._forget_kept, key, section)
+            assert section.kept is not None
+            kept = section.kept
+            starts, lengths = await self._read(self._positions, key, kept)
+            if len(starts) < kept.offset:
+                raise StorageError(f"{section.file.path.name} has fewer records than its kept state") from None
+            # The records after the kept state are where the arrays say (they may have grown meanwhile).
+            section.starts, section.lengths = starts[: kept.offset] + section.starts, lengths[: kept.offset] + section.lengths
+            section.kept = None
             return await self._read_records(section, offsets)
 
-    def _forget_kept(self, key: SectionKey, section: LoadedSection) -> None:
-        """In a worker thread: where every record is, from the section file itself; the kept state is deleted."""
+    def _positions(self, key: SectionKey, kept: KeptPlace) -> tuple[array[int], array[int]]:
+        """In a worker thread: where the records a kept state covers are, from the section file; that state is deleted."""
         starts, lengths = array("Q"), array("I")
-        content = self.disk.read_at(section.file.path, section.file.size, 0)
-        _, records, _, _ = self._parse_section(key, content, starts, lengths)
-        if len(records) < section.durable_offset:
-            raise OSError(f"{section.file.path.name} has {len(records)} records, not {section.durable_offset}")
-        if section.kept is not None:
-            self.disk.unlink(section.kept.path)
-        section.kept = None
-        section.starts, section.lengths = starts[: section.durable_offset], lengths[: section.durable_offset]
+        self._parse_section(key, self.disk.read_at(self._section_path(key), kept.size, 0), starts, lengths)
+        self.disk.unlink(kept.path)
+        return starts, lengths
 
     async def _read_records(self, section: LoadedSection, offsets: list[int]) -> list[StoredRecord]:
         kept = section.kept.offset if section.kept else 0
@@ -1123,7 +1126,11 @@ class FileStorage:
             assert kept is not None
             low, high = min(earlier), max(earlier)
             # The starts from `low` to the one after `high`: a line ends where the next one starts.
-            starts = array("Q", self.disk.read_at(kept.path, 8 * (min(high + 1, kept.offset) - low + 1), 8 * (low - 1)))
+            wanted = 8 * (min(high + 1, kept.offset) - low + 1)
+            data = self.disk.read_at(kept.path, wanted, 8 * (low - 1))
+            if len(data) != wanted:
+                raise WrongPositions(f"the kept state of {path.name} is shorter than it was")
+            starts = array("Q", data)
             if high == kept.offset:
                 starts.append(kept.size)
             for offset in earlier:
@@ -1131,9 +1138,16 @@ class FileStorage:
                 spans[offset] = (start, starts[offset - low + 1] - start - 1)
                 if not 0 <= spans[offset][1] <= MAX_RECORD_BYTES:
                     raise WrongPositions(f"the kept state of {path.name} puts record {offset} at {start}")
+        ordered = [spans[offset] for offset in sorted(spans)]
+        if not ordered:
+            return []
         fd = self.disk.open(path, os.O_RDONLY)
         try:
-            return [self.disk.pread(fd, spans[offset][1], spans[offset][0]) for offset in sorted(spans)]
+            low, high = ordered[0][0], max(start + length for start, length in ordered)
+            if high - low <= 2 * sum(length for _, length in ordered) + READ_GAP_BYTES:
+                block = self.disk.pread(fd, high - low, low)  # the lines are close together: one read
+                return [block[start - low : start - low + length] for start, length in ordered]
+            return [self.disk.pread(fd, length, start) for start, length in ordered]
         finally:
             self.disk.close(fd)
 
@@ -1265,7 +1279,7 @@ class FileStorage:
                 del self._tail_rows[: len(rows)]
                 for row in rows:
                     for session_id in row.session_ids:
-                        del self._tail[session_id]
+                        self._tail.pop(session_id, None)
                 self._tail_sections = {}
                 for row in self._tail_rows:
                     if row.session_ids:
