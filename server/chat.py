@@ -747,7 +747,15 @@ class Chat:
             data = encoded.get(peer.codec)
             if data is None:
                 data = encoded[peer.codec] = peer.codec.encode(frame)
-            peer.send(data)
+            try:
+                peer.send(data)
+            except Exception:
+                # As websockets' broadcast() does: one connection's failure is its own, never the others'.
+                logger.exception("sending to connection %s failed; closing it", peer.connection_id)
+                try:
+                    peer.close(1011, "internal error")
+                except Exception:
+                    logger.exception("closing connection %s failed", peer.connection_id)
         delivered = len(section.subscribers) - (cause in section.subscribers)
         if delivered:
             self.metrics.events_delivered.inc(delivered)

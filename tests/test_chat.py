@@ -123,3 +123,30 @@ async def test_history_and_retries_beyond_the_recovery_window_read_from_storage(
         assert alice.last() == {"type": "message_ack", "reply_to": "again", "message": acked[0]}
     await chat.handle(alice, History(session_id=sid, limit=200))
     assert len(alice.last()["messages"]) == 10  # the retries stored nothing
+
+
+class BrokenPeer(CollectingPeer):
+    """A peer whose sends raise once it is broken, as a bug in a transport would make them."""
+
+    broken = False
+
+    def send(self, data: bytes) -> None:
+        if self.broken:
+            raise RuntimeError("this connection's transport is broken")
+        super().send(data)
+
+
+@pytest.mark.timeout(30)
+async def test_one_peer_whose_send_raises_never_stops_a_fan_out(storage):
+    """Every other subscriber still gets the event; the broken one is closed with 1011."""
+    chat = Chat(storage)
+    writer, broken = CollectingPeer("writer"), BrokenPeer("broken")
+    watchers = [CollectingPeer(f"watcher-{n}") for n in range(3)]
+    for peer in [watchers[0], broken, *watchers[1:]]:
+        await chat.handle(peer, Subscribe(document_id="d", section_id="s"))
+    broken.broken = True
+    await chat.handle(writer, CreateSession(document_id="d", section_id="s"))
+    assert writer.last()["type"] == "session_created"
+    for watcher in watchers:
+        assert watcher.last()["type"] == "session_created"
+    assert broken.closed == 1011 and writer.closed is None
