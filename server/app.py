@@ -29,7 +29,7 @@ from .metrics import Metrics
 from .storage.base import Storage, StorageError
 from .storage.file import FileStorage
 from .storage.redis import RedisStorage
-from .transport import Transport
+from .transport import IdentifiedConnection, Transport
 
 logger = logging.getLogger("sectionchat")
 
@@ -154,6 +154,7 @@ class App:
                 self.config.host,
                 self.config.port,
                 process_request=self.transport.process_request,
+                create_connection=IdentifiedConnection,
                 select_subprotocol=self.transport.select_subprotocol,
                 server_header=None,
                 compression=None,

@@ -48,12 +48,18 @@ def _text(status: int, message: str) -> Response:
     return response(status, message.encode() + b"\n", "text/plain; charset=utf-8")
 
 
+class IdentifiedConnection(ServerConnection):
+    """websockets' connection, with who the handshake said is on the other end (serve's create_connection)."""
+
+    identity: Identity | None = None
+
+
 class Connection:
     """A WebSocket connection as the chat logic's Peer."""
 
     __slots__ = ("connection_id", "user", "documents", "codec", "_websocket", "_send_frame", "_transport", "_closing")
 
-    def __init__(self, websocket: ServerConnection, identity: Identity, codec: Codec, transport: Transport):
+    def __init__(self, websocket: IdentifiedConnection, identity: Identity, codec: Codec, transport: Transport):
         self.connection_id = secrets.token_hex(8)
         self.user = identity.user
         self.documents = identity.documents
@@ -119,7 +125,7 @@ class Transport:
         self._idle.set()
         self._connections_per_user: Counter[str] = Counter()
 
-    async def process_request(self, websocket: ServerConnection, request: Request) -> Response | None:
+    async def process_request(self, websocket: IdentifiedConnection, request: Request) -> Response | None:
         """Answer plain HTTP, or check a WebSocket handshake (origin, identity, connection count)."""
         url = urlsplit(request.path)
         # Request.method is websockets >= 15; older versions refuse every other method while parsing.
@@ -149,15 +155,16 @@ class Transport:
         limit = self.config.max_connections_per_user
         if limit and self._connections_per_user[identity.user] >= limit:
             return _text(429, f"too many connections for this user (limit {limit})")
-        websocket.identity = identity  # type: ignore[attr-defined]
+        websocket.identity = identity
         return None
 
     @staticmethod
     def select_subprotocol(websocket: ServerConnection, subprotocols: list[str]) -> str | None:
         return next((offered for offered in subprotocols if offered in SUBPROTOCOLS), None)
 
-    async def handle(self, websocket: ServerConnection) -> None:
-        identity: Identity = websocket.identity  # type: ignore[attr-defined]
+    async def handle(self, websocket: IdentifiedConnection) -> None:
+        identity = websocket.identity
+        assert identity is not None, "process_request sets it before any handshake succeeds"
         codec = codec_for_subprotocol(websocket.subprotocol)
         peer = Connection(websocket, identity, codec, self)
         rate = RequestRate(self.config.rate_limit) if self.config.rate_limit > 0 else None
