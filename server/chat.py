@@ -87,8 +87,11 @@ LOAD_CHUNK = 2000  # records applied between yields to the event loop when a sec
 KEEP_STATE_AFTER = 1000  # records replayed or added since the kept state before the storage keeps a new one
 KEEP_STATE_EVERY = 50_000  # records added before a section in use has its state kept
 
-# What a write decides: the records to store (none: nothing to write) and the reply.
-Plan = tuple[list[StoredRecord], ServerFrame]
+class Plan(NamedTuple):
+    """What a write decides: the records to store (none: nothing to write) and the reply."""
+
+    records: list[StoredRecord]
+    reply: ServerFrame
 
 
 class Cluster(Protocol):
@@ -340,10 +343,21 @@ class Draft:
                 self._sessions[session.session_id] = session
 
 
-# A write waiting for its section's writer: who asked, how to decide it, its outcome.
-QueuedWrite = tuple[Peer, Callable[[Draft], Plan], "asyncio.Future[None]"]
-# A decided write: who asked, its outcome, the reply (or refusal), the records it stores.
-Decision = tuple[Peer, "asyncio.Future[None]", "ServerFrame | ChatError", list[StoredRecord]]
+class QueuedWrite(NamedTuple):
+    """A write waiting for its section's writer."""
+
+    peer: Peer
+    plan: Callable[[Draft], Plan]
+    outcome: asyncio.Future[None]
+
+
+class Decision(NamedTuple):
+    """A decided write: the reply (or refusal), and the records it stores."""
+
+    peer: Peer
+    outcome: asyncio.Future[None]
+    response: ServerFrame | ChatError
+    records: list[StoredRecord]
 
 
 class Batch(NamedTuple):
@@ -459,7 +473,7 @@ class Chat:
             section = self._sections[key] = Section(key, self.recovery_window)
         section.pins += 1  # released by the writer once this write is done
         outcome = asyncio.get_running_loop().create_future()
-        section.queue.append((peer, plan, outcome))
+        section.queue.append(QueuedWrite(peer, plan, outcome))
         if section.wakeup is not None and not section.wakeup.done():
             section.wakeup.set_result(None)
         if section.writer is None:
@@ -508,8 +522,8 @@ class Chat:
         except Exception as error:
             # Loading failed (StorageError), or a bug: whoever waits must hear of it.
             writes = [write for batch in in_flight for write in batch.writes] + section.queue
-            for _, _, outcome in writes:
-                _settle(outcome, error)
+            for write in writes:
+                _settle(write.outcome, error)
             section.pins -= len(writes)
             section.queue = []
         finally:
@@ -523,12 +537,12 @@ class Chat:
             try:
                 planned, response = plan(draft)
             except ChatError as error:
-                decided.append((peer, outcome, error, []))
+                decided.append(Decision(peer, outcome, error, []))
                 continue
             for record in planned:
                 draft.add(record)
             records.extend(planned)
-            decided.append((peer, outcome, response, planned))
+            decided.append(Decision(peer, outcome, response, planned))
         store = asyncio.ensure_future(self.storage.append(section.key, section.epoch, records)) if records else None
         return Batch(writes, decided, records, store)
 
@@ -572,7 +586,7 @@ class Chat:
         if request.idempotency_key is not None:
             existing = draft.idempotent(peer.user, request.idempotency_key)
             if existing is not None:
-                return [], SessionCreated(session=existing, reply_to=request.id)
+                return Plan([], SessionCreated(session=existing, reply_to=request.id))
         if not self._session_quota.allow(peer.user):
             raise ChatError(errors.RATE_LIMITED, f"at most {self._session_quota.count} new sessions per minute; try again shortly")
         session = Session(
@@ -586,14 +600,14 @@ class Chat:
             last_seq=0,
         )
         record = SessionCreatedRecord(offset=draft.offset + 1, session=session, idempotency_key=request.idempotency_key)
-        return [record], SessionCreated(session=session, reply_to=request.id)
+        return Plan([record], SessionCreated(session=session, reply_to=request.id))
 
     def _plan_send_message(self, peer: Peer, request: SendMessage, draft: Draft) -> Plan:
         session = draft.session(request.session_id)
         if request.client_msg_id is not None:
             original = draft.message(request.session_id, request.client_msg_id)
             if original is not None:
-                return [], MessageAck(message=original, reply_to=request.id)
+                return Plan([], MessageAck(message=original, reply_to=request.id))
         if session.closed:
             raise ChatError(errors.CONFLICT, "the session is closed")
         message = Message(
@@ -605,14 +619,14 @@ class Chat:
             client_msg_id=request.client_msg_id,
             sent_at=rfc3339_now(),
         )
-        return [MessageRecord(offset=draft.offset + 1, message=message)], MessageAck(message=message, reply_to=request.id)
+        return Plan([MessageRecord(offset=draft.offset + 1, message=message)], MessageAck(message=message, reply_to=request.id))
 
     def _plan_close_session(self, peer: Peer, request: CloseSession, draft: Draft) -> Plan:
         session = draft.session(request.session_id)
         if session.closed:
             raise ChatError(errors.CONFLICT, "the session is already closed")
         closed = msgspec.structs.replace(session, closed=True)
-        return [SessionClosedRecord(offset=draft.offset + 1, session=closed)], SessionClosed(session=closed, reply_to=request.id)
+        return Plan([SessionClosedRecord(offset=draft.offset + 1, session=closed)], SessionClosed(session=closed, reply_to=request.id))
 
     async def _repeated(self, peer: Peer, key: SectionKey, request: SendMessage) -> bool:
         """Answer a retry of a message stored earlier with the original; False if it is new (as far as is known yet)."""
