@@ -611,8 +611,8 @@ class ChatClient:
             return
         self._closed = True
         connection = self._connection
-        for task in list(self._tasks):
-            task.cancel()
+        for pending in list(self._tasks):
+            pending.cancel()
         for task in (self._resumer, self._runner):
             if task is not None:
                 task.cancel()

@@ -998,17 +998,18 @@ class Runner:
         request_id: Any = None
         try:
             if action.send is not None:
-                sent = substitute(action.send, self.variables)
-                if "id" not in sent:
-                    sent = (
-                        {"type": sent.pop("type"), "id": self._next_id(), **sent}
-                        if "type" in sent
-                        else {"id": self._next_id(), **sent}
+                request: Frame = substitute(action.send, self.variables)
+                if "id" not in request:
+                    request = (
+                        {"type": request.pop("type"), "id": self._next_id(), **request}
+                        if "type" in request
+                        else {"id": self._next_id(), **request}
                     )
-                elif sent["id"] is None:
-                    del sent["id"]
-                request_id = sent.get("id")
-                await peer.send(sent)
+                elif request["id"] is None:
+                    del request["id"]
+                request_id = request.get("id")
+                sent = request
+                await peer.send(request)
             elif action.send_raw is not None:
                 await peer.send_raw(substitute(action.send_raw, self.variables))
 
@@ -1084,14 +1085,15 @@ class Runner:
             if action.expect_no_event is not unset:
                 shape = substitute(action.expect_no_event, self.variables)
                 duration = action.for_ if action.for_ is not None else DEFAULT_NO_EVENT_S
+                unexpected: Frame | None
                 try:
-                    event = await peer.take(lambda frame: _is_event(frame) and not match(shape, frame), duration)
+                    unexpected = await peer.take(lambda frame: _is_event(frame) and not match(shape, frame), duration)
                 except _ClosedWhileWaiting:
-                    event = None  # a closed connection receives no event
-                if event is not None:
+                    unexpected = None  # a closed connection receives no event
+                if unexpected is not None:
                     raise StepFailed(
                         f"{peer.name} got an event it should not have within {duration:g} s",
-                        ["  expected no event matching:", *_pretty(shape), "  got:", *_pretty(event)],
+                        ["  expected no event matching:", *_pretty(shape), "  got:", *_pretty(unexpected)],
                     )
 
             if action.expect_close is not unset:

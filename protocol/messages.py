@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-from typing import Annotated, Union
+from typing import Annotated, Union, get_args
 
 import msgspec
 from msgspec import Meta, Struct
@@ -187,7 +187,7 @@ ClientRequest = Union[
     Ping,
 ]
 
-REQUEST_TYPES = frozenset(t.__struct_config__.tag for t in ClientRequest.__args__)
+REQUEST_TYPES = frozenset(t.__struct_config__.tag for t in get_args(ClientRequest))
 
 
 # Server frames --------------------------------------------------------------

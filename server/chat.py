@@ -24,10 +24,10 @@ import secrets
 import time
 from array import array
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, get_args
 
 import msgspec
 
@@ -399,6 +399,19 @@ class Chat:
         self._subscriptions: dict[Peer, set[SectionKey]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.cluster: Cluster | None = None  # set when other nodes share the storage
+        self._handlers: dict[type, Callable[[Peer, Any], Awaitable[None]]] = {
+            CreateSession: self._create_session,
+            GetSession: self._get_session,
+            ListSessions: self._list_sessions_request,
+            SendMessage: self._send_message,
+            History: self._history_request,
+            CloseSession: self._close_session,
+            Subscribe: self._subscribe,
+            Unsubscribe: self._unsubscribe_request,
+            Typing: self._typing,
+            Ping: self._ping,
+        }
+        assert set(self._handlers) == set(get_args(ClientRequest)), "every request kind has one handler"
         # Batches a section may have in flight: two when the storage keeps
         # appends in order and fails every later one after a failure.
         self._depth = 2 if storage.pipelined else 1
@@ -408,45 +421,7 @@ class Chat:
     async def handle(self, peer: Peer, request: ClientRequest) -> None:
         """Carry out one request; its reply (or error) goes to `peer`."""
         try:
-            match request:
-                case CreateSession():
-                    _check_access(peer, request.document_id)
-                    key = SectionKey(request.document_id, request.section_id)
-                    await self._write(peer, key, partial(self._plan_create_session, peer, request))
-                case GetSession():
-                    section = await self._section_of(peer, request.session_id)
-                    reply(peer, SessionInfo(session=section.session(request.session_id).session, reply_to=request.id))
-                case ListSessions():
-                    _check_access(peer, request.document_id)
-                    reply(peer, await self._list_sessions(request))
-                case SendMessage():
-                    if len(request.text) > self.max_text_chars:
-                        raise ChatError(
-                            errors.TOO_LARGE, f"text is {len(request.text)} characters; the limit is {self.max_text_chars}"
-                        )
-                    key = await self._key_of(peer, request.session_id)
-                    if not await self._repeated(peer, key, request):
-                        await self._write(peer, key, partial(self._plan_send_message, peer, request))
-                case History():
-                    section = await self._section_of(peer, request.session_id)
-                    reply(peer, await self._history(section, section.session(request.session_id), request))
-                case CloseSession():
-                    key = await self._key_of(peer, request.session_id)
-                    await self._write(peer, key, partial(self._plan_close_session, peer, request))
-                case Subscribe():
-                    await self._subscribe(peer, request)
-                case Unsubscribe():
-                    _check_access(peer, request.document_id)
-                    key = SectionKey(request.document_id, request.section_id)
-                    self._unsubscribe(peer, key)
-                    reply(peer, Unsubscribed(document_id=key.document_id, section_id=key.section_id, reply_to=request.id))
-                case Typing():
-                    section = await self._section_of(peer, request.session_id)
-                    if section.session(request.session_id).session.closed:
-                        raise ChatError(errors.CONFLICT, "the session is closed")
-                    self._broadcast(section, TypingEvent(session_id=request.session_id, user=peer.user), peer)
-                case Ping():
-                    reply(peer, Pong(reply_to=request.id))
+            await self._handlers[type(request)](peer, request)
         except ChatError as error:
             self.metrics.errors.labels(error.code).inc()
             reply(peer, Error(code=error.code, message=error.message, temporary=error.temporary, reply_to=request.id))
@@ -459,6 +434,51 @@ class Chat:
             logger.debug("storage failed: %s", error)
             self.metrics.errors.labels(errors.UNAVAILABLE).inc()
             reply(peer, _unavailable(request.id))
+
+    # One handler per request kind (the table is built in __init__) ----------------
+
+    async def _create_session(self, peer: Peer, request: CreateSession) -> None:
+        _check_access(peer, request.document_id)
+        key = SectionKey(request.document_id, request.section_id)
+        await self._write(peer, key, partial(self._plan_create_session, peer, request))
+
+    async def _get_session(self, peer: Peer, request: GetSession) -> None:
+        section = await self._section_of(peer, request.session_id)
+        reply(peer, SessionInfo(session=section.session(request.session_id).session, reply_to=request.id))
+
+    async def _list_sessions_request(self, peer: Peer, request: ListSessions) -> None:
+        _check_access(peer, request.document_id)
+        reply(peer, await self._list_sessions(request))
+
+    async def _send_message(self, peer: Peer, request: SendMessage) -> None:
+        if len(request.text) > self.max_text_chars:
+            raise ChatError(errors.TOO_LARGE, f"text is {len(request.text)} characters; the limit is {self.max_text_chars}")
+        key = await self._key_of(peer, request.session_id)
+        if not await self._repeated(peer, key, request):
+            await self._write(peer, key, partial(self._plan_send_message, peer, request))
+
+    async def _history_request(self, peer: Peer, request: History) -> None:
+        section = await self._section_of(peer, request.session_id)
+        reply(peer, await self._history(section, section.session(request.session_id), request))
+
+    async def _close_session(self, peer: Peer, request: CloseSession) -> None:
+        key = await self._key_of(peer, request.session_id)
+        await self._write(peer, key, partial(self._plan_close_session, peer, request))
+
+    async def _unsubscribe_request(self, peer: Peer, request: Unsubscribe) -> None:
+        _check_access(peer, request.document_id)
+        key = SectionKey(request.document_id, request.section_id)
+        self._unsubscribe(peer, key)
+        reply(peer, Unsubscribed(document_id=key.document_id, section_id=key.section_id, reply_to=request.id))
+
+    async def _typing(self, peer: Peer, request: Typing) -> None:
+        section = await self._section_of(peer, request.session_id)
+        if section.session(request.session_id).session.closed:
+            raise ChatError(errors.CONFLICT, "the session is closed")
+        self._broadcast(section, TypingEvent(session_id=request.session_id, user=peer.user), peer)
+
+    async def _ping(self, peer: Peer, request: Ping) -> None:
+        reply(peer, Pong(reply_to=request.id))
 
     async def _write(self, peer: Peer, key: SectionKey, plan: Callable[[Draft], Plan]) -> None:
         """Queue a write for its section's writer and wait for its outcome.
@@ -674,7 +694,7 @@ class Chat:
             keys = [SectionKey(request.document_id, request.section_id)]
         else:
             keys = await self.storage.document_sections(request.document_id)
-        sessions = []
+        sessions: list[Session] = []
         for key in keys:
             section = await self._loaded(key)
             sessions.extend(state.session for state in section.sessions.values())

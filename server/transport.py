@@ -12,7 +12,8 @@ import secrets
 import time
 import uuid
 from collections import Counter
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, get_args
 from urllib.parse import parse_qs, urlsplit
 
 import msgspec
@@ -20,6 +21,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
+from websockets.typing import Subprotocol
 
 from protocol import errors
 from protocol.codec import SUBPROTOCOLS, Codec, codec_for_subprotocol
@@ -117,7 +119,7 @@ class Transport:
         self.metrics = chat.metrics
         # Histogram children resolved once: labels() costs a lock and a dict lookup per call.
         self._request_seconds = {
-            kind: self.metrics.request_seconds.labels(kind.__struct_config__.tag) for kind in ClientRequest.__args__
+            kind: self.metrics.request_seconds.labels(kind.__struct_config__.tag) for kind in get_args(ClientRequest)
         }
         self.draining = False
         self.in_flight = 0
@@ -125,7 +127,7 @@ class Transport:
         self._idle.set()
         self._connections_per_user: Counter[str] = Counter()
 
-    async def process_request(self, websocket: IdentifiedConnection, request: Request) -> Response | None:
+    async def process_request(self, websocket: ServerConnection, request: Request) -> Response | None:
         """Answer plain HTTP, or check a WebSocket handshake (origin, identity, connection count)."""
         url = urlsplit(request.path)
         # Request.method is websockets >= 15; older versions refuse every other method while parsing.
@@ -155,16 +157,17 @@ class Transport:
         limit = self.config.max_connections_per_user
         if limit and self._connections_per_user[identity.user] >= limit:
             return _text(429, f"too many connections for this user (limit {limit})")
+        assert isinstance(websocket, IdentifiedConnection), "serve() is given create_connection=IdentifiedConnection"
         websocket.identity = identity
         return None
 
     @staticmethod
-    def select_subprotocol(websocket: ServerConnection, subprotocols: list[str]) -> str | None:
+    def select_subprotocol(websocket: ServerConnection, subprotocols: Sequence[Subprotocol]) -> Subprotocol | None:
         return next((offered for offered in subprotocols if offered in SUBPROTOCOLS), None)
 
-    async def handle(self, websocket: IdentifiedConnection) -> None:
+    async def handle(self, websocket: ServerConnection) -> None:
+        assert isinstance(websocket, IdentifiedConnection) and websocket.identity is not None, "set by process_request"
         identity = websocket.identity
-        assert identity is not None, "process_request sets it before any handshake succeeds"
         codec = codec_for_subprotocol(websocket.subprotocol)
         peer = Connection(websocket, identity, codec, self)
         rate = RequestRate(self.config.rate_limit) if self.config.rate_limit > 0 else None

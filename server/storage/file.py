@@ -54,6 +54,7 @@ import time
 import zlib
 from array import array
 from collections import OrderedDict
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Union
@@ -494,7 +495,7 @@ class Journal:
             _refuse(batch, StorageError(f"cannot write: {_error_text(failure.error)}"))
             self._refuse_queued()
 
-    def _break(self, reason: str, rebuild: set[Path] = frozenset()) -> None:
+    def _break(self, reason: str, rebuild: AbstractSet[Path] = frozenset()) -> None:
         """Accept nothing until `_recover` has verified the storage again."""
         if self.broken is None:
             self.broken = reason
@@ -649,10 +650,11 @@ class Journal:
         self.descriptors.close_all()
 
     def _retire_all(self) -> None:
-        for segment in [*self.sealed, self.current]:
+        segments = [*self.sealed, *([self.current] if self.current is not None else [])]
+        for segment in segments:
             sync_all(self.disk, segment.touched, segment.new_dirs)
         self._drop_descriptor()
-        _delete_oldest_first(self.disk, self.dir, [segment.path for segment in [*self.sealed, self.current]])
+        _delete_oldest_first(self.disk, self.dir, [segment.path for segment in segments])
         self.sealed, self.current = [], None
 
 
@@ -747,15 +749,15 @@ class FileStorage:
             return
         try:
             await self._run(self.disk.makedirs, self._sections_dir)
-            self._lock_fd = await self._run(self.disk.open, self.root / "LOCK", os.O_RDWR | os.O_CREAT)
+            lock_fd: int = await self._run(self.disk.open, self.root / "LOCK", os.O_RDWR | os.O_CREAT)
         except OSError as error:
             raise StorageError(f"data dir {self.root} is not writable: {_error_text(error)}") from None
         try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+            os.close(lock_fd)
             raise StorageError(f"data dir {self.root} is in use by another sectionchat server") from None
+        self._lock_fd = lock_fd
         try:
             await self._run(self._recover_on_open)
             await self._load_index()
@@ -922,21 +924,19 @@ class FileStorage:
             # A few MiB of lines at a time, each chunk one decode (line by line only if one is damaged).
             stop = content.rfind(b"\n", position, position + INDEX_CHUNK_BYTES) + 1 or content.find(b"\n", position) + 1
             chunk = content[position:stop]
+            raw_lines = chunk.split(b"\n")[:-1]
+            ends = itertools.accumulate((len(line) + 1 for line in raw_lines), initial=start + position)
+            spans = list(itertools.pairwise(ends))
             try:
                 lines = _decode_index(b"[" + chunk[:-1].replace(b"\n", b",") + b"]")
-                spans = itertools.pairwise(itertools.accumulate(map(len, chunk.split(b"\n")[:-1]), lambda a, n: a + n + 1, initial=start + position))
             except msgspec.MsgspecError:
-                lines, spans = [], []
-                at = start + position
-                for line in chunk.split(b"\n")[:-1]:
+                lines = []
+                for line in raw_lines:
                     try:
                         lines.append(_decode_index_line(line))
-                        spans.append((at, at + len(line) + 1))
                     except msgspec.MsgspecError:
                         logger.warning("skipping an unreadable line of %s: %r", path, line[:80])
                         lines.append(("", "", ""))  # a row of no session, so that the rows still join up
-                        spans.append((at, at + len(line) + 1))
-                    at += len(line) + 1
             for (session_id, document_id, section_id), (line_start, line_end) in zip(lines, spans, strict=True):
                 key = keys.get((document_id, section_id))
                 if key is None:
@@ -1054,7 +1054,7 @@ class FileStorage:
         ):
             return
         tail = state.offset - (loaded.kept.offset if loaded.kept else 0)
-        size = loaded.starts[tail - 1] + loaded.lengths[tail - 1] + 1 if tail else loaded.kept.size
+        size = loaded.starts[tail - 1] + loaded.lengths[tail - 1] + 1 if tail or loaded.kept is None else loaded.kept.size
         kept = KeptState(loaded.epoch, state.offset, size, list(loaded.session_ids), state.data)
         path = loaded.file.path.with_suffix(".state")
         self._keeping.add(key)

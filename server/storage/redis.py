@@ -67,7 +67,7 @@ import hashlib
 import logging
 import os
 import time
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import msgspec
 import redis.asyncio as redis
@@ -176,7 +176,7 @@ class _Attempt(NamedTuple):
     """An append as sent, with what it takes to find out whether it landed."""
 
     expected: int
-    count: int
+    records: int  # how many
     token: str
     first: bytes  # the encoded first record
 
@@ -274,7 +274,7 @@ class RedisStorage:
             landed = await self._resolve(key, pending, self.resolve_budget_s)
             if landed is None:
                 raise StorageError("Redis: the outcome of an earlier write to this section is still unknown")
-            if landed and expected < pending.expected + pending.count:
+            if landed and expected < pending.expected + pending.records:
                 raise StaleSection(f"an earlier write to the section landed at offset {pending.expected + 1}")
         created = [r.session.session_id for r in records if isinstance(r, SessionCreatedRecord)]
         meta, log = section_keys(key)
@@ -338,7 +338,7 @@ class RedisStorage:
                     ) from None
                 if not landed:
                     raise StorageError(f"Redis: {error} (the write was not stored and never will be)") from None
-                return attempt.expected + attempt.count
+                return attempt.expected + attempt.records
         finally:
             await pool.release(connection)
         self._settled(key, attempt)
@@ -358,7 +358,7 @@ class RedisStorage:
                 async with asyncio.timeout(remaining):
                     landed = await self._resolve_script(
                         keys=[meta, log, fence_key(key)],
-                        args=[attempt.expected, attempt.count, attempt.token, attempt.first],
+                        args=[attempt.expected, attempt.records, attempt.token, attempt.first],
                     )
             except (RedisError, OSError):
                 await asyncio.sleep(min(pause, max(deadline - loop.time(), 0)))
@@ -391,7 +391,7 @@ class RedisStorage:
             entries = await self.client.zrange(f"sc:doc:{_hash(document_id)}", 0, -1)
         except RedisError as error:
             raise StorageError(f"Redis: {error}") from None
-        return [SectionKey(*_decode_key(entry)) for entry in entries]
+        return [SectionKey(*_decode_key(entry)) for entry in cast(list[bytes], entries)]
 
     async def keep_state(self, key: SectionKey, state: SectionState) -> None:
         pass  # a section's records are read from Redis in one round trip: nothing to gain
