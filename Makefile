@@ -1,11 +1,13 @@
 # The two front-door commands: `make run` starts the server with its defaults
 # (127.0.0.1:8765, ./data); `make test` runs every test. Both set themselves up.
+# `make check` is the gate CI runs first: formatting, lint (with a complexity
+# limit) and types, with zero findings.
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test bench bench-all clean
+.PHONY: run test check bench bench-all clean
 
 run: $(VENV)/.installed
 	$(BIN)/sectionchat serve
@@ -13,6 +15,11 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed
 	./scripts/system-deps.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+check: $(VENV)/.installed
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 bench: $(VENV)/.installed
 	$(BIN)/python -m bench.requests
@@ -34,7 +41,7 @@ bench-growth: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,bench]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,bench,lint]'
 	touch $@
 
 clean:

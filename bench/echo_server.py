@@ -200,7 +200,10 @@ if __name__ == "__main__":
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8766, help="0 picks a free port")
     parser.add_argument(
-        "--event-loop", choices=EVENT_LOOPS, default="auto", help="the same choice as sectionchat's (auto: uvloop when installed)"
+        "--event-loop",
+        choices=EVENT_LOOPS,
+        default="auto",
+        help="the same choice as sectionchat's (auto: uvloop when installed)",
     )
     arguments = parser.parse_args()
     run_with_loop(main(arguments.host, arguments.port), arguments.event_loop)

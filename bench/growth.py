@@ -389,7 +389,11 @@ class Cache:
         self.made: list[dict[str, Any]] = []  # what this invocation generated (and how long it took)
 
     def get(
-        self, key: str, build: Callable[[Export], None], base: Dataset | None = None, use: Callable[[str], Awaitable[None]] | None = None
+        self,
+        key: str,
+        build: Callable[[Export], None],
+        base: Dataset | None = None,
+        use: Callable[[str], Awaitable[None]] | None = None,
     ) -> Dataset:
         path = self.root / key
         meta_path = path / "growth-meta.json"

@@ -115,7 +115,9 @@ class ScriptClient:
         await self.websocket.send(data)
 
     async def send(self, frame: Frame) -> None:
-        await self.websocket.send(msgspec.msgpack.encode(frame) if self._binary else msgspec.json.encode(frame).decode())
+        await self.websocket.send(
+            msgspec.msgpack.encode(frame) if self._binary else msgspec.json.encode(frame).decode()
+        )
 
     async def request(self, type: str, *, timeout: float = 10.0, **fields: Any) -> Frame:
         """Send a request with a fresh `id` and return the reply to it (errors included)."""

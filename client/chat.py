@@ -152,7 +152,9 @@ class ChatError(ClientError):
     code: str = "error"
     temporary: bool = False
 
-    def __init__(self, message: str = "", *, code: str | None = None, temporary: bool | None = None, request: str | None = None):
+    def __init__(
+        self, message: str = "", *, code: str | None = None, temporary: bool | None = None, request: str | None = None
+    ):
         super().__init__(message)
         self.message = message
         if code is not None:
@@ -204,7 +206,8 @@ class Internal(ChatError):
 
 
 ERRORS: dict[str, type[ChatError]] = {
-    cls.code: cls for cls in (BadRequest, UnknownType, NotFound, Forbidden, Conflict, TooLarge, RateLimited, Unavailable, Internal)
+    cls.code: cls
+    for cls in (BadRequest, UnknownType, NotFound, Forbidden, Conflict, TooLarge, RateLimited, Unavailable, Internal)
 }
 
 
@@ -682,7 +685,12 @@ class ChatClient:
         timeout: float | None = None,
     ) -> Session:
         """Create a session in a section. With an `idempotency_key`, a retry returns the same session."""
-        fields = {"document_id": document_id, "section_id": section_id, "title": title, "idempotency_key": idempotency_key}
+        fields = {
+            "document_id": document_id,
+            "section_id": section_id,
+            "title": title,
+            "idempotency_key": idempotency_key,
+        }
         op = _Op("create_session", retry=idempotency_key is not None, write=True)
         reply = await self._call(fields, op, timeout=timeout)
         assert isinstance(reply, SessionCreated)
@@ -691,12 +699,16 @@ class ChatClient:
         return reply.session
 
     async def get_session(self, session_id: str, *, timeout: float | None = None) -> Session:
-        reply = await self._call({"type": "get_session", "session_id": session_id}, _read_op("get_session"), timeout=timeout)
+        reply = await self._call(
+            {"type": "get_session", "session_id": session_id}, _read_op("get_session"), timeout=timeout
+        )
         assert isinstance(reply, SessionInfo)
         self._note_session(reply.session)
         return reply.session
 
-    async def list_sessions(self, document_id: str, section_id: str | None = None, *, timeout: float | None = None) -> list[Session]:
+    async def list_sessions(
+        self, document_id: str, section_id: str | None = None, *, timeout: float | None = None
+    ) -> list[Session]:
         """The sessions of a document (or of one of its sections), oldest first.
 
         The server answers in pages of at most 1,000; this follows `next_cursor`
@@ -744,7 +756,13 @@ class ChatClient:
         timeout: float | None = None,
     ) -> HistoryPage:
         """A page of messages in ascending `seq`: the newest `limit`, or those after/before a seq."""
-        fields = {"type": "history", "session_id": session_id, "before_seq": before_seq, "after_seq": after_seq, "limit": limit}
+        fields = {
+            "type": "history",
+            "session_id": session_id,
+            "before_seq": before_seq,
+            "after_seq": after_seq,
+            "limit": limit,
+        }
         reply = await self._call(fields, _read_op("history"), timeout=timeout)
         assert isinstance(reply, HistoryPage)
         return reply
@@ -770,7 +788,9 @@ class ChatClient:
         op = _Op("close_session", retry=True, write=True)
         try:
             try:
-                reply = await self._call({"type": "close_session", "session_id": session_id}, op, timeout=timeout, settle_on_conflict=False)
+                reply = await self._call(
+                    {"type": "close_session", "session_id": session_id}, op, timeout=timeout, settle_on_conflict=False
+                )
             except Conflict:
                 if not op.resent:
                     raise
@@ -793,7 +813,9 @@ class ChatClient:
         with a `ping` on the same connection (the server handles a connection's
         requests in order): the pong means the typing was accepted.
         """
-        await self._call({"type": "typing", "session_id": session_id}, _read_op("typing"), timeout=timeout, confirm=True)
+        await self._call(
+            {"type": "typing", "session_id": session_id}, _read_op("typing"), timeout=timeout, confirm=True
+        )
 
     async def ping(self, *, timeout: float | None = None) -> float:
         """Round trip to the server; returns the seconds it took."""
@@ -821,7 +843,9 @@ class ChatClient:
         """
         return _SubscribeCall(lambda: self._subscribe(document_id, section_id, since_offset, epoch, timeout))
 
-    async def request(self, type: str, *, safe: bool = False, timeout: float | None = None, **fields: Any) -> ServerFrame:
+    async def request(
+        self, type: str, *, safe: bool = False, timeout: float | None = None, **fields: Any
+    ) -> ServerFrame:
         """Send any request and return the typed reply (errors raise), for what the typed methods do not cover.
 
         `safe=True` allows retrying it after a connection drop (reads, idempotent writes).
@@ -861,7 +885,13 @@ class ChatClient:
                     reason = "epoch_changed" if epoch is not None and epoch != reply.epoch else "window_exceeded"
                     subscription._push(Resync(document_id, section_id, reason, reply))
 
-        fields = {"type": "subscribe", "document_id": document_id, "section_id": section_id, "since_offset": since_offset, "epoch": epoch}
+        fields = {
+            "type": "subscribe",
+            "document_id": document_id,
+            "section_id": section_id,
+            "since_offset": since_offset,
+            "epoch": epoch,
+        }
         try:
             await self._call(fields, _read_op("subscribe"), timeout=timeout, on_reply=on_reply)
         except BaseException:
@@ -894,7 +924,9 @@ class ChatClient:
         if self._failure is not None:
             raise self._failure
 
-    async def _until_connected(self, op: _Op, deadline: float, wait: bool, dead: _Connection | None = None) -> _Connection:
+    async def _until_connected(
+        self, op: _Op, deadline: float, wait: bool, dead: _Connection | None = None
+    ) -> _Connection:
         """The open connection (not `dead`, which a request just saw fail), waiting for it within the deadline."""
         loop = asyncio.get_running_loop()
         while self._connection is None or self._connection is dead:
@@ -1028,7 +1060,9 @@ class ChatClient:
         limit = connection.welcome.limits.max_frame_bytes
         if size > limit:
             # The server would close the connection with 1009; refuse here instead.
-            raise TooLarge(f"the request is {size} bytes; the server's max_frame_bytes is {limit}", request=str(frame.get("type")))
+            raise TooLarge(
+                f"the request is {size} bytes; the server's max_frame_bytes is {limit}", request=str(frame.get("type"))
+            )
         return data
 
     async def _pause(self, delay: float) -> None:
@@ -1225,7 +1259,9 @@ class ChatClient:
                     pending.on_reply(frame)
                 except Exception as error:
                     logger.exception("error handling the reply to %s", pending.op.type)
-                    pending.future.set_exception(ClientError(f"cannot handle the reply to {pending.op.type}: {error!r}"))
+                    pending.future.set_exception(
+                        ClientError(f"cannot handle the reply to {pending.op.type}: {error!r}")
+                    )
                     return
             pending.future.set_result(frame)
             return
@@ -1309,7 +1345,9 @@ class ChatClient:
             sections = list(self._sections.values())
             if not sections:
                 return
-            results = await asyncio.gather(*(self._resubscribe(connection, section) for section in sections), return_exceptions=True)
+            results = await asyncio.gather(
+                *(self._resubscribe(connection, section) for section in sections), return_exceptions=True
+            )
             # Writes in flight at the drop are being retried; once they are
             # answered, their results are known to be ours and stay out of the
             # recovered events. The server answers a connection's requests in
@@ -1333,7 +1371,9 @@ class ChatClient:
                 elif section.key not in self._sections:
                     # Unsubscribed while resubscribing: tell the server too.
                     fields = {"type": "unsubscribe", "document_id": section.key[0], "section_id": section.key[1]}
-                    self._background(self._call(fields, _read_op("unsubscribe"), timeout=self._open_timeout, wait=False))
+                    self._background(
+                        self._call(fields, _read_op("unsubscribe"), timeout=self._open_timeout, wait=False)
+                    )
         except asyncio.CancelledError:
             raise
         except Exception:

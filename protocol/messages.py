@@ -103,7 +103,9 @@ class ListSessions(Request, tag="list_sessions"):
         except (binascii.Error, ValueError, msgspec.MsgspecError):
             raise ValueError("`cursor` is not a cursor this server handed out") from None
         if fields != self._fields_digest():
-            raise ValueError("`cursor` was handed out for a list_sessions with other fields; pass the same fields again")
+            raise ValueError(
+                "`cursor` was handed out for a list_sessions with other fields; pass the same fields again"
+            )
         return created_at, session_id
 
     def cursor_after(self, session: Session) -> str:
@@ -311,4 +313,3 @@ ServerMessage = Union[
     Pong,
     Error,
 ]
-

@@ -88,7 +88,11 @@ class App:
             problem = f"storage has not been checked for {since:.0f} s"
         if problem is not None:
             return 503, {"status": "unhealthy", "storage": problem}
-        return 200, {"status": "serving", "storage": "ok", "connections": len(self.server.connections) if self.server else 0}
+        return 200, {
+            "status": "serving",
+            "storage": "ok",
+            "connections": len(self.server.connections) if self.server else 0,
+        }
 
     async def _check_storage(self) -> None:
         """Check storage once; the outcome is what /healthz reports until the next check."""
@@ -175,7 +179,9 @@ class App:
         self._checker = asyncio.create_task(self._check_storage_periodically())
         self.state = "serving"
         host = self.server.sockets[0].getsockname()[0]
-        logger.info("listening on %s:%d (http://%s:%d/, ws://%s:%d/ws)", host, self.port, host, self.port, host, self.port)
+        logger.info(
+            "listening on %s:%d (http://%s:%d/, ws://%s:%d/ws)", host, self.port, host, self.port, host, self.port
+        )
 
     async def _sweep(self) -> None:
         assert self.chat is not None

@@ -87,6 +87,7 @@ LOAD_CHUNK = 2000  # records applied between yields to the event loop when a sec
 KEEP_STATE_AFTER = 1000  # records replayed or added since the kept state before the storage keeps a new one
 KEEP_STATE_EVERY = 50_000  # records added before a section in use has its state kept
 
+
 class Plan(NamedTuple):
     """What a write decides: the records to store (none: nothing to write) and the reply."""
 
@@ -244,8 +245,11 @@ class Section:
         """The state `apply` built, encoded (the recovery window is not part of it: it is read back as records)."""
         sessions = [
             SessionSnapshot(
-                state.session, state.offsets.tobytes(), list(state.by_client_msg_id),
-                array("I", state.by_client_msg_id.values()).tobytes(), state.last_sent_at,
+                state.session,
+                state.offsets.tobytes(),
+                list(state.by_client_msg_id),
+                array("I", state.by_client_msg_id.values()).tobytes(),
+                state.last_sent_at,
             )
             for state in self.sessions.values()
         ]
@@ -452,7 +456,9 @@ class Chat:
 
     async def _send_message(self, peer: Peer, request: SendMessage) -> None:
         if len(request.text) > self.max_text_chars:
-            raise ChatError(errors.TOO_LARGE, f"text is {len(request.text)} characters; the limit is {self.max_text_chars}")
+            raise ChatError(
+                errors.TOO_LARGE, f"text is {len(request.text)} characters; the limit is {self.max_text_chars}"
+            )
         key = await self._key_of(peer, request.session_id)
         if not await self._repeated(peer, key, request):
             await self._write(peer, key, partial(self._plan_send_message, peer, request))
@@ -608,7 +614,9 @@ class Chat:
             if existing is not None:
                 return Plan([], SessionCreated(session=existing, reply_to=request.id))
         if not self._session_quota.allow(peer.user):
-            raise ChatError(errors.RATE_LIMITED, f"at most {self._session_quota.count} new sessions per minute; try again shortly")
+            raise ChatError(
+                errors.RATE_LIMITED, f"at most {self._session_quota.count} new sessions per minute; try again shortly"
+            )
         session = Session(
             session_id=new_uuid4(),
             document_id=draft.key.document_id,
@@ -639,14 +647,19 @@ class Chat:
             client_msg_id=request.client_msg_id,
             sent_at=rfc3339_now(),
         )
-        return Plan([MessageRecord(offset=draft.offset + 1, message=message)], MessageAck(message=message, reply_to=request.id))
+        return Plan(
+            [MessageRecord(offset=draft.offset + 1, message=message)], MessageAck(message=message, reply_to=request.id)
+        )
 
     def _plan_close_session(self, peer: Peer, request: CloseSession, draft: Draft) -> Plan:
         session = draft.session(request.session_id)
         if session.closed:
             raise ChatError(errors.CONFLICT, "the session is already closed")
         closed = msgspec.structs.replace(session, closed=True)
-        return Plan([SessionClosedRecord(offset=draft.offset + 1, session=closed)], SessionClosed(session=closed, reply_to=request.id))
+        return Plan(
+            [SessionClosedRecord(offset=draft.offset + 1, session=closed)],
+            SessionClosed(session=closed, reply_to=request.id),
+        )
 
     async def _repeated(self, peer: Peer, key: SectionKey, request: SendMessage) -> bool:
         """Answer a retry of a message stored earlier with the original; False if it is new (as far as is known yet)."""
@@ -706,7 +719,8 @@ class Chat:
         subscribed = self._subscriptions.get(peer, ())
         if key not in subscribed and len(subscribed) >= self.max_subscriptions:
             raise ChatError(
-                errors.BAD_REQUEST, f"this connection is subscribed to {len(subscribed)} sections, the limit; unsubscribe first"
+                errors.BAD_REQUEST,
+                f"this connection is subscribed to {len(subscribed)} sections, the limit; unsubscribe first",
             )
         section = await self._loaded(key)
         if self.cluster is not None and not section.subscribers:
@@ -827,7 +841,9 @@ class Chat:
 
     def section_changed(self, key: SectionKey | None, offset: int | None = None) -> None:
         """Another node stored events in a section (None: in any section, e.g. after a reconnect)."""
-        sections = list(self._sections.values()) if key is None else [self._sections[key]] if key in self._sections else []
+        sections = (
+            list(self._sections.values()) if key is None else [self._sections[key]] if key in self._sections else []
+        )
         for section in sections:
             if section.loaded and not section.sync_scheduled and (offset is None or offset > section.offset):
                 section.sync_scheduled = True
@@ -1006,7 +1022,9 @@ def _presence_frame(key: SectionKey, before: set[str], after: set[str]) -> Prese
 
 
 def _unavailable(reply_to: str | int | None) -> Error:
-    return Error(code=errors.UNAVAILABLE, message="storage is unavailable; nothing was stored", temporary=True, reply_to=reply_to)
+    return Error(
+        code=errors.UNAVAILABLE, message="storage is unavailable; nothing was stored", temporary=True, reply_to=reply_to
+    )
 
 
 # Bounded session lists (`sessions` pages, `subscribed` snapshots) -----------------

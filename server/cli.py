@@ -69,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="write a document's sessions and messages as JSON lines")
     export.add_argument("--document", required=True, metavar="DOCUMENT_ID")
     export.add_argument("--output", "-o", metavar="FILE", help="default: standard output")
-    importer = commands.add_parser("import", help="read an export back into storage (the server must be stopped for files)")
+    importer = commands.add_parser(
+        "import", help="read an export back into storage (the server must be stopped for files)"
+    )
     importer.add_argument("file", metavar="FILE", help="an export file ('-': standard input)")
     for command in (export, importer):
         command.add_argument("--config", dest="config_file", metavar="FILE")

@@ -56,7 +56,10 @@ _OPTIONS: dict[str, tuple[type, str]] = {
     "data_dir": (str, "directory for file storage"),
     "storage": (str, "'file' or redis://HOST:PORT/DB"),
     "auth_secret": (str, "HS256 secret: turns on token mode"),
-    "rate_limit": (float, "requests per second per connection; 0 turns off every rate limit (this and --sessions-per-minute)"),
+    "rate_limit": (
+        float,
+        "requests per second per connection; 0 turns off every rate limit (this and --sessions-per-minute)",
+    ),
     "max_frame_bytes": (int, "largest frame accepted; larger ones close the connection with 1009"),
     "max_text_chars": (int, "longest message text accepted"),
     "max_subscriptions": (int, "sections one connection may subscribe to"),
@@ -87,7 +90,9 @@ def _env_value(name: str, kind: type, environ: Mapping[str, str]) -> object:
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", dest="config_file", metavar="FILE", help="a TOML file of options (same names as the flags)")
+    parser.add_argument(
+        "--config", dest="config_file", metavar="FILE", help="a TOML file of options (same names as the flags)"
+    )
     for name, (kind, text) in _OPTIONS.items():
         parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=text)
     parser.add_argument(
@@ -159,7 +164,9 @@ def describe(config: Config) -> str:
             lines.append(f"# {field.name} is not set")
         else:
             # JSON strings, numbers and arrays of strings are valid TOML too.
-            lines.append(f"{field.name} = {json.dumps(list(value) if isinstance(value, tuple) else value, ensure_ascii=False)}")
+            lines.append(
+                f"{field.name} = {json.dumps(list(value) if isinstance(value, tuple) else value, ensure_ascii=False)}"
+            )
     return "\n".join(lines)
 
 

@@ -16,30 +16,50 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = registry = CollectorRegistry()
         self.connections = Gauge("sectionchat_connections", "Open WebSocket connections", registry=registry)
-        self.subscriptions = Gauge("sectionchat_subscriptions", "Section subscriptions of open connections", registry=registry)
-        self.sessions_created = Counter("sectionchat_sessions_created", "Sessions created and stored", registry=registry)
+        self.subscriptions = Gauge(
+            "sectionchat_subscriptions", "Section subscriptions of open connections", registry=registry
+        )
+        self.sessions_created = Counter(
+            "sectionchat_sessions_created", "Sessions created and stored", registry=registry
+        )
         self.messages_stored = Counter("sectionchat_messages_stored", "Messages stored", registry=registry)
         self.events_delivered = Counter(
             "sectionchat_events_delivered", "Event frames queued to subscribers (one per subscriber)", registry=registry
         )
         self.errors = Counter("sectionchat_errors", "Error frames sent, by code", ["code"], registry=registry)
         self.request_seconds = Histogram(
-            "sectionchat_request_seconds", "Time to handle a request, by type", ["type"], buckets=LATENCY_BUCKETS, registry=registry
+            "sectionchat_request_seconds",
+            "Time to handle a request, by type",
+            ["type"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
         self.storage_write_seconds = Histogram(
-            "sectionchat_storage_write_seconds", "Time for one durable storage write", buckets=LATENCY_BUCKETS, registry=registry
+            "sectionchat_storage_write_seconds",
+            "Time for one durable storage write",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
         self.fsync_batch_size = Histogram(
-            "sectionchat_fsync_batch_size", "Appends made durable by one fsync (group commit)", buckets=BATCH_BUCKETS, registry=registry
+            "sectionchat_fsync_batch_size",
+            "Appends made durable by one fsync (group commit)",
+            buckets=BATCH_BUCKETS,
+            registry=registry,
         )
         self.storage_failures = Counter(
-            "sectionchat_storage_failures", "Times storage stopped acknowledging writes until it had recovered", registry=registry
+            "sectionchat_storage_failures",
+            "Times storage stopped acknowledging writes until it had recovered",
+            registry=registry,
         )
         self.slow_consumers = Counter(
-            "sectionchat_slow_consumer_disconnects", "Connections closed with 4008 for not keeping up", registry=registry
+            "sectionchat_slow_consumer_disconnects",
+            "Connections closed with 4008 for not keeping up",
+            registry=registry,
         )
         self.rate_limit_closes = Counter(
-            "sectionchat_rate_limit_disconnects", "Connections closed with 1008 for sustained rate abuse", registry=registry
+            "sectionchat_rate_limit_disconnects",
+            "Connections closed with 1008 for sustained rate abuse",
+            registry=registry,
         )
 
     def render(self) -> bytes:

@@ -28,6 +28,7 @@ from protocol.codec import SUBPROTOCOLS, Codec, codec_for_subprotocol
 from protocol.errors import ChatError
 from protocol.messages import PROTOCOL_VERSION, ClientRequest, Error, Limits, RequestId, Welcome
 
+from . import __version__
 from .auth import AuthError, Identity, authenticate, bearer_token
 from .chat import Chat, reply
 from .config import Config
@@ -36,7 +37,7 @@ from .limits import RequestRate
 
 logger = logging.getLogger("sectionchat.transport")
 
-SERVER_NAME = "sectionchat/0.1.0"
+SERVER_NAME = f"sectionchat/{__version__}"
 WEBSOCKET_PATH = "/ws"
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_SLOW_CONSUMER = 4008
@@ -176,7 +177,13 @@ class Transport:
         logger.info("connection %s opened by %s", peer.connection_id, peer.user)
         reply(
             peer,
-            Welcome(connection_id=peer.connection_id, user=peer.user, protocol=PROTOCOL_VERSION, server=SERVER_NAME, limits=self.limits),
+            Welcome(
+                connection_id=peer.connection_id,
+                user=peer.user,
+                protocol=PROTOCOL_VERSION,
+                server=SERVER_NAME,
+                limits=self.limits,
+            ),
         )
         try:
             async for data in websocket:
@@ -206,7 +213,9 @@ class Transport:
             request = peer.codec.decode(data)
         except ChatError as error:
             self.metrics.errors.labels(error.code).inc()
-            reply(peer, Error(code=error.code, message=error.message, temporary=error.temporary, reply_to=error.reply_to))
+            reply(
+                peer, Error(code=error.code, message=error.message, temporary=error.temporary, reply_to=error.reply_to)
+            )
             return
         if self.draining:
             # The close with 1001 is on its way; say so, so the client knows nothing was done.
@@ -236,13 +245,18 @@ class Transport:
         if peer.closing:
             return  # frames that were on their way when we closed: nobody is left to tell
         if rate.strike():
-            logger.warning("connection %s of %s keeps exceeding the rate limit: closing with 1008", peer.connection_id, peer.user)
+            logger.warning(
+                "connection %s of %s keeps exceeding the rate limit: closing with 1008", peer.connection_id, peer.user
+            )
             self.metrics.rate_limit_closes.inc()
             peer.close(CLOSE_POLICY_VIOLATION, "rate limit exceeded")
             return
         message = f"more than {self.limits.messages_per_s} requests per second; slow down"
         self.metrics.errors.labels(errors.RATE_LIMITED).inc()
-        reply(peer, Error(code=errors.RATE_LIMITED, message=message, temporary=True, reply_to=_request_id(peer.codec, data)))
+        reply(
+            peer,
+            Error(code=errors.RATE_LIMITED, message=message, temporary=True, reply_to=_request_id(peer.codec, data)),
+        )
 
     async def wait_idle(self) -> None:
         await self._idle.wait()

@@ -62,7 +62,17 @@ class ServerProcess:
 
     def start(self, port: int = 0, timeout: float = 20.0) -> ServerProcess:
         """Start the server and wait for its "listening on" line."""
-        command = [sys.executable, "-m", "server", "serve", "--port", str(port), "--data-dir", str(self.data_dir), *self.args]
+        command = [
+            sys.executable,
+            "-m",
+            "server",
+            "serve",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(self.data_dir),
+            *self.args,
+        ]
         self.process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.output = b""
         assert self.process.stdout is not None
@@ -98,9 +108,12 @@ class ServerProcess:
         return code
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait(10)
+            if self.process.stdout is not None:
+                self.process.stdout.close()
 
 
 # Load tests must not trip the abuse limits; tests of the limits pass their own values after these.
@@ -141,8 +154,21 @@ class RedisServer:
                 self.port = probe.getsockname()[1]
         self.directory.mkdir(parents=True, exist_ok=True)
         command = [
-            "redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
-            "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no",
+            "redis-server",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.directory),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--save",
+            "",
+            "--daemonize",
+            "no",
         ]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         assert self.process.stdout is not None
@@ -155,9 +181,12 @@ class RedisServer:
         return self
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.terminate()
+                self.process.wait(10)
+            if self.process.stdout is not None:
+                self.process.stdout.close()
         self.process = None
 
 
@@ -175,7 +204,11 @@ def resolved_config(*args: str, env: dict[str, str] | None = None, cwd: Path = R
     """What `sectionchat config ARGS` resolves, as option -> TOML value."""
     result = subprocess.run(
         [sys.executable, "-m", "server", "config", *args],
-        cwd=cwd, capture_output=True, text=True, timeout=30, env={"PATH": os.environ.get("PATH", ""), **(env or {})},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"PATH": os.environ.get("PATH", ""), **(env or {})},
     )
     assert result.returncode == 0, result.stderr
     return dict(line.split(" = ", 1) for line in result.stdout.splitlines() if " = " in line)

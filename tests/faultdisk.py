@@ -34,7 +34,9 @@ class Inode:
     is_dir: bool
     content: bytearray = field(default_factory=bytearray)  # files: what the page cache has
     durable: bytes = b""  # files: what an fsync made durable
-    changes: list[tuple[int, bytes | None]] = field(default_factory=list)  # files: unsynced (offset, data) or (size, None) for a truncate
+    changes: list[tuple[int, bytes | None]] = field(
+        default_factory=list
+    )  # files: unsynced (offset, data) or (size, None) for a truncate
     entries: dict[str, Inode] = field(default_factory=dict)  # dirs: names now
     durable_entries: dict[str, Inode] = field(default_factory=dict)  # dirs: names an fsync made durable
     entry_changes: list[tuple[str, Inode | None]] = field(default_factory=list)  # dirs: unsynced (name, inode or None)
@@ -101,7 +103,9 @@ class SimulatedDisk(Disk):
             if self.cut_at is not None and self.calls >= self.cut_at:
                 self.dead = True
                 raise PowerCut()
-            if self.fail_at is not None and (self.calls == self.fail_at or (self.persistent and self.calls > self.fail_at)):
+            if self.fail_at is not None and (
+                self.calls == self.fail_at or (self.persistent and self.calls > self.fail_at)
+            ):
                 return OSError(self.fail_errno, f"injected {os.strerror(self.fail_errno)} ({name}, call {self.calls})")
             return None
 

@@ -27,12 +27,19 @@ async def publish(url: str, name: str, sid: str, count: int) -> list[dict]:
 async def test_slow_consumer_is_closed_with_4008_and_recovers(data_dir):
     """A subscriber that stops reading is closed with 4008; others get everything; it recovers on reconnect."""
     config = Config(
-        port=0, data_dir=str(data_dir), rate_limit=0, sessions_per_minute=0,
-        max_outgoing_bytes=256 * 1024, recovery_window=100_000,
+        port=0,
+        data_dir=str(data_dir),
+        rate_limit=0,
+        sessions_per_minute=0,
+        max_outgoing_bytes=256 * 1024,
+        recovery_window=100_000,
     )
     async with running(config) as app:
         setup = await ScriptClient.open(app.url, name="setup")
-        sids = [(await setup.call("create_session", document_id="d", section_id=f"s{n}"))["session"]["session_id"] for n in range(4)]
+        sids = [
+            (await setup.call("create_session", document_id="d", section_id=f"s{n}"))["session"]["session_id"]
+            for n in range(4)
+        ]
         await setup.close()
         slow = await ScriptClient.open(app.url, name="slow")
         fast = await ScriptClient.open(app.url, name="fast")
@@ -131,7 +138,9 @@ async def test_sigterm_under_load_loses_nothing(server_process):
     async def writer(n: int) -> None:
         client = await ScriptClient.open(server.url, name=f"w{n}")
         try:
-            sid = (await client.call("create_session", document_id="term", section_id=f"s{n % 2}"))["session"]["session_id"]
+            sid = (await client.call("create_session", document_id="term", section_id=f"s{n % 2}"))["session"][
+                "session_id"
+            ]
             acknowledged[sid] = []
             while True:
                 ack = await client.call("send_message", session_id=sid, text=str(len(acknowledged[sid])))

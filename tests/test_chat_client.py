@@ -193,7 +193,12 @@ async def test_every_method_returns_protocol_types(app):
         assert chat.user == "alice" and chat.limits.max_text_chars == 8000 and chat.connected
         session = await chat.create_session("spec-7", "intro", title="Wording")
         assert isinstance(session, Session)
-        assert (session.document_id, session.section_id, session.title, session.created_by) == ("spec-7", "intro", "Wording", "alice")
+        assert (session.document_id, session.section_id, session.title, session.created_by) == (
+            "spec-7",
+            "intro",
+            "Wording",
+            "alice",
+        )
         keyed = await chat.create_session("spec-7", "intro", idempotency_key="k1")
         assert await chat.create_session("spec-7", "intro", idempotency_key="k1") == keyed
         other = await chat.create_session("spec-7", "outro")
@@ -214,8 +219,15 @@ async def test_every_method_returns_protocol_types(app):
         assert [m.seq for m in page.messages] == [6, 7] and not page.has_more
         assert [m.seq async for m in chat.messages(session.session_id, after_seq=1, page_size=2)] == [2, 3, 4, 5, 6, 7]
 
-        assert [s.session_id for s in await chat.list_sessions("spec-7", "intro")] == [session.session_id, keyed.session_id]
-        assert {s.session_id for s in await chat.list_sessions("spec-7")} == {session.session_id, keyed.session_id, other.session_id}
+        assert [s.session_id for s in await chat.list_sessions("spec-7", "intro")] == [
+            session.session_id,
+            keyed.session_id,
+        ]
+        assert {s.session_id for s in await chat.list_sessions("spec-7")} == {
+            session.session_id,
+            keyed.session_id,
+            other.session_id,
+        }
         fetched = await chat.get_session(session.session_id)
         assert fetched.last_seq == 7 and not fetched.closed
 
@@ -224,7 +236,10 @@ async def test_every_method_returns_protocol_types(app):
         closed = await chat.close_session(session.session_id)
         assert closed.closed and closed.session_id == session.session_id
         events = await chat.subscribe("spec-7", "intro")
-        assert events.snapshot.offset == 10 and {s.session_id for s in events.snapshot.sessions} == {session.session_id, keyed.session_id}
+        assert events.snapshot.offset == 10 and {s.session_id for s in events.snapshot.sessions} == {
+            session.session_id,
+            keyed.session_id,
+        }
     # Leaving the block closes everything cleanly.
     assert not chat.connected
     assert [event async for event in events] == []
@@ -236,7 +251,11 @@ async def test_server_errors_are_typed_exceptions(app):
     async with connect(app.url, name="alice") as chat:
         with pytest.raises(NotFound) as caught:
             await chat.get_session("no-such-session")
-        assert caught.value.code == "not_found" and caught.value.temporary is False and "no-such-session" in caught.value.message
+        assert (
+            caught.value.code == "not_found"
+            and caught.value.temporary is False
+            and "no-such-session" in caught.value.message
+        )
         assert isinstance(caught.value, ChatError)
         with pytest.raises(NotFound):
             await chat.send_message("no-such-session", "hi")
@@ -377,7 +396,10 @@ async def test_subscribe_since_offset_recovers_or_resyncs(app):
 async def test_kill_9_then_recovery_yields_every_event_once(server_process, restarts, proxy_to):
     server = server_process()
     proxy = await proxy_to(server.port)
-    async with connect(proxy.url, name="alice", backoff=FAST) as alice, connect(server.url, name="bob", backoff=FAST) as bob:
+    async with (
+        connect(proxy.url, name="alice", backoff=FAST) as alice,
+        connect(server.url, name="bob", backoff=FAST) as bob,
+    ):
         events = await alice.subscribe("spec-7", "intro")
         session = await bob.create_session("spec-7", "intro")
         for n in range(3):
@@ -404,7 +426,11 @@ async def test_kill_9_then_recovery_yields_every_event_once(server_process, rest
         after = await bob.send_message(second.session_id, "after")
         assert await next_stored(events) == MessageEvent(message=after, offset=13)
         history = await alice.history(session.session_id)
-        assert [m.text for m in history.messages] == [*(f"before {n}" for n in range(3)), own.text, *(f"during {n}" for n in range(5))]
+        assert [m.text for m in history.messages] == [
+            *(f"before {n}" for n in range(3)),
+            own.text,
+            *(f"during {n}" for n in range(5)),
+        ]
         assert events.pending() == []
 
 
@@ -420,7 +446,9 @@ async def test_sigterm_restart_delivers_every_event_once(server_process, restart
         session = await bob.create_session("d", "s")
         await bob.send_message(session.session_id, "one")
         assert [e.offset for e in await stored_events(events, 2)] == [1, 2]
-        assert await asyncio.to_thread(server.terminate) == 0  # closes every connection with 1001 (the loop must run to answer)
+        assert (
+            await asyncio.to_thread(server.terminate) == 0
+        )  # closes every connection with 1001 (the loop must run to answer)
         restarts(server)
         for n in range(4):
             await bob.send_message(session.session_id, f"after restart {n}")
@@ -518,7 +546,10 @@ async def test_unavailable_is_retried_until_stored_once(server_process):
 
 async def test_wiped_storage_yields_resync(server_process, restarts, data_dir):
     server = server_process()
-    async with connect(server.url, name="alice", backoff=FAST) as alice, connect(server.url, name="bob", backoff=FAST) as bob:
+    async with (
+        connect(server.url, name="alice", backoff=FAST) as alice,
+        connect(server.url, name="bob", backoff=FAST) as bob,
+    ):
         events = await alice.subscribe("d", "s")
         old_epoch = events.epoch
         session = await bob.create_session("d", "s")

@@ -27,7 +27,10 @@ def nodes(server_process, redis_server):
 async def test_events_cross_nodes_exactly_once(nodes):
     """A subscriber on node A sees what is written on node B, once each, with gapless offsets."""
     a, b = nodes(2)
-    async with ScriptClient.connect(a.url, name="reader") as reader, ScriptClient.connect(b.url, name="writer") as writer:
+    async with (
+        ScriptClient.connect(a.url, name="reader") as reader,
+        ScriptClient.connect(b.url, name="writer") as writer,
+    ):
         snapshot = await reader.call("subscribe", document_id="d", section_id="s")
         sid = (await writer.call("create_session", document_id="d", section_id="s"))["session"]["session_id"]
         acks = [(await writer.call("send_message", session_id=sid, text=str(n)))["message"] for n in range(30)]
@@ -47,7 +50,9 @@ async def test_concurrent_writers_on_both_nodes(nodes):
 
     async def write(url: str, name: str) -> list[dict]:
         async with ScriptClient.connect(url, name=name) as client:
-            return [(await client.call("send_message", session_id=sid, text=f"{name} {n}"))["message"] for n in range(30)]
+            return [
+                (await client.call("send_message", session_id=sid, text=f"{name} {n}"))["message"] for n in range(30)
+            ]
 
     results = await asyncio.gather(*(write(node.url, f"w{i}-{node.port}") for node in (a, b) for i in range(3)))
     acked = [m for batch in results for m in batch]
@@ -167,8 +172,22 @@ def test_unreachable_redis_at_startup(redis_server, data_dir):
     """A server whose Redis is down at startup exits with one clear line."""
     redis_server.stop()
     result = subprocess.run(
-        [sys.executable, "-m", "server", "serve", "--port", "0", "--storage", redis_server.url, "--data-dir", str(data_dir)],
-        cwd=ROOT, capture_output=True, text=True, timeout=30,
+        [
+            sys.executable,
+            "-m",
+            "server",
+            "serve",
+            "--port",
+            "0",
+            "--storage",
+            redis_server.url,
+            "--data-dir",
+            str(data_dir),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 1
     [line] = result.stderr.strip().splitlines()

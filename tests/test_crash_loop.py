@@ -66,7 +66,9 @@ class Ledger:
 
     sessions: dict[str, dict] = field(default_factory=dict)  # session_id -> session as acknowledged
     keys: dict[str, tuple[str, str]] = field(default_factory=dict)  # session_id -> (user, idempotency_key)
-    messages: dict[str, dict[int, dict]] = field(default_factory=lambda: defaultdict(dict))  # session_id -> seq -> message
+    messages: dict[str, dict[int, dict]] = field(
+        default_factory=lambda: defaultdict(dict)
+    )  # session_id -> seq -> message
     pending: dict[str, tuple] = field(default_factory=dict)  # user -> the request it had in flight
     owners: dict[str, str] = field(default_factory=dict)  # session_id -> the writer that created it
 
@@ -78,7 +80,9 @@ class Ledger:
 
     def ack_message(self, message: dict) -> None:
         known = self.messages[message["session_id"]].get(message["seq"])
-        assert known is None or known == message, f"seq {message['seq']} acknowledged as two messages: {known} {message}"
+        assert (
+            known is None or known == message
+        ), f"seq {message['seq']} acknowledged as two messages: {known} {message}"
         self.messages[message["session_id"]][message["seq"]] = message
 
     @property
@@ -121,7 +125,9 @@ async def writer(
             key = f"{name}-{i}"
             budgets[section] += 1
             ledger.pending[name] = ("create", section, key)
-            reply = await client.call("create_session", document_id=DOC, section_id=section, idempotency_key=key, title=f"t {key}")
+            reply = await client.call(
+                "create_session", document_id=DOC, section_id=section, idempotency_key=key, title=f"t {key}"
+            )
             ledger.ack_session(reply["session"], name, key)
             del ledger.pending[name]
             acknowledged.set()
@@ -185,22 +191,33 @@ async def verify(url: str, ledger: Ledger, rng: random.Random, retry_pending: bo
         for session_id in stored:
             messages = await page_all(checker, session_id)
             histories[session_id] = messages
-            assert [m["seq"] for m in messages] == list(range(1, len(messages) + 1)), f"seqs of {session_id} not gapless"
+            assert [m["seq"] for m in messages] == list(
+                range(1, len(messages) + 1)
+            ), f"seqs of {session_id} not gapless"
             client_ids = [m["client_msg_id"] for m in messages]
-            assert None not in client_ids and len(set(client_ids)) == len(client_ids), f"a client_msg_id stored twice in {session_id}"
+            assert None not in client_ids and len(set(client_ids)) == len(
+                client_ids
+            ), f"a client_msg_id stored twice in {session_id}"
             for message in messages:
                 assert message["message_id"] not in message_ids, f"message_id {message['message_id']} stored twice"
                 message_ids.add(message["message_id"])
             acked = ledger.messages.get(session_id, {})
             for seq, message in acked.items():
-                assert seq <= len(messages) and messages[seq - 1] == message, f"acknowledged message {session_id}#{seq} lost or changed"
+                assert (
+                    seq <= len(messages) and messages[seq - 1] == message
+                ), f"acknowledged message {session_id}#{seq} lost or changed"
             extra = [m for m in messages if m["seq"] not in acked]
             if extra:
                 # Only the writer's last request, in flight at the kill, may be stored without an ack.
                 owner = ledger.owners.get(session_id) or stored[session_id]["created_by"]
                 op = ledger.pending.get(owner)
-                assert len(extra) == 1 and op is not None and op[0] == "send" and op[1] == session_id, f"unexpected messages in {session_id}: {extra}"
-                assert extra[0]["seq"] == len(messages) and (extra[0]["text"], extra[0]["client_msg_id"]) == (op[2], op[3])
+                assert (
+                    len(extra) == 1 and op is not None and op[0] == "send" and op[1] == session_id
+                ), f"unexpected messages in {session_id}: {extra}"
+                assert extra[0]["seq"] == len(messages) and (extra[0]["text"], extra[0]["client_msg_id"]) == (
+                    op[2],
+                    op[3],
+                )
 
         if retry_pending:
             # A client retries what it never heard back about: it gets what was stored, or it is stored now.
@@ -208,11 +225,15 @@ async def verify(url: str, ledger: Ledger, rng: random.Random, retry_pending: bo
                 async with ScriptClient.connect(url, name=user) as retry:
                     if op[0] == "create":
                         _, section, key = op
-                        reply = await retry.call("create_session", document_id=DOC, section_id=section, idempotency_key=key, title=f"t {key}")
+                        reply = await retry.call(
+                            "create_session", document_id=DOC, section_id=section, idempotency_key=key, title=f"t {key}"
+                        )
                         session = reply["session"]
                         earlier = orphans.get((section, user))
                         if earlier is not None:
-                            assert session["session_id"] == earlier, "retry created a second session for one idempotency_key"
+                            assert (
+                                session["session_id"] == earlier
+                            ), "retry created a second session for one idempotency_key"
                             check.in_flight_stored += 1
                         else:
                             check.in_flight_lost += 1
@@ -220,7 +241,9 @@ async def verify(url: str, ledger: Ledger, rng: random.Random, retry_pending: bo
                         histories.setdefault(session["session_id"], [])
                     else:
                         _, session_id, text, client_msg_id = op
-                        ack = await retry.call("send_message", session_id=session_id, text=text, client_msg_id=client_msg_id)
+                        ack = await retry.call(
+                            "send_message", session_id=session_id, text=text, client_msg_id=client_msg_id
+                        )
                         message = ack["message"]
                         earlier = [m for m in histories[session_id] if m["client_msg_id"] == client_msg_id]
                         if earlier:
@@ -241,13 +264,19 @@ async def verify(url: str, ledger: Ledger, rng: random.Random, retry_pending: bo
             user, key = ledger.keys[session_id]
             session = ledger.sessions[session_id]
             async with ScriptClient.connect(url, name=user) as retry:
-                reply = await retry.call("create_session", document_id=DOC, section_id=session["section_id"], idempotency_key=key)
+                reply = await retry.call(
+                    "create_session", document_id=DOC, section_id=session["section_id"], idempotency_key=key
+                )
                 assert reply["session"]["session_id"] == session_id, f"idempotency_key {key} forgotten after restart"
                 acked = ledger.messages.get(session_id)
                 if acked:
                     message = acked[rng.choice(sorted(acked))]
-                    again = await retry.call("send_message", session_id=session_id, text="retry", client_msg_id=message["client_msg_id"])
-                    assert again["message"] == message, f"client_msg_id {message['client_msg_id']} forgotten after restart"
+                    again = await retry.call(
+                        "send_message", session_id=session_id, text="retry", client_msg_id=message["client_msg_id"]
+                    )
+                    assert (
+                        again["message"] == message
+                    ), f"client_msg_id {message['client_msg_id']} forgotten after restart"
 
         # Offsets: every section's stored stream is 1..offset, and holds exactly its sessions and messages in order.
         by_section: dict[str, list[str]] = defaultdict(list)
@@ -256,21 +285,30 @@ async def verify(url: str, ledger: Ledger, rng: random.Random, retry_pending: bo
         for section, session_ids in sorted(by_section.items()):
             expected_events = len(session_ids) + sum(len(histories[s]) for s in session_ids)
             reply = await checker.call("subscribe", document_id=DOC, section_id=section, since_offset=0)
-            assert reply["offset"] == expected_events, f"section {section}: offset {reply['offset']}, stored items {expected_events}"
+            assert (
+                reply["offset"] == expected_events
+            ), f"section {section}: offset {reply['offset']}, stored items {expected_events}"
             assert sorted(s["session_id"] for s in reply["sessions"]) == sorted(session_ids)
             if reply["offset"] <= RECOVERY_WINDOW:
                 events = reply["events"]
                 assert reply["recovered"] is True
-                assert [e["offset"] for e in events] == list(range(1, reply["offset"] + 1)), f"offsets of {section} not gapless"
+                assert [e["offset"] for e in events] == list(
+                    range(1, reply["offset"] + 1)
+                ), f"offsets of {section} not gapless"
                 created = [e["session"]["session_id"] for e in events if e["type"] == "session_created"]
                 assert sorted(created) == sorted(session_ids) and len(created) == len(set(created))
                 per_session: dict[str, list[dict]] = defaultdict(list)
                 for event in events:
                     if event["type"] == "message":
                         per_session[event["message"]["session_id"]].append(event["message"])
-                        assert event["message"]["session_id"] in created[: created.index(event["message"]["session_id"]) + 1]
+                        assert (
+                            event["message"]["session_id"]
+                            in created[: created.index(event["message"]["session_id"]) + 1]
+                        )
                 for session_id in session_ids:
-                    assert per_session[session_id] == histories[session_id], f"events of {session_id} differ from its history"
+                    assert (
+                        per_session[session_id] == histories[session_id]
+                    ), f"events of {session_id} differ from its history"
             await checker.call("unsubscribe", document_id=DOC, section_id=section)
             check.sections += 1
             check.events += expected_events
@@ -307,7 +345,18 @@ async def test_crash_loop(server_process):
         ready, opened, acknowledged = asyncio.Event(), [], asyncio.Event()
         writers = [
             asyncio.create_task(
-                writer(server.url, f"r{round_number}w{n}", sections, budgets, limits, writer_rngs[n], ledger, ready, opened, acknowledged)
+                writer(
+                    server.url,
+                    f"r{round_number}w{n}",
+                    sections,
+                    budgets,
+                    limits,
+                    writer_rngs[n],
+                    ledger,
+                    ready,
+                    opened,
+                    acknowledged,
+                )
             )
             for n in range(WRITERS)
         ]
@@ -336,7 +385,9 @@ async def test_crash_loop(server_process):
     # The last incarnation stops cleanly and left nothing damaged either.
     assert server.terminate() == 0
     torn_tails += assert_undamaged(server.output.decode(errors="replace"), "after the last round")
-    print(f"crash loop done: {len(ledger.sessions)} sessions, {ledger.message_count} messages over {ROUNDS} kills; torn tails cut on restart: {torn_tails}")
+    print(
+        f"crash loop done: {len(ledger.sessions)} sessions, {ledger.message_count} messages over {ROUNDS} kills; torn tails cut on restart: {torn_tails}"
+    )
 
 
 async def burst(url: str, name: str, session_id: str, count: int, then: str) -> list[str]:
@@ -349,7 +400,17 @@ async def burst(url: str, name: str, session_id: str, count: int, then: str) -> 
     assert welcome["type"] == "welcome"
     client_ids = [f"{name}-{i}" for i in range(count)]
     for i, client_id in enumerate(client_ids):
-        await websocket.send(json.dumps({"type": "send_message", "id": i, "session_id": session_id, "text": f"{name} {i}", "client_msg_id": client_id}))
+        await websocket.send(
+            json.dumps(
+                {
+                    "type": "send_message",
+                    "id": i,
+                    "session_id": session_id,
+                    "text": f"{name} {i}",
+                    "client_msg_id": client_id,
+                }
+            )
+        )
     if then == "abort":
         websocket.transport.abort()  # no close frame, unread replies dropped
     elif then == "close":
@@ -398,7 +459,9 @@ async def test_client_vanishing_mid_request_leaves_no_lock_and_no_torn_record(se
             async with ScriptClient.connect(server.url, name=f"next-{name}") as following:
                 started = time.monotonic()
                 async with asyncio.timeout(3):
-                    ack = await following.call("send_message", session_id=session_id, text=f"after {name}", client_msg_id=f"after-{name}")
+                    ack = await following.call(
+                        "send_message", session_id=session_id, text=f"after {name}", client_msg_id=f"after-{name}"
+                    )
                     created = await following.call("create_session", document_id="vanish", section_id="s")
                 latencies.append(time.monotonic() - started)
                 acked.append(ack["message"])

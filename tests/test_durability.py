@@ -68,7 +68,9 @@ async def write_until_killed(url: str, writers: int, acknowledged: dict, stop: a
                     sid = reply["session"]["session_id"]
                     acknowledged[sid] = []
                     for m in range(5):
-                        ack = await client.call("send_message", session_id=sid, text=f"{n}:{m}", client_msg_id=f"{n}:{m}")
+                        ack = await client.call(
+                            "send_message", session_id=sid, text=f"{n}:{m}", client_msg_id=f"{n}:{m}"
+                        )
                         acknowledged[sid].append(ack["message"])
         except Exception:
             return  # the server was killed under us; what was acknowledged is recorded
@@ -95,7 +97,9 @@ async def test_kill_9_loses_nothing_acknowledged(server_process, data_dir):
 
     restarted = server_process()
     async with ScriptClient.connect(restarted.url, name="checker") as checker:
-        stored_sessions = {s["session_id"] for s in (await checker.call("list_sessions", document_id="crash"))["sessions"]}
+        stored_sessions = {
+            s["session_id"] for s in (await checker.call("list_sessions", document_id="crash"))["sessions"]
+        }
         assert set(acknowledged) <= stored_sessions
         for sid, messages in acknowledged.items():
             history = await checker.call("history", session_id=sid, limit=200)
@@ -183,10 +187,15 @@ def test_port_in_use_is_a_one_line_error(data_dir):
         port = taken.getsockname()[1]
         result = subprocess.run(
             [sys.executable, "-m", "server", "serve", "--port", str(port), "--data-dir", str(data_dir)],
-            cwd=ROOT, capture_output=True, text=True, timeout=30,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
     assert result.returncode != 0
-    assert result.stderr.strip().splitlines() == [f"sectionchat: cannot listen on 127.0.0.1:{port}: address already in use"]
+    assert result.stderr.strip().splitlines() == [
+        f"sectionchat: cannot listen on 127.0.0.1:{port}: address already in use"
+    ]
 
 
 @pytest.mark.timeout(60)
@@ -196,7 +205,10 @@ def test_unwritable_data_dir_is_a_one_line_error(tmp_path):
     blocker.write_text("not a directory")
     result = subprocess.run(
         [sys.executable, "-m", "server", "serve", "--port", "0", "--data-dir", str(blocker / "data")],
-        cwd=ROOT, capture_output=True, text=True, timeout=30,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode != 0
     [line] = result.stderr.strip().splitlines()
@@ -209,7 +221,10 @@ def test_data_dir_in_use_is_refused(server_process, data_dir):
     server_process()
     result = subprocess.run(
         [sys.executable, "-m", "server", "serve", "--port", "0", "--data-dir", str(data_dir)],
-        cwd=ROOT, capture_output=True, text=True, timeout=30,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode != 0
     assert "in use by another sectionchat server" in result.stderr
@@ -218,10 +233,18 @@ def test_data_dir_in_use_is_refused(server_process, data_dir):
 @pytest.mark.timeout(60)
 async def test_environment_configures_the_server(data_dir, tmp_path):
     """SECTIONCHAT_* variables set options; the command line wins over them."""
-    env = {**os.environ, "SECTIONCHAT_PORT": "0", "SECTIONCHAT_DATA_DIR": str(data_dir), "SECTIONCHAT_MAX_TEXT_CHARS": "10"}
+    env = {
+        **os.environ,
+        "SECTIONCHAT_PORT": "0",
+        "SECTIONCHAT_DATA_DIR": str(data_dir),
+        "SECTIONCHAT_MAX_TEXT_CHARS": "10",
+    }
     process = subprocess.Popen(
         [sys.executable, "-m", "server", "serve", "--max-text-chars", "12"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     try:
         line = process.stdout.readline().decode()

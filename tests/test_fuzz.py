@@ -65,7 +65,16 @@ ANY_CHARS = st.characters(exclude_categories=("Cs",))
 CONTROL_CHARS = [chr(c) for c in range(0x20)] + [chr(c) for c in range(0x7F, 0xA0)]
 TRICKY_CHARS = ["a", "é", "\u2028", "\u2029", "\ufeff", "\ufffd", "\uffff", "\U0001f600", "\U0010ffff", '"', "\\", "/"]
 # Escapes that decode to lone or misordered UTF-16 surrogates: not Unicode text.
-SURROGATE_ESCAPES = ["\\ud800", "\\udbff", "\\udc00", "\\udfff", "\\udc00\\ud800", "\\ud800\\ud800", "\\ud800\\u0041", "\\uDFFF"]
+SURROGATE_ESCAPES = [
+    "\\ud800",
+    "\\udbff",
+    "\\udc00",
+    "\\udfff",
+    "\\udc00\\ud800",
+    "\\ud800\\ud800",
+    "\\ud800\\u0041",
+    "\\uDFFF",
+]
 HUGE_INTS = [2**53, 2**53 + 1, 2**63 - 1, 2**63, 2**64 - 1, 2**64, 10**30, -(2**63), -(2**63) - 1, -(10**30)]
 
 
@@ -231,8 +240,40 @@ def valid_value(draw, kind: Kind, session_ids: tuple[str, ...] = ()) -> tuple[st
     return raw, value
 
 
-WRONG_TYPE_FOR_STR = ["5", "-1", "0", "1.5", "1e999", "-1e999", "1e2", "10000000000000000000000000000000", "true", "false", "[]", "{}", '["x"]', '{"a":"b"}', "[[[[[[[[[[1]]]]]]]]]]"]
-WRONG_TYPE_FOR_INT = ["1.0", "1.5", "-0.0", "1e2", "1e999", "-1e999", "0.1e1", "true", "false", '"5"', '""', "[]", "{}", "[1]", '{"n":1}']
+WRONG_TYPE_FOR_STR = [
+    "5",
+    "-1",
+    "0",
+    "1.5",
+    "1e999",
+    "-1e999",
+    "1e2",
+    "10000000000000000000000000000000",
+    "true",
+    "false",
+    "[]",
+    "{}",
+    '["x"]',
+    '{"a":"b"}',
+    "[[[[[[[[[[1]]]]]]]]]]",
+]
+WRONG_TYPE_FOR_INT = [
+    "1.0",
+    "1.5",
+    "-0.0",
+    "1e2",
+    "1e999",
+    "-1e999",
+    "0.1e1",
+    "true",
+    "false",
+    '"5"',
+    '""',
+    "[]",
+    "{}",
+    "[1]",
+    '{"n":1}',
+]
 
 
 @st.composite
@@ -240,13 +281,22 @@ def invalid_value(draw, kind: Kind, nullable: bool) -> tuple[str, str, str]:
     """(raw JSON, "path" if the error must name the field or "malformed", what is wrong)."""
     options: list[tuple[str, st.SearchStrategy[str]]] = []
     if kind.is_str or kind is REQID:
-        options.append(("wrong type", st.sampled_from(WRONG_TYPE_FOR_STR if kind.is_str else ["1.5", "1e999", "-1e999", "true", "false", "[]", "{}", "[1]", '{"id":1}'])))
+        options.append(
+            (
+                "wrong type",
+                st.sampled_from(
+                    WRONG_TYPE_FOR_STR
+                    if kind.is_str
+                    else ["1.5", "1e999", "-1e999", "true", "false", "[]", "{}", "[1]", '{"id":1}']
+                ),
+            )
+        )
         options.append(
             (
                 "surrogate",
-                st.tuples(st.text(SAFE_CHARS, max_size=5), st.sampled_from(SURROGATE_ESCAPES), st.text(SAFE_CHARS, max_size=5)).map(
-                    lambda t: encode_string(t[0], "ascii")[:-1] + t[1] + encode_string(t[2], "ascii")[1:]
-                ),
+                st.tuples(
+                    st.text(SAFE_CHARS, max_size=5), st.sampled_from(SURROGATE_ESCAPES), st.text(SAFE_CHARS, max_size=5)
+                ).map(lambda t: encode_string(t[0], "ascii")[:-1] + t[1] + encode_string(t[2], "ascii")[1:]),
             )
         )
         if kind.min_len >= 1 or kind is REQID:
@@ -266,9 +316,12 @@ def invalid_value(draw, kind: Kind, nullable: bool) -> tuple[str, str, str]:
             options.append(
                 (
                     "control character",
-                    st.tuples(st.text(SAFE_CHARS, max_size=10), st.sampled_from(CONTROL_CHARS), st.text(SAFE_CHARS, max_size=10), string_styles).map(
-                        lambda t: encode_string(t[0] + t[1] + t[2], t[3])
-                    ),
+                    st.tuples(
+                        st.text(SAFE_CHARS, max_size=10),
+                        st.sampled_from(CONTROL_CHARS),
+                        st.text(SAFE_CHARS, max_size=10),
+                        string_styles,
+                    ).map(lambda t: encode_string(t[0] + t[1] + t[2], t[3])),
                 )
             )
         if kind is REQID:
@@ -276,7 +329,12 @@ def invalid_value(draw, kind: Kind, nullable: bool) -> tuple[str, str, str]:
     else:
         options.append(("wrong type", st.sampled_from(WRONG_TYPE_FOR_INT)))
         options.append(("below range", st.one_of(st.integers(max_value=kind.lo - 1), st.just(-(10**30))).map(str)))
-        options.append(("above range", st.one_of(st.integers(min_value=kind.hi + 1), st.sampled_from([kind.hi + 1, 10**30, 2**64])).map(str)))
+        options.append(
+            (
+                "above range",
+                st.one_of(st.integers(min_value=kind.hi + 1), st.sampled_from([kind.hi + 1, 10**30, 2**64])).map(str),
+            )
+        )
         options.append(("int over 4300 digits", st.integers(4301, 6000).map(lambda n: "9" * n)))
     if not nullable:
         options.append(("null", st.just("null")))
@@ -286,22 +344,74 @@ def invalid_value(draw, kind: Kind, nullable: bool) -> tuple[str, str, str]:
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(ANY_CHARS, max_size=20),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(ANY_CHARS, max_size=8), children, max_size=4),
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(ANY_CHARS, max_size=20),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(ANY_CHARS, max_size=8), children, max_size=4),
     max_leaves=12,
 )
 # Values that are harmless in a field nobody reads.
 extra_raw_values = st.one_of(
     json_values.map(lambda v: json.dumps(v, ensure_ascii=False)),
-    st.sampled_from(["1e999", "-1e999", "1" + "0" * 40, "-0", "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]", '"\\ud83d\\ude00"']),
+    st.sampled_from(
+        [
+            "1e999",
+            "-1e999",
+            "1" + "0" * 40,
+            "-0",
+            "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]",
+            '"\\ud83d\\ude00"',
+        ]
+    ),
     st.integers(1, 200).map(lambda d: "[" * d + "]" * d),
 )
 whitespace = st.text(st.sampled_from(" \t\n\r"), max_size=3)
 TRAILING_GARBAGE = ["x", "}", "]", "{}", ",", "1", '"', "\x00", "null", '{"type":"ping"}', "é", "\ufeff", "//", "/* */"]
-UNKNOWN_TYPES = ["", "Ping", "PING", "ping ", " ping", "create-session", "createSession", "__proto__", "constructor", "error", "pong", "welcome", "message"]
-NON_STRING_TYPES = ["5", "-1", "1.5", "null", "true", "false", "[]", '["ping"]', "{}", '{"type":"ping"}', "10000000000000000000000000000000"]
+UNKNOWN_TYPES = [
+    "",
+    "Ping",
+    "PING",
+    "ping ",
+    " ping",
+    "create-session",
+    "createSession",
+    "__proto__",
+    "constructor",
+    "error",
+    "pong",
+    "welcome",
+    "message",
+]
+NON_STRING_TYPES = [
+    "5",
+    "-1",
+    "1.5",
+    "null",
+    "true",
+    "false",
+    "[]",
+    '["ping"]',
+    "{}",
+    '{"type":"ping"}',
+    "10000000000000000000000000000000",
+]
 
-DEFECTS = ["none"] * 4 + ["bad value"] * 6 + ["missing field", "trailing garbage", "both cursors", "deep nesting", "unknown type", "type not a string", "no type"]
+DEFECTS = (
+    ["none"] * 4
+    + ["bad value"] * 6
+    + [
+        "missing field",
+        "trailing garbage",
+        "both cursors",
+        "deep nesting",
+        "unknown type",
+        "type not a string",
+        "no type",
+    ]
+)
 
 
 # Against a live server valid requests matter most: they reach the chat logic and storage.
@@ -325,7 +435,10 @@ def frames(draw, session_ids: tuple[str, ...] = (), max_depth: int = 20_000, def
                 present[name] = draw(valid_value(spec.kind, ids))
     if tag == "history" and defect != "both cursors":
         # Both cursors at once is a defect of its own; otherwise keep at most one.
-        if present.get("after_seq", ("null", None))[1] is not None and present.get("before_seq", ("null", None))[1] is not None:
+        if (
+            present.get("after_seq", ("null", None))[1] is not None
+            and present.get("before_seq", ("null", None))[1] is not None
+        ):
             del present[draw(st.sampled_from(["after_seq", "before_seq"]))]
     request_id = present.get("id", ("", None))[1]
 
@@ -367,7 +480,11 @@ def frames(draw, session_ids: tuple[str, ...] = (), max_depth: int = 20_000, def
         note = f"{tag}, nesting {depth} deep"
         expect = Expect(code="bad_request", fragments=("recursion", "nest", "deep"))
     elif defect == "unknown type":
-        unknown = draw(st.one_of(st.sampled_from(UNKNOWN_TYPES), st.text(ANY_CHARS, max_size=20)).filter(lambda s: s not in REQUEST_TYPES))
+        unknown = draw(
+            st.one_of(st.sampled_from(UNKNOWN_TYPES), st.text(ANY_CHARS, max_size=20)).filter(
+                lambda s: s not in REQUEST_TYPES
+            )
+        )
         type_raw = encode_string(unknown, draw(string_styles))
         note = f"unknown type {unknown!r} with {tag}'s fields"
         fragments = (unknown,) if unknown.isalnum() else ()
@@ -395,7 +512,9 @@ def frames(draw, session_ids: tuple[str, ...] = (), max_depth: int = 20_000, def
     items = draw(st.permutations(items))
     key_style = draw(string_styles)
     separator = draw(whitespace) + "," + draw(whitespace)
-    body = separator.join(f"{encode_string(key, key_style)}{draw(whitespace)}:{draw(whitespace)}{raw}" for key, raw in items)
+    body = separator.join(
+        f"{encode_string(key, key_style)}{draw(whitespace)}:{draw(whitespace)}{raw}" for key, raw in items
+    )
     return Frame(draw(whitespace) + "{" + draw(whitespace) + body + draw(whitespace) + "}" + trailing, expect, note)
 
 
@@ -408,11 +527,17 @@ def check_frame(frame: Frame) -> None:
     assert isinstance(outcome, ChatError), f"{frame.note}: decoded to {outcome!r}, expected {expect.code}"
     assert outcome.code == expect.code, f"{frame.note}: {outcome}"
     if expect.fragments:
-        assert any(f.lower() in outcome.message.lower() for f in expect.fragments), f"{frame.note}: {outcome.message!r} names none of {expect.fragments}"
-    assert outcome.reply_to == expect.reply_to, f"{frame.note}: reply_to {outcome.reply_to!r}, expected {expect.reply_to!r}"
+        assert any(
+            f.lower() in outcome.message.lower() for f in expect.fragments
+        ), f"{frame.note}: {outcome.message!r} names none of {expect.fragments}"
+    assert (
+        outcome.reply_to == expect.reply_to
+    ), f"{frame.note}: reply_to {outcome.reply_to!r}, expected {expect.reply_to!r}"
 
 
-def frame_of(raw: str, *, request: Any = None, code: str | None = None, fragments: tuple[str, ...] = (), reply_to: Any = None) -> Frame:
+def frame_of(
+    raw: str, *, request: Any = None, code: str | None = None, fragments: tuple[str, ...] = (), reply_to: Any = None
+) -> Frame:
     return Frame(raw, Expect(request, code, fragments, reply_to), "explicit example")
 
 
@@ -427,7 +552,9 @@ def test_any_text_decodes_or_is_a_chat_error(text):
 
 
 @DECODER_SETTINGS
-@given(st.text(st.sampled_from(list('{}[]":,. -+0123456789eE\\/ubfnrtalsxd\u00e9\U0001f600')) | ANY_CHARS, max_size=120))
+@given(
+    st.text(st.sampled_from(list('{}[]":,. -+0123456789eE\\/ubfnrtalsxd\u00e9\U0001f600')) | ANY_CHARS, max_size=120)
+)
 def test_json_shaped_text_decodes_or_is_a_chat_error(text):
     """Text built from JSON's own punctuation gets much deeper into the parser than random Unicode."""
     check_decode(JSON, text)
@@ -458,10 +585,15 @@ msgpack_objects = st.recursive(
     | st.binary(max_size=10)
     | st.sampled_from(sorted(REQUEST_TYPES)),
     lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.sampled_from(["type", "id", "document_id", "section_id", "session_id", "text", "limit", "after_seq"]) | st.text(max_size=5), children, max_size=5)
-    | st.dictionaries(st.integers() | st.binary(max_size=4) | st.none() | st.sampled_from([b"type", "type"]), children, max_size=3).filter(
-        lambda d: all(not isinstance(k, int) or -(2**63) <= k < 2**64 for k in d)
-    ),
+    | st.dictionaries(
+        st.sampled_from(["type", "id", "document_id", "section_id", "session_id", "text", "limit", "after_seq"])
+        | st.text(max_size=5),
+        children,
+        max_size=5,
+    )
+    | st.dictionaries(
+        st.integers() | st.binary(max_size=4) | st.none() | st.sampled_from([b"type", "type"]), children, max_size=3
+    ).filter(lambda d: all(not isinstance(k, int) or -(2**63) <= k < 2**64 for k in d)),
     max_leaves=15,
 )
 
@@ -479,33 +611,126 @@ def test_msgpack_objects_decode_or_are_chat_errors(value, data):
 
 # 1b. Structure-aware ----------------------------------------------------------------
 
+
 # Cases worth keeping, each with the outcome it must have (see also REGRESSIONS below).
 @DECODER_SETTINGS
 @example(frame_of('{"type":"ping","id":"\\u0000"}', request=Ping(id="\x00")))
 @example(frame_of('{"type":"ping","id":' + "9" * 4300 + "}", request=Ping(id=int("9" * 4300))))
 @example(frame_of('{"type":"ping","id":' + "9" * 4301 + "}", code="bad_request", fragments=("`$.id`",)))
 @example(frame_of('{"\\u0074\\u0079\\u0070\\u0065":"\\u0070ing","id":1}', request=Ping(id=1)))
-@example(frame_of('{"type":"create_session","id":1,"document_id":"' + "\U0001f600" * 128 + '","section_id":"s"}', request=CreateSession(id=1, document_id="\U0001f600" * 128, section_id="s")))
-@example(frame_of('{"type":"create_session","id":1,"document_id":"' + "\U0001f600" * 129 + '","section_id":"s"}', code="bad_request", fragments=("`$.document_id`",), reply_to=1))
-@example(frame_of('{"type":"create_session","id":1,"document_id":"\\ud83d\\ude00","section_id":"\\u2028"}', request=CreateSession(id=1, document_id="\U0001f600", section_id="\u2028")))
-@example(frame_of('{"type":"create_session","id":2,"document_id":"a\\u0085b","section_id":"s"}', code="bad_request", fragments=("`$.document_id`", "control"), reply_to=2))
-@example(frame_of('{"type":"create_session","id":2,"document_id":"d","section_id":"s\\n"}', code="bad_request", fragments=("`$.section_id`",), reply_to=2))
-@example(frame_of('{"type":"create_session","id":2,"document_id":1e999,"section_id":"s"}', code="bad_request", fragments=("`$.document_id`",), reply_to=2))
-@example(frame_of('{"type":"history","id":3,"session_id":"x","limit":-0}', code="bad_request", fragments=("`$.limit`",), reply_to=3))
-@example(frame_of('{"type":"history","id":3,"session_id":"x","after_seq":-0}', request=History(id=3, session_id="x", after_seq=0)))
-@example(frame_of('{"type":"history","id":3,"session_id":"x","after_seq":9007199254740993}', code="bad_request", fragments=("`$.after_seq`",), reply_to=3))
-@example(frame_of('{"type":"history","id":3,"session_id":"x","limit":5e0}', code="bad_request", fragments=("`$.limit`",), reply_to=3))
-@example(frame_of('{"type":"send_message","id":4,"session_id":"s","text":"\\u0000\\n"}', request=SendMessage(id=4, session_id="s", text="\x00\n")))
-@example(frame_of('{"type":"send_message","id":4,"session_id":"s","text":"\\udc00\\ud800"}', code="bad_request", fragments=("malformed",)))
+@example(
+    frame_of(
+        '{"type":"create_session","id":1,"document_id":"' + "\U0001f600" * 128 + '","section_id":"s"}',
+        request=CreateSession(id=1, document_id="\U0001f600" * 128, section_id="s"),
+    )
+)
+@example(
+    frame_of(
+        '{"type":"create_session","id":1,"document_id":"' + "\U0001f600" * 129 + '","section_id":"s"}',
+        code="bad_request",
+        fragments=("`$.document_id`",),
+        reply_to=1,
+    )
+)
+@example(
+    frame_of(
+        '{"type":"create_session","id":1,"document_id":"\\ud83d\\ude00","section_id":"\\u2028"}',
+        request=CreateSession(id=1, document_id="\U0001f600", section_id="\u2028"),
+    )
+)
+@example(
+    frame_of(
+        '{"type":"create_session","id":2,"document_id":"a\\u0085b","section_id":"s"}',
+        code="bad_request",
+        fragments=("`$.document_id`", "control"),
+        reply_to=2,
+    )
+)
+@example(
+    frame_of(
+        '{"type":"create_session","id":2,"document_id":"d","section_id":"s\\n"}',
+        code="bad_request",
+        fragments=("`$.section_id`",),
+        reply_to=2,
+    )
+)
+@example(
+    frame_of(
+        '{"type":"create_session","id":2,"document_id":1e999,"section_id":"s"}',
+        code="bad_request",
+        fragments=("`$.document_id`",),
+        reply_to=2,
+    )
+)
+@example(
+    frame_of(
+        '{"type":"history","id":3,"session_id":"x","limit":-0}',
+        code="bad_request",
+        fragments=("`$.limit`",),
+        reply_to=3,
+    )
+)
+@example(
+    frame_of(
+        '{"type":"history","id":3,"session_id":"x","after_seq":-0}', request=History(id=3, session_id="x", after_seq=0)
+    )
+)
+@example(
+    frame_of(
+        '{"type":"history","id":3,"session_id":"x","after_seq":9007199254740993}',
+        code="bad_request",
+        fragments=("`$.after_seq`",),
+        reply_to=3,
+    )
+)
+@example(
+    frame_of(
+        '{"type":"history","id":3,"session_id":"x","limit":5e0}',
+        code="bad_request",
+        fragments=("`$.limit`",),
+        reply_to=3,
+    )
+)
+@example(
+    frame_of(
+        '{"type":"send_message","id":4,"session_id":"s","text":"\\u0000\\n"}',
+        request=SendMessage(id=4, session_id="s", text="\x00\n"),
+    )
+)
+@example(
+    frame_of(
+        '{"type":"send_message","id":4,"session_id":"s","text":"\\udc00\\ud800"}',
+        code="bad_request",
+        fragments=("malformed",),
+    )
+)
 @example(frame_of('{"type":"ping","id":5}\x00', code="bad_request", fragments=("trailing",)))
 @example(frame_of('{"type":"ping","id":5,"x":1e999,"y":100000000000000000000000000000000}', request=Ping(id=5)))
 @example(frame_of('{"type":"ping","id":6,"x":' + "[" * 500 + "]" * 500 + "}", request=Ping(id=6)))
-@example(frame_of('{"type":"ping","id":6,"x":' + "[" * 10000 + "]" * 10000 + "}", code="bad_request", fragments=("recursion",)))
+@example(
+    frame_of(
+        '{"type":"ping","id":6,"x":' + "[" * 10000 + "]" * 10000 + "}", code="bad_request", fragments=("recursion",)
+    )
+)
 @example(frame_of('{"type":"","id":7}', code="unknown_type", reply_to=7))
 @example(frame_of('{"type":"Ping","id":7}', code="unknown_type", fragments=("Ping",), reply_to=7))
-@example(frame_of('{"type":10000000000000000000000000000000,"id":7}', code="bad_request", fragments=("`$.type`",), reply_to=7))
-@example(frame_of('{"type":"list_sessions","id":8,"document_id":"../../etc/passwd","section_id":null}', request=ListSessions(id=8, document_id="../../etc/passwd")))
-@example(frame_of('{"type":"subscribe","id":9,"document_id":"d","section_id":"s","since_offset":9007199254740992,"epoch":null}', request=Subscribe(id=9, document_id="d", section_id="s", since_offset=2**53)))
+@example(
+    frame_of(
+        '{"type":10000000000000000000000000000000,"id":7}', code="bad_request", fragments=("`$.type`",), reply_to=7
+    )
+)
+@example(
+    frame_of(
+        '{"type":"list_sessions","id":8,"document_id":"../../etc/passwd","section_id":null}',
+        request=ListSessions(id=8, document_id="../../etc/passwd"),
+    )
+)
+@example(
+    frame_of(
+        '{"type":"subscribe","id":9,"document_id":"d","section_id":"s","since_offset":9007199254740992,"epoch":null}',
+        request=Subscribe(id=9, document_id="d", section_id="s", since_offset=2**53),
+    )
+)
 @given(frames())
 def test_structured_frames_land_in_the_right_outcome(frame):
     """Request-shaped frames, each valid or with one defect: valid ones decode exactly; each defect gets its error, naming the field."""
@@ -524,7 +749,11 @@ def test_mutated_frames_never_crash_the_decoder(frame, data):
     elif mutation == "delete":
         raw = raw[:at] + raw[at + 1 :]
     elif mutation == "insert":
-        raw = raw[:at] + data.draw(st.sampled_from(list('{}[]":,\\0e-') + SURROGATE_ESCAPES + CONTROL_CHARS[:3])) + raw[at:]
+        raw = (
+            raw[:at]
+            + data.draw(st.sampled_from(list('{}[]":,\\0e-') + SURROGATE_ESCAPES + CONTROL_CHARS[:3]))
+            + raw[at:]
+        )
     else:
         raw = raw[:at] + raw
     check_decode(JSON, raw)
@@ -562,19 +791,34 @@ REGRESSIONS: list[tuple[str, str, str, Any]] = [
     # Control characters: C0, DEL and C1 are refused in ids; other invisible characters are fine.
     ('{"type":"subscribe","id":2,"document_id":"d","section_id":"a\\u007f"}', "bad_request", "$.section_id", 2),
     ('{"type":"subscribe","id":2,"document_id":"d","section_id":"s","epoch":"\\u009f"}', "bad_request", "$.epoch", 2),
-    ('{"type":"send_message","id":2,"session_id":"s","text":"t","client_msg_id":"a\\u0000"}', "bad_request", "$.client_msg_id", 2),
+    (
+        '{"type":"send_message","id":2,"session_id":"s","text":"t","client_msg_id":"a\\u0000"}',
+        "bad_request",
+        "$.client_msg_id",
+        2,
+    ),
     ('{"type":"create_session","id":2,"document_id":"d","section_id":"s","title":"\\r"}', "bad_request", "$.title", 2),
     # Numbers out of their bounds, or not integers.
     ('{"type":"history","id":3,"session_id":"x","before_seq":-1}', "bad_request", "$.before_seq", 3),
     ('{"type":"history","id":3,"session_id":"x","limit":null}', "bad_request", "$.limit", 3),
     ('{"type":"history","id":3,"session_id":"x","after_seq":1e999}', "bad_request", "$.after_seq", 3),
-    ('{"type":"subscribe","id":3,"document_id":"d","section_id":"s","since_offset":1.0}', "bad_request", "$.since_offset", 3),
+    (
+        '{"type":"subscribe","id":3,"document_id":"d","section_id":"s","since_offset":1.0}',
+        "bad_request",
+        "$.since_offset",
+        3,
+    ),
     ('{"type":"history","id":3,"session_id":"x","after_seq":' + "9" * 5000 + "}", "bad_request", "$.after_seq", 3),
     # Nesting: refused cleanly, in a field nobody reads as in one that is typed.
     ('{"type":"ping","id":4,"x":' + "[" * 20000 + "]" * 20000 + "}", "bad_request", "recursion", None),
     ('{"type":"ping","id":4,"x":' + '{"a":' * 10000 + "1" + "}" * 10000 + "}", "bad_request", "recursion", None),
     # The typed field fails fast, but the envelope that looks for `id` cannot read past the nesting either.
-    ('{"type":"create_session","id":4,"document_id":' + "[" * 20000 + "]" * 20000 + ',"section_id":"s"}', "bad_request", "$.document_id", None),
+    (
+        '{"type":"create_session","id":4,"document_id":' + "[" * 20000 + "]" * 20000 + ',"section_id":"s"}',
+        "bad_request",
+        "$.document_id",
+        None,
+    ),
     # Not an object, or not JSON.
     ("", "bad_request", "", None),
     ("   ", "bad_request", "", None),
@@ -589,7 +833,9 @@ REGRESSIONS: list[tuple[str, str, str, Any]] = [
 ]
 
 
-@pytest.mark.parametrize(("raw", "code", "fragment", "reply_to"), REGRESSIONS, ids=[f"regression-{i}" for i in range(len(REGRESSIONS))])
+@pytest.mark.parametrize(
+    ("raw", "code", "fragment", "reply_to"), REGRESSIONS, ids=[f"regression-{i}" for i in range(len(REGRESSIONS))]
+)
 def test_decoder_regressions(raw, code, fragment, reply_to):
     """Each saved interesting input keeps its outcome."""
     error = check_decode(JSON, raw)
@@ -625,7 +871,9 @@ STORED_EVENTS = {"session_created", "message", "session_closed"}
 
 def is_pushed_event(frame: dict) -> bool:
     """Frames the server pushes on its own: presence, typing, and stored events (which carry `offset`)."""
-    return frame["type"] in ("presence", "typing") or (frame["type"] in STORED_EVENTS and "offset" in frame and "reply_to" not in frame)
+    return frame["type"] in ("presence", "typing") or (
+        frame["type"] in STORED_EVENTS and "offset" in frame and "reply_to" not in frame
+    )
 
 
 @dataclass
@@ -648,7 +896,9 @@ class Arena:
             # A previous example failed by closing it; start this one afresh so that
             # Hypothesis can tell which input does it.
             subprotocol = "sectionchat.v1.msgpack" if mode == "msgpack" else None
-            client = self.attackers[mode] = await ScriptClient.open(self.url, name=f"fuzz-{mode}", subprotocol=subprotocol)
+            client = self.attackers[mode] = await ScriptClient.open(
+                self.url, name=f"fuzz-{mode}", subprotocol=subprotocol
+            )
         return client
 
     async def send_and_check(self, mode: str, payload: str | bytes) -> None:
@@ -662,7 +912,9 @@ class Arena:
         try:
             pong = await client.request("ping", id=probe, timeout=5)
         except Exception as error:
-            raise AssertionError(f"no pong after {payload!r:.300}: {error!r}, close code {client.websocket.close_code}") from None
+            raise AssertionError(
+                f"no pong after {payload!r:.300}: {error!r}, close code {client.websocket.close_code}"
+            ) from None
         assert pong == {"type": "pong", "reply_to": probe}
         answers = [frame for frame in client.take_events() if not is_pushed_event(frame)]
         self.answers.update(frame.get("code", frame["type"]) for frame in answers)
@@ -696,16 +948,22 @@ class Arena:
             session_ids = list(self.session_ids)
             for index, session_id in enumerate(session_ids[:-1]):
                 if session_id in self.closed_by_fuzzer:
-                    session_ids[index] = (await fuzz.call("create_session", document_id="d", section_id="s"))["session"]["session_id"]
+                    session_ids[index] = (await fuzz.call("create_session", document_id="d", section_id="s"))[
+                        "session"
+                    ]["session_id"]
             self.session_ids = tuple(session_ids)
             self.closed_by_fuzzer.clear()
 
     async def polite_round(self) -> None:
         """The polite client creates a session and posts; its subscriber sees both, in offset order."""
         n = self.examples
-        created = await self.polite.call("create_session", document_id=self.polite_doc, section_id="s", idempotency_key=f"k{n}", timeout=5)
+        created = await self.polite.call(
+            "create_session", document_id=self.polite_doc, section_id="s", idempotency_key=f"k{n}", timeout=5
+        )
         session_id = created["session"]["session_id"]
-        ack = await self.polite.call("send_message", session_id=session_id, text=f"still here {n}", client_msg_id=f"m{n}", timeout=5)
+        ack = await self.polite.call(
+            "send_message", session_id=session_id, text=f"still here {n}", client_msg_id=f"m{n}", timeout=5
+        )
         assert ack["message"]["seq"] == 1
         event = await self.observer.next_event("session_created", timeout=5)
         assert (event["offset"], event["session"]["session_id"]) == (self.polite_offset + 1, session_id)
@@ -727,12 +985,16 @@ async def arena(app):
     await observer.call("subscribe", document_id=polite_doc, section_id="s")
     # Real sessions for the fuzzer to hit: two open, one closed, in a section it may also subscribe to.
     fuzz = attackers["json"]
-    sids = [(await fuzz.call("create_session", document_id="d", section_id="s"))["session"]["session_id"] for _ in range(3)]
+    sids = [
+        (await fuzz.call("create_session", document_id="d", section_id="s"))["session"]["session_id"] for _ in range(3)
+    ]
     await fuzz.call("send_message", session_id=sids[0], text="first")
     await fuzz.call("close_session", session_id=sids[2])
     arena = Arena(url, attackers, polite, observer, polite_doc, tuple(sids))
     yield arena
-    print(f"\narena: {arena.examples} Hypothesis examples, frames sent {arena.frames_sent}, answers {dict(arena.answers)}, polite events seen in order: {arena.polite_offset}")
+    print(
+        f"\narena: {arena.examples} Hypothesis examples, frames sent {arena.frames_sent}, answers {dict(arena.answers)}, polite events seen in order: {arena.polite_offset}"
+    )
     for client in (*arena.attackers.values(), polite, observer):
         await client.close()
 
@@ -815,7 +1077,9 @@ async def test_live_boundary_values(arena):
                 frame[name] = value
                 for mode in ("json", "msgpack"):
                     try:
-                        payload: str | bytes = msgspec.msgpack.encode(frame) if mode == "msgpack" else msgspec.json.encode(frame).decode()
+                        payload: str | bytes = (
+                            msgspec.msgpack.encode(frame) if mode == "msgpack" else msgspec.json.encode(frame).decode()
+                        )
                     except OverflowError:
                         continue  # 10**30 has no MessagePack encoding
                     await arena.send_and_check(mode, payload)
@@ -823,7 +1087,9 @@ async def test_live_boundary_values(arena):
     print(f"\nboundary values: {sent} frames")
 
 
-@pytest.mark.parametrize(("raw", "code", "fragment", "reply_to"), REGRESSIONS, ids=[f"regression-{i}" for i in range(len(REGRESSIONS))])
+@pytest.mark.parametrize(
+    ("raw", "code", "fragment", "reply_to"), REGRESSIONS, ids=[f"regression-{i}" for i in range(len(REGRESSIONS))]
+)
 async def test_live_regressions(connect, raw, code, fragment, reply_to):
     """The saved inputs, sent to a real server: the predicted error, and the connection carries on."""
     async with connect("fuzz") as client:
@@ -866,7 +1132,10 @@ async def test_invalid_utf8_text_frame_closes_only_that_connection(connect):
 
 
 @settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(name=st.text(ANY_CHARS, max_size=70) | st.sampled_from(["a b", "a+b", "%ff", "a&name=b", "x" * 64, "x" * 65, "\u2028", "\u00ad", "\U0001f600" * 64]))
+@given(
+    name=st.text(ANY_CHARS, max_size=70)
+    | st.sampled_from(["a b", "a+b", "%ff", "a&name=b", "x" * 64, "x" * 65, "\u2028", "\u00ad", "\U0001f600" * 64])
+)
 async def test_handshake_names(app, name):
     """`?name=` is the user when it is 1-64 printable characters, HTTP 400 otherwise; no name gets an anon- user."""
     if name == "":

@@ -90,14 +90,24 @@ async def test_healthz_reports_redis(server_process, redis_server):
     await healthz_becomes(server.port, 200)
 
 
-SYNC_CALLS = re.compile(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(fsync|fdatasync|sync_file_range|syncfs|sync)\s*$", re.MULTILINE)
+SYNC_CALLS = re.compile(
+    r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(fsync|fdatasync|sync_file_range|syncfs|sync)\s*$", re.MULTILINE
+)
 SYNC_SYSCALLS = "trace=fsync,fdatasync,sync_file_range,syncfs,sync"
 
 
 async def syncs_during(pid: int, work, summary_path) -> int:
     """How many fsync, fdatasync (or other sync) calls the process (every thread) makes while `work()` runs, counted by strace."""
     tracer = await asyncio.create_subprocess_exec(
-        "strace", "-f", "-c", "-e", SYNC_SYSCALLS, "-o", str(summary_path), "-p", str(pid),
+        "strace",
+        "-f",
+        "-c",
+        "-e",
+        SYNC_SYSCALLS,
+        "-o",
+        str(summary_path),
+        "-p",
+        str(pid),
         stderr=asyncio.subprocess.PIPE,
     )
     assert tracer.stderr is not None
@@ -166,7 +176,9 @@ async def test_json_logs(server_process):
 def test_config_precedence(tmp_path):
     """Command line > environment > TOML file > default; secrets are masked."""
     toml = tmp_path / "sectionchat.toml"
-    toml.write_text('port = 1111\nrate-limit = 5\nmax_text_chars = 100\nauth_secret = "s3cret"\nallowed_origins = ["https://a.example"]\n')
+    toml.write_text(
+        'port = 1111\nrate-limit = 5\nmax_text_chars = 100\nauth_secret = "s3cret"\nallowed_origins = ["https://a.example"]\n'
+    )
     env = {"SECTIONCHAT_RATE_LIMIT": "7", "SECTIONCHAT_MAX_TEXT_CHARS": "200"}
     resolved = resolved_config("--config", str(toml), "--max-text-chars", "300", env=env)
     assert resolved["port"] == "1111"  # file
@@ -177,8 +189,12 @@ def test_config_precedence(tmp_path):
     assert resolved["allowed_origins"] == '["https://a.example"]'
     assert "s3cret" not in json.dumps(resolved)
     bad = subprocess.run(
-        [sys.executable, "-m", "server", "config", "--config", str(toml)], cwd=ROOT, capture_output=True, text=True,
-        timeout=30, env={"SECTIONCHAT_PORT": "not-a-number"},
+        [sys.executable, "-m", "server", "config", "--config", str(toml)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"SECTIONCHAT_PORT": "not-a-number"},
     )
     assert bad.returncode != 0 and "SECTIONCHAT_PORT" in bad.stderr
 
@@ -186,17 +202,23 @@ def test_config_precedence(tmp_path):
 async def make_document(url: str) -> None:
     async with ScriptClient.connect(url, name="alice") as alice, ScriptClient.connect(url, name="bob") as bob:
         for section in ("intro", "../../etc/passwd", "ünïcødé"):
-            a = (await alice.call("create_session", document_id="spec-7", section_id=section, title="T", idempotency_key="k"))
-            b = (await bob.call("create_session", document_id="spec-7", section_id=section))
+            a = await alice.call(
+                "create_session", document_id="spec-7", section_id=section, title="T", idempotency_key="k"
+            )
+            b = await bob.call("create_session", document_id="spec-7", section_id=section)
             for n in range(5):
-                await alice.call("send_message", session_id=a["session"]["session_id"], text=f"a{n}", client_msg_id=f"c{n}")
+                await alice.call(
+                    "send_message", session_id=a["session"]["session_id"], text=f"a{n}", client_msg_id=f"c{n}"
+                )
                 await bob.call("send_message", session_id=b["session"]["session_id"], text=f"b{n}\nline two")
             await alice.call("close_session", session_id=a["session"]["session_id"])
         await alice.call("create_session", document_id="other-doc", section_id="x")
 
 
 def sectionchat(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([sys.executable, "-m", "server", *args], cwd=ROOT, capture_output=True, input=stdin, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "server", *args], cwd=ROOT, capture_output=True, input=stdin, timeout=60
+    )
 
 
 @pytest.mark.timeout(90)

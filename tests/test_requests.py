@@ -12,6 +12,7 @@ import pytest
 
 from client import ScriptClient
 from protocol.messages import MAX_LISTED_SESSIONS
+from server import __version__
 
 RFC3339_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
@@ -28,7 +29,7 @@ async def test_welcome(connect):
     assert welcome["type"] == "welcome"
     assert welcome["user"] == "alice"
     assert welcome["protocol"] == 1
-    assert welcome["server"] == "sectionchat/0.1.0"
+    assert welcome["server"] == f"sectionchat/{__version__}"
     assert welcome["limits"] == {"max_frame_bytes": 65536, "max_text_chars": 8000, "messages_per_s": 0}
     assert isinstance(welcome["connection_id"], str) and welcome["connection_id"]
 
@@ -42,12 +43,23 @@ async def test_anonymous_user(connect):
 async def test_create_session(connect):
     """create_session replies with the whole new session."""
     async with connect("alice") as alice:
-        reply = await alice.request("create_session", id="c1", document_id="spec-7", section_id="intro", title="Wording")
+        reply = await alice.request(
+            "create_session", id="c1", document_id="spec-7", section_id="intro", title="Wording"
+        )
     assert set(reply) == {"type", "reply_to", "session"}
     assert reply["type"] == "session_created"
     assert reply["reply_to"] == "c1"
     session = reply["session"]
-    assert set(session) == {"session_id", "document_id", "section_id", "title", "created_by", "created_at", "closed", "last_seq"}
+    assert set(session) == {
+        "session_id",
+        "document_id",
+        "section_id",
+        "title",
+        "created_by",
+        "created_at",
+        "closed",
+        "last_seq",
+    }
     assert_uuid4(session["session_id"])
     assert session["document_id"] == "spec-7"
     assert session["section_id"] == "intro"
@@ -396,13 +408,17 @@ async def test_list_sessions_default_limit_is_1000(connect, app):
         assert len(rest["sessions"]) == 2 and rest["next_cursor"] is None
         listed = [s["session_id"] for s in first["sessions"] + rest["sessions"]]
         assert sorted(listed) == sorted(s["session_id"] for s in created)
-        assert (await alice.call("list_sessions", document_id="big", limit=MAX_LISTED_SESSIONS))["sessions"] == first["sessions"]
+        assert (await alice.call("list_sessions", document_id="big", limit=MAX_LISTED_SESSIONS))["sessions"] == first[
+            "sessions"
+        ]
 
 
 async def test_list_sessions_new_sessions_while_paging(connect):
     """Sessions created while paging appear at most once; none that existed is skipped."""
     async with connect("alice") as alice:
-        before = [(await alice.call("create_session", document_id="doc", section_id=f"s{n % 2}"))["session"] for n in range(6)]
+        before = [
+            (await alice.call("create_session", document_id="doc", section_id=f"s{n % 2}"))["session"] for n in range(6)
+        ]
         page = await alice.call("list_sessions", document_id="doc", limit=2)
         seen = list(page["sessions"])
         added = []
@@ -422,18 +438,20 @@ async def test_list_sessions_bad_cursor_or_limit(connect):
             await alice.call("create_session", document_id="doc", section_id="a")
         cursor = (await alice.call("list_sessions", document_id="doc", section_id="a", limit=1))["next_cursor"]
         forged = base64.urlsafe_b64encode(b'["2026-01-01T00:00:00.000Z","x","0000000000000000"]').decode()
-        for n, fields in enumerate([
-            {"document_id": "doc", "section_id": "a", "cursor": "not a cursor"},
-            {"document_id": "doc", "section_id": "a", "cursor": forged},
-            {"document_id": "doc", "section_id": "a", "cursor": cursor[:-4]},
-            {"document_id": "doc", "section_id": "a", "cursor": ""},
-            {"document_id": "doc", "cursor": cursor},  # another listing: the whole document
-            {"document_id": "doc", "section_id": "b", "cursor": cursor},
-            {"document_id": "other", "section_id": "a", "cursor": cursor},
-            {"document_id": "doc", "limit": 0},
-            {"document_id": "doc", "limit": MAX_LISTED_SESSIONS + 1},
-            {"document_id": "doc", "limit": "10"},
-        ]):
+        for n, fields in enumerate(
+            [
+                {"document_id": "doc", "section_id": "a", "cursor": "not a cursor"},
+                {"document_id": "doc", "section_id": "a", "cursor": forged},
+                {"document_id": "doc", "section_id": "a", "cursor": cursor[:-4]},
+                {"document_id": "doc", "section_id": "a", "cursor": ""},
+                {"document_id": "doc", "cursor": cursor},  # another listing: the whole document
+                {"document_id": "doc", "section_id": "b", "cursor": cursor},
+                {"document_id": "other", "section_id": "a", "cursor": cursor},
+                {"document_id": "doc", "limit": 0},
+                {"document_id": "doc", "limit": MAX_LISTED_SESSIONS + 1},
+                {"document_id": "doc", "limit": "10"},
+            ]
+        ):
             reply = await alice.request("list_sessions", id=n, **fields)
             assert reply["type"] == "error" and reply["code"] == "bad_request", fields
             assert reply["reply_to"] == n and reply["temporary"] is False

@@ -58,14 +58,18 @@ async def test_token_in_query_or_bearer_header(data_dir):
         headers = {"Authorization": f"Bearer {token}"}
         async with ScriptClient.connect(app.url, additional_headers=headers) as by_header:
             assert by_header.user == "alice"
-            assert (await by_header.call("create_session", document_id="d", section_id="s"))["session"]["created_by"] == "alice"
+            assert (await by_header.call("create_session", document_id="d", section_id="s"))["session"][
+                "created_by"
+            ] == "alice"
 
 
 async def test_docs_claim_limits_documents(data_dir):
     """Every request that names a document, or a session in one, outside `docs` is forbidden."""
     async with running(config(data_dir, auth_secret=SECRET)) as app:
         admin = await ScriptClient.open(app.url + "?token=" + mint_token(SECRET, "admin", ["*"]))
-        secret_session = (await admin.call("create_session", document_id="secret", section_id="s"))["session"]["session_id"]
+        secret_session = (await admin.call("create_session", document_id="secret", section_id="s"))["session"][
+            "session_id"
+        ]
         await admin.close()
         async with ScriptClient.connect(app.url + "?token=" + mint_token(SECRET, "bob", ["spec-7"])) as bob:
             own = await bob.call("create_session", document_id="spec-7", section_id="s")
@@ -94,7 +98,11 @@ def test_token_command_mints_a_working_token(data_dir):
     """`sectionchat token` prints a token the server accepts; tokens never reach the logs."""
     minted = subprocess.run(
         [sys.executable, "-m", "server", "token", "--sub", "alice", "--docs", "spec-7", "--ttl", "60"],
-        cwd=ROOT, capture_output=True, text=True, timeout=30, env={"SECTIONCHAT_AUTH_SECRET": SECRET, "PATH": ""},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"SECTIONCHAT_AUTH_SECRET": SECRET, "PATH": ""},
     )
     assert minted.returncode == 0, minted.stderr
     token = minted.stdout.strip()
@@ -139,7 +147,10 @@ async def test_allowed_origins(data_dir):
 async def test_rate_limit(data_dir):
     """Past the rate, requests get rate_limited (temporary); a polite client on another connection is untouched."""
     async with running(config(data_dir, rate_limit=5)) as app:
-        async with ScriptClient.connect(app.url, name="flood") as flood, ScriptClient.connect(app.url, name="polite") as polite:
+        async with (
+            ScriptClient.connect(app.url, name="flood") as flood,
+            ScriptClient.connect(app.url, name="polite") as polite,
+        ):
             assert flood.welcome["limits"]["messages_per_s"] == 5
             replies = [await flood.request("ping", id=n) for n in range(12)]
             limited = [r for r in replies if r["type"] == "error"]
@@ -178,7 +189,10 @@ async def test_subscriptions_per_connection(data_dir):
 async def test_sessions_per_user_per_minute(data_dir):
     """A user creating sessions too fast gets rate_limited; idempotent retries do not count."""
     async with running(config(data_dir, sessions_per_minute=3)) as app:
-        async with ScriptClient.connect(app.url, name="alice") as alice, ScriptClient.connect(app.url, name="alice") as again:
+        async with (
+            ScriptClient.connect(app.url, name="alice") as alice,
+            ScriptClient.connect(app.url, name="alice") as again,
+        ):
             for n in range(3):
                 await alice.call("create_session", document_id="d", section_id="s", idempotency_key=f"k{n}")
             retry = await again.request("create_session", document_id="d", section_id="s", idempotency_key="k0")
@@ -238,6 +252,7 @@ def test_rate_limit_zero_turns_off_every_rate_limit():
     assert resolved_config("--rate-limit", "0")["sessions_per_minute"] == "0"
     assert resolved_config("--rate-limit", "0", "--sessions-per-minute", "5")["sessions_per_minute"] == "5"
     assert resolved_config()["sessions_per_minute"] == "300"
-    assert resolved_config(env={"SECTIONCHAT_ALLOWED_ORIGIN": "https://a.example,https://b.example"})[
-        "allowed_origins"
-    ] == '["https://a.example", "https://b.example"]'
+    assert (
+        resolved_config(env={"SECTIONCHAT_ALLOWED_ORIGIN": "https://a.example,https://b.example"})["allowed_origins"]
+        == '["https://a.example", "https://b.example"]'
+    )

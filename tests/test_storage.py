@@ -91,7 +91,12 @@ async def test_sessions_are_found_and_listed(storage):
 
 async def test_ids_are_data(storage):
     """Hostile ids round-trip and never collide."""
-    keys = [SectionKey("../../etc/passwd", "/"), SectionKey("..", ".."), SectionKey("a\x85b", "文档 ✓"), SectionKey("x" * 128, "y")]
+    keys = [
+        SectionKey("../../etc/passwd", "/"),
+        SectionKey("..", ".."),
+        SectionKey("a\x85b", "文档 ✓"),
+        SectionKey("x" * 128, "y"),
+    ]
     for n, key in enumerate(keys):
         await storage.load_section(key)
         await storage.append(key, "e", [SessionCreatedRecord(offset=1, session=session(f"s{n}", key))])
@@ -105,7 +110,10 @@ async def test_concurrent_appends_to_different_sections(storage):
     for key in keys:
         await storage.load_section(key)
     await asyncio.gather(
-        *(storage.append(key, "e", [SessionCreatedRecord(offset=1, session=session(key.section_id, key))]) for key in keys)
+        *(
+            storage.append(key, "e", [SessionCreatedRecord(offset=1, session=session(key.section_id, key))])
+            for key in keys
+        )
     )
     for key in keys:
         assert len((await storage.load_section(key)).records) == 1

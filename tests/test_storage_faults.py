@@ -33,7 +33,10 @@ async def retry_until_stored(client: ScriptClient, request: str, **fields) -> di
 async def test_write_failure_is_unavailable_and_recovers(server_process, data_dir):
     """A write that fails (file size limit) is `unavailable`, leaves no trace, and writing resumes later."""
     server = server_process()
-    async with ScriptClient.connect(server.url, name="alice") as alice, ScriptClient.connect(server.url, name="bob") as bob:
+    async with (
+        ScriptClient.connect(server.url, name="alice") as alice,
+        ScriptClient.connect(server.url, name="bob") as bob,
+    ):
         sid = (await alice.call("create_session", document_id="d", section_id="s"))["session"]["session_id"]
         await bob.call("subscribe", document_id="d", section_id="s")
         set_file_size_limit(server.process.pid, FILE_SIZE_LIMIT)
@@ -53,12 +56,16 @@ async def test_write_failure_is_unavailable_and_recovers(server_process, data_di
         assert [e["message"] for e in seen] == acked
         # Space returns: the same request now succeeds, with the next seq.
         set_file_size_limit(server.process.pid, resource.RLIM_INFINITY)
-        retry = await retry_until_stored(alice, "send_message", session_id=sid, text="x" * 1000, client_msg_id=f"m{len(acked)}")
+        retry = await retry_until_stored(
+            alice, "send_message", session_id=sid, text="x" * 1000, client_msg_id=f"m{len(acked)}"
+        )
         assert retry["message"]["seq"] == len(acked) + 1
         assert (await bob.next_event("message"))["message"] == retry["message"]
     server.kill()
     leftovers = [
-        p.name for p in data_dir.rglob("*") if p.is_file() and p.suffix not in (".log", ".idx", ".wal") and p.name not in ("LOCK", "FORMAT")
+        p.name
+        for p in data_dir.rglob("*")
+        if p.is_file() and p.suffix not in (".log", ".idx", ".wal") and p.name not in ("LOCK", "FORMAT")
     ]
     assert leftovers == []
     restarted = server_process()
@@ -88,7 +95,9 @@ async def test_journal_restores_what_the_files_lost(server_process, data_dir):
     server = server_process()
     async with ScriptClient.connect(server.url, name="alice") as alice:
         kept = (await alice.call("create_session", document_id="d", section_id="s"))["session"]
-        first = [(await alice.call("send_message", session_id=kept["session_id"], text=f"m{n}"))["message"] for n in range(5)]
+        first = [
+            (await alice.call("send_message", session_id=kept["session_id"], text=f"m{n}"))["message"] for n in range(5)
+        ]
     server.kill()
     # Simulate what the page cache had not written back: cut the files, not the journal.
     [section_file] = (data_dir / "sections").rglob("*.log")
@@ -134,7 +143,9 @@ async def test_concurrent_writes_into_a_failing_disk(server_process):
         stored = (await checker.call("history", session_id=sid, limit=200))["messages"]
         assert sorted(m["seq"] for m in acked) == [m["seq"] for m in stored] == list(range(1, len(stored) + 1))
         set_file_size_limit(server.process.pid, resource.RLIM_INFINITY)
-        after = await retry_until_stored(checker, "send_message", session_id=sid, text="space is back", client_msg_id="back")
+        after = await retry_until_stored(
+            checker, "send_message", session_id=sid, text="space is back", client_msg_id="back"
+        )
         assert after["message"]["seq"] == len(stored) + 1
     server.kill()
     restarted = server_process()

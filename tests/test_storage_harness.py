@@ -95,7 +95,9 @@ async def workload(storage: FileStorage, outcomes: Outcomes, tag: str) -> None:
     async def client(key: SectionKey, n: int) -> None:
         peer = Peer(f"{tag}-u{n}")
         title = f"{tag}-{key.section_id}-{n}"
-        await chat.handle(peer, CreateSession(id=1, document_id=key.document_id, section_id=key.section_id, title=title))
+        await chat.handle(
+            peer, CreateSession(id=1, document_id=key.document_id, section_id=key.section_id, title=title)
+        )
         outcomes.sessions[title], reply = _outcome(peer, 1)
         if reply is None:
             return
@@ -103,7 +105,9 @@ async def workload(storage: FileStorage, outcomes: Outcomes, tag: str) -> None:
 
         async def send(m: int) -> None:
             cmid = f"{title}-{m}"
-            await chat.handle(peer, SendMessage(id=2 + m, session_id=session_id, text=f"text {cmid}", client_msg_id=cmid))
+            await chat.handle(
+                peer, SendMessage(id=2 + m, session_id=session_id, text=f"text {cmid}", client_msg_id=cmid)
+            )
             outcomes.messages[cmid], reply = _outcome(peer, 2 + m)
             if reply is not None:
                 outcomes.acked_messages[cmid] = reply["message"]
@@ -181,7 +185,10 @@ async def check(root: Path, outcomes: Outcomes) -> None:
                 assert offset <= len(log.records), f"the event at offset {offset} seen live is not stored"
                 record = log.records[offset - 1]
                 if frame["type"] == "session_created":
-                    assert isinstance(record, SessionCreatedRecord) and msgspec.to_builtins(record.session) == frame["session"]
+                    assert (
+                        isinstance(record, SessionCreatedRecord)
+                        and msgspec.to_builtins(record.session) == frame["session"]
+                    )
                 else:
                     assert isinstance(record, MessageRecord) and msgspec.to_builtins(record.message) == frame["message"]
         for title, outcome in outcomes.sessions.items():
@@ -208,7 +215,9 @@ async def _check_kept_state(storage: FileStorage, key: SectionKey, log: SectionL
         assert loaded.records == log.records
         return
     offset, data = loaded.state
-    assert loaded.epoch == log.epoch and loaded.records == log.records[offset:], "the kept state does not join up with the records"
+    assert (
+        loaded.epoch == log.epoch and loaded.records == log.records[offset:]
+    ), "the kept state does not join up with the records"
     from_state, replayed = Section(key, 10), Section(key, 10)
     from_state.restore(offset, data)
     for record in loaded.records:
@@ -251,7 +260,9 @@ class Case:
         shutil.rmtree(self.base, ignore_errors=True)
 
 
-async def run_on(disk: SimulatedDisk, root: Path, outcomes: Outcomes, tag: str, segment_bytes: int = 2048) -> FileStorage | None:
+async def run_on(
+    disk: SimulatedDisk, root: Path, outcomes: Outcomes, tag: str, segment_bytes: int = 2048
+) -> FileStorage | None:
     """Open the storage on `disk` and run the workload; None if it could not open."""
     storage = _fast(FileStorage(root, disk=disk), segment_bytes)
     try:
@@ -314,7 +325,10 @@ async def test_every_injected_fault_keeps_every_invariant():
                     if storage is not None:
                         await wait_until_writable(storage)
                         await workload(storage, outcomes, "b")  # writing resumes without a restart
-                        assert all(o == "acked" for t, o in outcomes.sessions.items() if t.startswith("b-")), (n, outcomes.sessions)
+                        assert all(o == "acked" for t, o in outcomes.sessions.items() if t.startswith("b-")), (
+                            n,
+                            outcomes.sessions,
+                        )
                         if ending == "close":
                             await storage.close()
                         else:
@@ -325,7 +339,9 @@ async def test_every_injected_fault_keeps_every_invariant():
                     try:
                         await check(checked, outcomes)
                     except AssertionError as error:
-                        raise AssertionError(f"{os.strerror(fail_errno)} at call {n} ({persistent=}, then {ending}): {error}") from error
+                        raise AssertionError(
+                            f"{os.strerror(fail_errno)} at call {n} ({persistent=}, then {ending}): {error}"
+                        ) from error
                     cases += 1
     assert cases == 4 * calls
     print(f"{cases} injected-fault cases over {calls} calls")
@@ -341,7 +357,9 @@ async def test_every_power_cut_keeps_every_invariant():
         for lucky in (False, True):
             with Case() as case:
                 outcomes = Outcomes()
-                after = await run_into_power_cut(case, case.data, cut, outcomes, "a", random.Random(rng.random()) if lucky else None)
+                after = await run_into_power_cut(
+                    case, case.data, cut, outcomes, "a", random.Random(rng.random()) if lucky else None
+                )
                 await check(after, outcomes)
                 cases += 1
     print(f"{cases} power-cut cases over {calls} calls")
@@ -372,7 +390,9 @@ async def test_power_cuts_during_and_after_recovery():
                 try:
                     await check(after, these)
                 except AssertionError as error:
-                    raise AssertionError(f"power cut at call {first_cut}, then at call {cut} of the recovery: {error}") from error
+                    raise AssertionError(
+                        f"power cut at call {first_cut}, then at call {cut} of the recovery: {error}"
+                    ) from error
                 cases += 1
     print(f"{cases} power cuts during or after a recovery")
 
@@ -422,7 +442,9 @@ async def test_a_write_queued_behind_a_failed_section_file_update(tmp_path):
     session = Session("s", *key, None, "alice", "2026-12-01T00:00:00.000Z", False, 0)
 
     def message(seq: int) -> MessageRecord:
-        return MessageRecord(offset=seq + 1, message=Message("s", seq, f"m{seq}", "alice", "hi", None, "2026-12-01T00:00:00.000Z"))
+        return MessageRecord(
+            offset=seq + 1, message=Message("s", seq, f"m{seq}", "alice", "hi", None, "2026-12-01T00:00:00.000Z")
+        )
 
     await storage.load_section(key)
     await storage.append(key, "e", [SessionCreatedRecord(offset=1, session=session)])

@@ -28,6 +28,7 @@ hold whatever the pattern, so the tests do not depend on it. Two kinds of run:
 Needs strace (Debian package `strace`; `make test` installs it) and ptrace; the
 tests skip, saying why, when either is missing.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -83,7 +84,9 @@ def attach_unusable() -> str | None:
         return reason
     target = subprocess.Popen(["sleep", "60"])
     try:
-        tracer = subprocess.Popen(["strace", "-o", "/dev/null", "-p", str(target.pid)], stderr=subprocess.PIPE, text=True)
+        tracer = subprocess.Popen(
+            ["strace", "-o", "/dev/null", "-p", str(target.pid)], stderr=subprocess.PIPE, text=True
+        )
         assert tracer.stderr is not None
         line = tracer.stderr.readline()  # "strace: Process N attached", or why not
         if "attached" not in line:
@@ -151,8 +154,16 @@ class Server:
 
     async def start(self, timeout: float = 20.0) -> Server:
         command = [
-            *self.prefix, sys.executable, "-m", "server", "serve",
-            "--port", "0", "--data-dir", str(self.data_dir), *NO_RATE_LIMITS,
+            *self.prefix,
+            sys.executable,
+            "-m",
+            "server",
+            "serve",
+            "--port",
+            "0",
+            "--data-dir",
+            str(self.data_dir),
+            *NO_RATE_LIMITS,
         ]
         self.process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         threading.Thread(target=self._drain, daemon=True).start()
@@ -394,7 +405,9 @@ class Watcher:
             found.append(f"{self.section}: {len(refused)} refused writes were announced live, e.g. {refused[:3]}")
         wanted = ledger.items_of(self.section) - self.before
         seen = [item(e) for e in self.events]
-        strangers = [e for e in self.events if item(e) not in wanted and not ledger.refusal_of(e) and not ledger.unknown(e)]
+        strangers = [
+            e for e in self.events if item(e) not in wanted and not ledger.refusal_of(e) and not ledger.unknown(e)
+        ]
         if strangers:
             found.append(f"{self.section}: {len(strangers)} announced events match no write, e.g. {strangers[:2]}")
         if len(seen) != len(set(seen)):
@@ -407,7 +420,10 @@ class Watcher:
 
 async def watch_sections(url: str, ledger: Ledger) -> list[Watcher]:
     """One subscriber (one connection) per section."""
-    return [await Watcher(await ScriptClient.open(url, name=f"watch-{section}"), section).subscribe(ledger) for section in SECTIONS]
+    return [
+        await Watcher(await ScriptClient.open(url, name=f"watch-{section}"), section).subscribe(ledger)
+        for section in SECTIONS
+    ]
 
 
 async def stop_watching(watchers: list[Watcher], ledger: Ledger) -> list[str]:
@@ -437,7 +453,9 @@ async def stored_problems(url: str, ledger: Ledger, watchers: list[Watcher]) -> 
             else:
                 missing_sessions.append(sid)
         if missing_sessions:
-            found.append(f"{len(missing_sessions)} of {len(ledger.sessions)} acknowledged sessions are not found by get_session")
+            found.append(
+                f"{len(missing_sessions)} of {len(ledger.sessions)} acknowledged sessions are not found by get_session"
+            )
         listed = (await checker.call("list_sessions", document_id=DOCUMENT))["sessions"]
         listed_ids = [s["session_id"] for s in listed]
         if len(listed_ids) != len(set(listed_ids)):
@@ -448,7 +466,12 @@ async def stored_problems(url: str, ledger: Ledger, watchers: list[Watcher]) -> 
         refused_listed = [s["title"] for s in listed if s["title"] in ledger.refused_titles]
         if refused_listed:
             found.append(f"{len(refused_listed)} refused sessions are stored, e.g. {refused_listed[:3]}")
-        strangers = [s for s in listed if s["session_id"] not in ledger.sessions and s["title"] not in ledger.refused_titles | ledger.unanswered_titles]
+        strangers = [
+            s
+            for s in listed
+            if s["session_id"] not in ledger.sessions
+            and s["title"] not in ledger.refused_titles | ledger.unanswered_titles
+        ]
         if strangers:
             found.append(f"{len(strangers)} stored sessions match no create, e.g. {strangers[:2]}")
 
@@ -509,7 +532,9 @@ async def stored_problems(url: str, ledger: Ledger, watchers: list[Watcher]) -> 
             events = reply["events"]
             last_offsets[section] = reply["offset"]
             if not reply["recovered"]:
-                found.append(f"{section}: since_offset 0 not recovered (offset {reply['offset']}); cannot check offsets")
+                found.append(
+                    f"{section}: since_offset 0 not recovered (offset {reply['offset']}); cannot check offsets"
+                )
                 continue
             offsets = [e["offset"] for e in events]
             if offsets != list(range(1, reply["offset"] + 1)):
@@ -564,7 +589,9 @@ def report(ledger: Ledger, found: list[str], *context: str) -> str:
 
 def data_files(data_dir: Path) -> list[Path]:
     """The regular files the storage keeps (whatever its layout), for strace -P."""
-    return sorted(p.resolve() for p in data_dir.rglob("*") if p.is_file() and p.name != "LOCK" and not p.name.startswith(".probe"))
+    return sorted(
+        p.resolve() for p in data_dir.rglob("*") if p.is_file() and p.name != "LOCK" and not p.name.startswith(".probe")
+    )
 
 
 # The tests -------------------------------------------------------------------------------
@@ -600,8 +627,14 @@ FAULTS = {
     "fdatasync-EIO-every-7th": ("run", ["-e", "trace=fdatasync,fsync", "-e", "inject=fdatasync:error=EIO:when=7+7"]),
     # Writes to the storage's files only (-P: every file in the data dir when strace attaches, whatever the
     # layout, a journal segment opened at startup included), not to sockets or the log; counted from the attach.
-    "write-ENOSPC-from-25th": ("attach", ["-e", f"trace={WRITE_SYSCALLS}", "-e", f"inject={WRITE_SYSCALLS}:error=ENOSPC:when=25+"]),
-    "write-ENOSPC-every-9th": ("attach", ["-e", f"trace={WRITE_SYSCALLS}", "-e", f"inject={WRITE_SYSCALLS}:error=ENOSPC:when=9+9"]),
+    "write-ENOSPC-from-25th": (
+        "attach",
+        ["-e", f"trace={WRITE_SYSCALLS}", "-e", f"inject={WRITE_SYSCALLS}:error=ENOSPC:when=25+"],
+    ),
+    "write-ENOSPC-every-9th": (
+        "attach",
+        ["-e", f"trace={WRITE_SYSCALLS}", "-e", f"inject={WRITE_SYSCALLS}:error=ENOSPC:when=9+9"],
+    ),
 }
 
 
@@ -632,7 +665,9 @@ async def test_acknowledged_writes_survive_injected_faults(strace, servers, data
     else:
         faulty = await start_server(servers, data_dir)
         await warm_up(faulty, ledger)
-        tracer = await Tracer(faulty.pid, log, *[a for path in data_files(data_dir) for a in ("-P", str(path))], *spec).attach()
+        tracer = await Tracer(
+            faulty.pid, log, *[a for path in data_files(data_dir) for a in ("-P", str(path))], *spec
+        ).attach()
         command = tracer.command
     try:
         watchers = await watch_sections(faulty.url, ledger)
@@ -645,7 +680,9 @@ async def test_acknowledged_writes_survive_injected_faults(strace, servers, data
         if tracer is not None:
             await tracer.detach()
     traced = strace_log_summary(log)
-    assert ledger.refused_titles or ledger.refused_messages, f"the fault never reached a client ({traced}): tune when=\n{ledger.summary()}"
+    assert (
+        ledger.refused_titles or ledger.refused_messages
+    ), f"the fault never reached a client ({traced}): tune when=\n{ledger.summary()}"
 
     restarted = await start_server(servers, data_dir)
     found += await stored_problems(restarted.url, ledger, watchers)
@@ -736,7 +773,11 @@ async def test_healthz_is_503_while_writes_cannot_be_acknowledged(strace_attach,
         tracer = await Tracer(server.pid, log, "-e", "trace=fdatasync", "-e", "inject=fdatasync:error=EIO").attach()
         try:
             refused = [await send(alice, ledger, sid, f"during-{n}") for n in range(3)]
-            assert refused == [False, False, False], f"writes were acknowledged while every fdatasync failed: {ledger.summary()}"
+            assert refused == [
+                False,
+                False,
+                False,
+            ], f"writes were acknowledged while every fdatasync failed: {ledger.summary()}"
             during = await healthz_becomes(server.port, 503, timeout=10)
             still_refused = not await send(alice, ledger, sid, "during-last")
         finally:

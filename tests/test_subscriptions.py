@@ -23,7 +23,16 @@ async def test_subscribed_reply(connect):
         await subscribe(alice)
         reply = await bob.request("subscribe", id="s1", document_id="d", section_id="s")
     assert set(reply) == {
-        "type", "reply_to", "document_id", "section_id", "epoch", "offset", "sessions", "presence", "recovered", "events",
+        "type",
+        "reply_to",
+        "document_id",
+        "section_id",
+        "epoch",
+        "offset",
+        "sessions",
+        "presence",
+        "recovered",
+        "events",
         "sessions_complete",
     }
     assert reply["type"] == "subscribed" and reply["reply_to"] == "s1"
@@ -97,7 +106,9 @@ async def test_recovery_returns_exactly_the_missed_events(connect):
             ]
             live = await alice.call("create_session", document_id="d", section_id="s")
             assert await bob.next_event("session_created") == {
-                "type": "session_created", "session": live["session"], "offset": last_offset + 5,
+                "type": "session_created",
+                "session": live["session"],
+                "offset": last_offset + 5,
             }
 
 
@@ -188,14 +199,22 @@ async def test_presence_joins_and_leaves(connect):
             reply = await subscribe(bob)
             assert reply["presence"] == ["alice", "bob"]
             assert await alice.next_event("presence") == {
-                "type": "presence", "document_id": "d", "section_id": "s", "joined": ["bob"], "left": [],
+                "type": "presence",
+                "document_id": "d",
+                "section_id": "s",
+                "joined": ["bob"],
+                "left": [],
             }
             async with connect("bob") as bob_again:
                 assert (await subscribe(bob_again))["presence"] == ["alice", "bob"]
             # bob's second connection leaving changes nothing: bob is still here.
             await bob.call("unsubscribe", document_id="d", section_id="s")
             assert await alice.next_event("presence") == {
-                "type": "presence", "document_id": "d", "section_id": "s", "joined": [], "left": ["bob"],
+                "type": "presence",
+                "document_id": "d",
+                "section_id": "s",
+                "joined": [],
+                "left": ["bob"],
             }
             assert alice.take_events() == []
 
@@ -242,13 +261,18 @@ async def test_typing(connect):
         assert [e for e in alice.take_events() if e["type"] == "typing"] == []
 
 
-async def create_sessions(url: str, count: int, document_id: str = "d", section_id: str = "s", writers: int = 8) -> list[dict]:
+async def create_sessions(
+    url: str, count: int, document_id: str = "d", section_id: str = "s", writers: int = 8
+) -> list[dict]:
     """`count` sessions in one section, created over several connections at once (the server batches their fsyncs)."""
 
     async def write(n: int) -> list[dict]:
         async with ScriptClient.connect(url, name=f"creator-{n}") as creator:
             mine = range(n, count, writers)
-            return [(await creator.call("create_session", document_id=document_id, section_id=section_id))["session"] for _ in mine]
+            return [
+                (await creator.call("create_session", document_id=document_id, section_id=section_id))["session"]
+                for _ in mine
+            ]
 
     return [session for batch in await asyncio.gather(*(write(n) for n in range(writers))) for session in batch]
 

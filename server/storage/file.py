@@ -400,7 +400,9 @@ class Journal:
                     header = _header_line(item.epoch, item.key)
                     lines = header + lines
                 planned[file] = at + len(lines)
-                item.starts = list(itertools.accumulate((len(line) + 1 for line in item.encoded[:-1]), initial=at + len(header)))
+                item.starts = list(
+                    itertools.accumulate((len(line) + 1 for line in item.encoded[:-1]), initial=at + len(header))
+                )
                 item.derived = [(file, at, lines)]
                 index_at = -1
                 if item.created:
@@ -447,7 +449,11 @@ class Journal:
                         continue
                     except OSError as error:
                         failure = error
-                        logger.error("cannot update %s after a durable write (%s); rebuilding from the journal", file.path, _error_text(error))
+                        logger.error(
+                            "cannot update %s after a durable write (%s); rebuilding from the journal",
+                            file.path,
+                            _error_text(error),
+                        )
                         self.descriptors.forget(file.path)
                 untrusted.add(file.path)
         if failure is not None:
@@ -512,7 +518,9 @@ class Journal:
         self._failures_unlogged += 1
         now = time.monotonic()
         if now - self._last_logged >= LOG_INTERVAL_S:
-            more = f" ({self._failures_unlogged - 1} similar since the last report)" if self._failures_unlogged > 1 else ""
+            more = (
+                f" ({self._failures_unlogged - 1} similar since the last report)" if self._failures_unlogged > 1 else ""
+            )
             logger.warning("%s%s", text, more)
             self._last_logged, self._failures_unlogged = now, 0
 
@@ -569,7 +577,9 @@ class Journal:
             unresolved, self._unresolved = self._unresolved, []
             for item in unresolved:
                 if not item.outcome.done():
-                    item.outcome.set_exception(OutcomeUnknown("storage failed while writing; the write may or may not be stored"))
+                    item.outcome.set_exception(
+                        OutcomeUnknown("storage failed while writing; the write may or may not be stored")
+                    )
 
     def _restore(self) -> None:
         """In a worker thread: cut the journal back to what was acknowledged, rebuild what is untrusted."""
@@ -645,7 +655,9 @@ class Journal:
             try:
                 await aiofiles.os.wrap(self._retire_all)()
             except OSError as error:
-                logger.warning("final checkpoint failed (%s); the journal is replayed on the next start", _error_text(error))
+                logger.warning(
+                    "final checkpoint failed (%s); the journal is replayed on the next start", _error_text(error)
+                )
         self._drop_descriptor()
         self.descriptors.close_all()
 
@@ -678,6 +690,17 @@ def _segments(directory: Path) -> list[Path]:
         return sorted(p for p in directory.iterdir() if p.suffix == ".wal")
     except FileNotFoundError:
         return []
+
+
+def _journal_entry(line: bytes) -> JournalEntry | None:
+    """The entry a journal line holds; None if it is torn or damaged."""
+    payload = _unframe(line[:-1]) if line.endswith(b"\n") else None
+    if payload is None:
+        return None
+    try:
+        return _decode_entry(payload)
+    except msgspec.MsgspecError:
+        return None
 
 
 def _settle(waiter: asyncio.Future[None]) -> None:
@@ -798,13 +821,7 @@ class FileStorage:
                 continue  # retired, its deletion not yet synced: everything in it was
             good = 0
             for line in content.splitlines(keepends=True):
-                payload = _unframe(line[:-1]) if line.endswith(b"\n") else None
-                entry = None
-                if payload is not None:
-                    try:
-                        entry = _decode_entry(payload)
-                    except msgspec.MsgspecError:
-                        entry = None
+                entry = _journal_entry(line)
                 if entry is None:
                     break
                 good += len(line)
@@ -902,7 +919,9 @@ class FileStorage:
             logger.warning("%s is unusable; reading the whole session index", self.table.path.name)
         start = self.table.covers
         if start and self.disk.read_at(path, 1, start - 1) != b"\n":
-            logger.warning("%s does not end where a line of %s does; reading the whole index", self.table.path.name, path.name)
+            logger.warning(
+                "%s does not end where a line of %s does; reading the whole index", self.table.path.name, path.name
+            )
             self.table.open(-1)
             start = 0
         rows, end = self._read_index_rows(start)
@@ -969,7 +988,9 @@ class FileStorage:
         """Run a read of derived files in a worker thread, never while they are being rebuilt."""
         if not self.readable.is_set():
             try:
-                async with asyncio.timeout(self.journal.outcome_deadline_s):  # not wait_for: it can swallow a cancel on 3.11
+                async with asyncio.timeout(
+                    self.journal.outcome_deadline_s
+                ):  # not wait_for: it can swallow a cancel on 3.11
                     await self.readable.wait()
             except TimeoutError:
                 raise StorageError(f"storage is recovering ({self.journal.broken})") from None
@@ -1002,7 +1023,9 @@ class FileStorage:
         kept = self._read_kept(key)
         if kept is not None:
             content = self.disk.read_at(path, -1, kept.size)
-            epoch, records, size, torn = self._parse_section(key, content, starts, lengths, after=kept.offset, at=kept.size, epoch=kept.epoch)
+            epoch, records, size, torn = self._parse_section(
+                key, content, starts, lengths, after=kept.offset, at=kept.size, epoch=kept.epoch
+            )
         else:
             content = _read_or_empty(self.disk, path)
             epoch, records, size, torn = self._parse_section(key, content, starts, lengths)
@@ -1054,7 +1077,9 @@ class FileStorage:
         ):
             return
         tail = state.offset - (loaded.kept.offset if loaded.kept else 0)
-        size = loaded.starts[tail - 1] + loaded.lengths[tail - 1] + 1 if tail or loaded.kept is None else loaded.kept.size
+        size = (
+            loaded.starts[tail - 1] + loaded.lengths[tail - 1] + 1 if tail or loaded.kept is None else loaded.kept.size
+        )
         kept = KeptState(loaded.epoch, state.offset, size, list(loaded.session_ids), state.data)
         path = loaded.file.path.with_suffix(".state")
         self._keeping.add(key)
@@ -1091,7 +1116,10 @@ class FileStorage:
             if len(starts) < kept.offset:
                 raise StorageError(f"{section.file.path.name} has fewer records than its kept state") from None
             # The records after the kept state are where the arrays say (they may have grown meanwhile).
-            section.starts, section.lengths = starts[: kept.offset] + section.starts, lengths[: kept.offset] + section.lengths
+            section.starts, section.lengths = (
+                starts[: kept.offset] + section.starts,
+                lengths[: kept.offset] + section.lengths,
+            )
             section.kept = None
             return await self._read_records(section, offsets)
 
@@ -1111,7 +1139,9 @@ class FileStorage:
             records = [_decode_record(line) for line in lines]
         except msgspec.MsgspecError as error:
             if section.kept is not None and any(offset <= section.kept.offset for offset in offsets):
-                raise WrongPositions(f"the kept state of {section.file.path.name} does not say where its records are") from None
+                raise WrongPositions(
+                    f"the kept state of {section.file.path.name} does not say where its records are"
+                ) from None
             raise StorageError(f"unreadable record in {section.file.path.name}: {error}") from None
         by_offset = {record.offset: record for record in records}
         if len(by_offset) != len(records) or by_offset.keys() != set(offsets):
@@ -1216,7 +1246,12 @@ class FileStorage:
         section.epoch = epoch
         created = _created(records)
         item = PendingAppend(
-            key, epoch, section, [_encode(r) for r in records], created, records[-1].offset,
+            key,
+            epoch,
+            section,
+            [_encode(r) for r in records],
+            created,
+            records[-1].offset,
             asyncio.get_running_loop().create_future(),
         )
         await self.journal.commit(item)
@@ -1228,7 +1263,9 @@ class FileStorage:
         self._tail_rows.append(row)
         if not row.session_ids:
             return
-        row.key = self._tail_sections.setdefault(row.key.document_id, {}).setdefault(row.key, row.key)  # one object per section
+        row.key = self._tail_sections.setdefault(row.key.document_id, {}).setdefault(
+            row.key, row.key
+        )  # one object per section
         for session_id in row.session_ids:
             self._tail[session_id] = row.key
         loaded = self._loaded.get(row.key)
@@ -1269,7 +1306,9 @@ class FileStorage:
                 try:
                     await self._read(self.table.fold, rows)
                 except (StorageError, DamagedTable) as error:
-                    logger.warning("cannot fold the session index into %s (%s); trying again later", self.table.path.name, error)
+                    logger.warning(
+                        "cannot fold the session index into %s (%s); trying again later", self.table.path.name, error
+                    )
                     try:
                         async with asyncio.timeout(FOLD_RETRY_S):
                             await self._closing.wait()
@@ -1284,7 +1323,12 @@ class FileStorage:
                 for row in self._tail_rows:
                     if row.session_ids:
                         self._tail_sections.setdefault(row.key.document_id, {}).setdefault(row.key, row.key)
-                logger.info("folded %d sessions into %s (%d in it)", sum(len(r.session_ids) for r in rows), self.table.path.name, self.table.header.sessions)
+                logger.info(
+                    "folded %d sessions into %s (%d in it)",
+                    sum(len(r.session_ids) for r in rows),
+                    self.table.path.name,
+                    self.table.header.sessions,
+                )
         finally:
             self._folder = None
 

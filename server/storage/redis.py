@@ -106,7 +106,8 @@ _decode_record = msgspec.json.Decoder(StoredRecord).decode
 _decode_key = msgspec.json.Decoder(tuple[str, str]).decode
 
 # KEYS: meta, log, fence. ARGV: expected offset, epoch, document_id, section_id, channel message, token, records...
-_APPEND = """
+_APPEND = (
+    """
 if redis.call('SISMEMBER', KEYS[3], ARGV[6]) == 1 then
     return 'fenced'
 end
@@ -123,9 +124,12 @@ redis.call('RPUSH', KEYS[2], unpack(ARGV, 7))
 redis.call('HSETNX', KEYS[1], 'epoch', ARGV[2])
 redis.call('HSET', KEYS[1], 'offset', current + count, 'document_id', ARGV[3], 'section_id', ARGV[4])
 redis.call('DEL', KEYS[3])
-redis.call('PUBLISH', '""" + EVENTS_CHANNEL + """', ARGV[5] .. (current + count))
+redis.call('PUBLISH', '"""
+    + EVENTS_CHANNEL
+    + """', ARGV[5] .. (current + count))
 return current + count
 """
+)
 
 # KEYS: meta, log, fence. ARGV: expected offset, record count, token, first record.
 # 1: the batch is stored. 0: it is not, and now never will be.
