@@ -17,7 +17,7 @@ import signal
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
 from websockets.asyncio.server import Server, serve
 
@@ -63,6 +63,7 @@ class App:
         self.transport: Transport | None = None
         self.server: Server | None = None
         self.cluster: RedisCluster | None = None
+        self._stack = AsyncExitStack()  # how to stop what start started, in reverse
         self._sweeper: asyncio.Task[None] | None = None
         self._checker: asyncio.Task[None] | None = None
         self._storage_problem: str | None = None  # what the last storage check found wrong; None: ok
@@ -128,11 +129,21 @@ class App:
         # Durable writes run in the default executor (aiofiles): one thread per
         # section writing at once lets their fsyncs overlap.
         asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(STORAGE_THREADS, "sectionchat-storage"))
+        try:
+            await self._start()
+        except BaseException:
+            await self._stack.aclose()  # what did start stops, in reverse
+            raise
+
+    async def _start(self) -> None:
+        """Start each part, registering how it stops: `stop` (or a failure here) unwinds them in reverse."""
+        stack = self._stack
         storage = make_storage(self.config, self.metrics)
         try:
             await storage.open()
         except StorageError as error:
             raise StartupError(str(error)) from None
+        stack.push_async_callback(storage.close)
         self.storage = storage
         self.chat = Chat(
             storage,
@@ -148,9 +159,10 @@ class App:
             try:
                 await cluster.start()
             except StorageError as error:
-                await storage.close()
                 raise StartupError(str(error)) from None
+            stack.push_async_callback(cluster.stop)
             self.cluster = self.chat.cluster = cluster
+        stack.push_async_callback(self.chat.close)  # after the last write: the sections' states are kept
         self.transport = Transport(self.chat, self.config, HttpRoutes(self.health, self.metrics, load_static()))
         try:
             self.server = await serve(
@@ -169,14 +181,14 @@ class App:
                 logger=logging.getLogger("websockets.server"),
             )
         except OSError as error:
-            if self.cluster is not None:
-                await self.cluster.stop()
-            await storage.close()
             reason = os.strerror(error.errno).lower() if error.errno else str(error)
             raise StartupError(f"cannot listen on {self.config.host}:{self.config.port}: {reason}") from None
+        stack.push_async_callback(self._close_connections, self.server, self.transport, self.chat)
         self._sweeper = asyncio.create_task(self._sweep())
+        stack.push_async_callback(_cancelled, self._sweeper)
         await self._check_storage()
         self._checker = asyncio.create_task(self._check_storage_periodically())
+        stack.push_async_callback(_cancelled, self._checker)  # before storage closes under a check in flight
         self.state = "serving"
         host = self.server.sockets[0].getsockname()[0]
         logger.info(
@@ -196,30 +208,27 @@ class App:
             return
         self.state = "draining"
         logger.info("shutting down")
-        if self.server is not None and self.transport is not None and self.chat is not None:
-            self.server.server.close()  # stop accepting; open connections stay for now
-            self.transport.draining = True
-            try:
-                await asyncio.wait_for(self.transport.wait_idle(), self.config.shutdown_grace_s)
-            except TimeoutError:
-                logger.warning("requests still in flight after %.1f s; closing anyway", self.config.shutdown_grace_s)
-            self.server.close()  # 1001 to every WebSocket
-            await self.server.wait_closed()
-            await self.chat.drain()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            await asyncio.wait([self._sweeper])
-        if self.chat is not None:
-            await self.chat.close()
-        if self._checker is not None:
-            self._checker.cancel()  # before storage closes under a check in flight
-            await asyncio.wait([self._checker], timeout=HEALTH_CHECK_TIMEOUT_S)  # bounded: shutdown never hangs on it
-        if self.cluster is not None:
-            await self.cluster.stop()
-        if self.storage is not None:
-            await self.storage.close()
+        await self._stack.aclose()
         self.state = "stopped"
         logger.info("stopped")
+
+    async def _close_connections(self, server: Server, transport: Transport, chat: Chat) -> None:
+        """Stop accepting, let requests in flight finish (up to the grace period), close every WebSocket with 1001."""
+        server.server.close()  # open connections stay for now
+        transport.draining = True
+        try:
+            await asyncio.wait_for(transport.wait_idle(), self.config.shutdown_grace_s)
+        except TimeoutError:
+            logger.warning("requests still in flight after %.1f s; closing anyway", self.config.shutdown_grace_s)
+        server.close()
+        await server.wait_closed()
+        await chat.drain()
+
+
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    """Cancel a background task and wait for it, boundedly: shutdown never hangs on one."""
+    task.cancel()
+    await asyncio.wait([task], timeout=HEALTH_CHECK_TIMEOUT_S)
 
 
 @asynccontextmanager
