@@ -24,6 +24,8 @@ import msgspec
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from protocol.codec import MSGPACK_SUBPROTOCOL
+
 __all__ = ["ScriptClient", "RequestFailed"]
 
 Frame = dict[str, Any]
@@ -49,7 +51,7 @@ class ScriptClient:
         self._pending: dict[Any, asyncio.Future[Frame]] = {}
         self._ids = itertools.count(1)
         self._reader: asyncio.Task[None] | None = None
-        self._binary = websocket.subprotocol == "sectionchat.v1.msgpack"
+        self._binary = websocket.subprotocol == MSGPACK_SUBPROTOCOL
 
     @classmethod
     @asynccontextmanager

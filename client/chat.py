@@ -65,6 +65,8 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.protocol import State
 
+from protocol import errors
+from protocol.codec import JSON_SUBPROTOCOL, MSGPACK_SUBPROTOCOL
 from protocol.messages import (
     Error,
     HistoryPage,
@@ -129,8 +131,6 @@ __all__ = [
 
 logger = logging.getLogger("sectionchat.client")
 
-JSON_SUBPROTOCOL = "sectionchat.v1"
-MSGPACK_SUBPROTOCOL = "sectionchat.v1.msgpack"
 # Close codes after which reconnecting at once would only repeat the offence.
 NO_RECONNECT_CLOSE_CODES = frozenset({1008, 1009})
 # Handshake answers that another attempt with the same credentials cannot change.
@@ -168,41 +168,41 @@ class ChatError(ClientError):
 
 
 class BadRequest(ChatError):
-    code = "bad_request"
+    code = errors.BAD_REQUEST
 
 
 class UnknownType(ChatError):
-    code = "unknown_type"
+    code = errors.UNKNOWN_TYPE
 
 
 class NotFound(ChatError):
-    code = "not_found"
+    code = errors.NOT_FOUND
 
 
 class Forbidden(ChatError):
-    code = "forbidden"
+    code = errors.FORBIDDEN
 
 
 class Conflict(ChatError):
-    code = "conflict"
+    code = errors.CONFLICT
 
 
 class TooLarge(ChatError):
-    code = "too_large"
+    code = errors.TOO_LARGE
 
 
 class RateLimited(ChatError):
-    code = "rate_limited"
-    temporary = True
+    code = errors.RATE_LIMITED
+    temporary = errors.RATE_LIMITED in errors.TEMPORARY
 
 
 class Unavailable(ChatError):
-    code = "unavailable"
-    temporary = True
+    code = errors.UNAVAILABLE
+    temporary = errors.UNAVAILABLE in errors.TEMPORARY
 
 
 class Internal(ChatError):
-    code = "internal"
+    code = errors.INTERNAL
 
 
 ERRORS: dict[str, type[ChatError]] = {

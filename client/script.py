@@ -36,6 +36,8 @@ import yaml
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from protocol.codec import MSGPACK_SUBPROTOCOL, SUBPROTOCOLS
+
 __all__ = ["main", "amain", "load_scenario", "match", "ScenarioError"]
 
 Frame = dict[str, Any]
@@ -527,8 +529,8 @@ def load_scenario(path: str, predefined: set[str] = frozenset()) -> Scenario:  #
                 f"{at(node)}: clients.{name}: a client name is letters, digits and _ (not starting with a digit)"
             )
         client = client or ClientSpec()
-        if client.subprotocol not in (None, "sectionchat.v1", "sectionchat.v1.msgpack"):
-            problems.append(f"{at(node)}: clients.{name}.subprotocol: sectionchat.v1 or sectionchat.v1.msgpack")
+        if client.subprotocol not in (None, *SUBPROTOCOLS):
+            problems.append(f"{at(node)}: clients.{name}.subprotocol: {' or '.join(SUBPROTOCOLS)}")
         clients[name] = client
     if not clients:
         problems.append(f"{at(clients_node)}: clients: name at least one client, e.g. `alice: {{name: alice}}`")
@@ -785,7 +787,7 @@ class Peer:
         self.closed: tuple[int, str] | None = None
         self._arrival = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
-        self._binary = spec.subprotocol == "sectionchat.v1.msgpack"
+        self._binary = spec.subprotocol == MSGPACK_SUBPROTOCOL
 
     @property
     def connected(self) -> bool:

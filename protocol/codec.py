@@ -12,7 +12,15 @@ import msgspec
 from .errors import BAD_REQUEST, UNKNOWN_TYPE, ChatError
 from .messages import REQUEST_TYPES, ClientRequest, RequestId, ServerFrame
 
-__all__ = ["Codec", "JSON", "MSGPACK", "codec_for_subprotocol", "SUBPROTOCOLS"]
+__all__ = [
+    "Codec",
+    "JSON",
+    "MSGPACK",
+    "JSON_SUBPROTOCOL",
+    "MSGPACK_SUBPROTOCOL",
+    "codec_for_subprotocol",
+    "SUBPROTOCOLS",
+]
 
 
 class _Envelope(msgspec.Struct):
@@ -90,7 +98,9 @@ class Codec:
 JSON = Codec("json", msgspec.json, binary=False)
 MSGPACK = Codec("msgpack", msgspec.msgpack, binary=True)
 
-SUBPROTOCOLS = {"sectionchat.v1": JSON, "sectionchat.v1.msgpack": MSGPACK}
+JSON_SUBPROTOCOL = "sectionchat.v1"
+MSGPACK_SUBPROTOCOL = "sectionchat.v1.msgpack"
+SUBPROTOCOLS = {JSON_SUBPROTOCOL: JSON, MSGPACK_SUBPROTOCOL: MSGPACK}
 
 
 def codec_for_subprotocol(subprotocol: str | None) -> Codec:
