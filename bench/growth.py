@@ -501,26 +501,11 @@ class Cache:
 
     def sections(self, count: int) -> Dataset:
         """`count` sections, each one session with a few messages."""
-
-        def build(export: Export) -> None:
-            for index in range(count):
-                document_id, section_id = f"doc-{index // SECTIONS_PER_DOCUMENT}", f"sec-{index}"
-                export.section(document_id, section_id)
-                export.session(session_id(3, index), document_id, section_id)
-                export.messages(session_id(3, index), SUBSCRIBE_MESSAGES)
-
-        return self.get(f"sections-{count}", build)
+        return self.get(f"sections-{count}", _one_session_each(count, 3, SUBSCRIBE_MESSAGES))
 
     def write_sections(self, count: int) -> Dataset:
         """`count` sections, one empty session each."""
-
-        def build(export: Export) -> None:
-            for index in range(count):
-                document_id, section_id = f"doc-{index // SECTIONS_PER_DOCUMENT}", f"sec-{index}"
-                export.section(document_id, section_id)
-                export.session(session_id(4, index), document_id, section_id)
-
-        return self.get(f"write-{count}", build)
+        return self.get(f"write-{count}", _one_session_each(count, 4, 0))
 
     def restart_base(self, sections: int, messages: int) -> Dataset:
         """`sections` sections, each one session with `messages` messages."""
@@ -532,6 +517,19 @@ class Cache:
                 export.messages(session_id(5, index), messages)
 
         return self.get(f"restart-{sections}x{messages}", build)
+
+
+def _one_session_each(count: int, kind: int, messages: int) -> Callable[[Export], None]:
+    """An export of `count` sections, each holding one session (ids of `kind`) with `messages` messages."""
+
+    def build(export: Export) -> None:
+        for index in range(count):
+            document_id, section_id = f"doc-{index // SECTIONS_PER_DOCUMENT}", f"sec-{index}"
+            export.section(document_id, section_id)
+            export.session(session_id(kind, index), document_id, section_id)
+            export.messages(session_id(kind, index), messages)
+
+    return build
 
 
 def dir_bytes(path: Path) -> int:

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import io
 import shutil
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 from test_chat import CollectingPeer
@@ -26,6 +29,18 @@ from server.transfer import export_document, import_lines
 pytestmark = pytest.mark.timeout(60)
 
 DOCS = ["doc", 'doc/2 \t"x"', "ünï"]
+
+
+@asynccontextmanager
+async def opened(root: Path, fold_after: int | None = None) -> AsyncIterator[FileStorage]:
+    storage = FileStorage(root)
+    if fold_after is not None:
+        storage.fold_after = fold_after
+    await storage.open()
+    try:
+        yield storage
+    finally:
+        await storage.close()
 
 
 async def _create_sessions(storage: FileStorage, count: int) -> dict[str, SectionKey]:
@@ -44,16 +59,11 @@ def _first_use(created: dict[str, SectionKey], document_id: str) -> list[Section
 
 async def test_sessions_are_found_in_the_table_after_a_restart(tmp_path):
     """Folded sessions are found on disk; a start holds only the index's tail in memory."""
-    storage = FileStorage(tmp_path)
-    storage.fold_after = 10
-    await storage.open()
-    created = await _create_sessions(storage, 95)
-    await storage.close()
+    async with opened(tmp_path, fold_after=10) as storage:
+        created = await _create_sessions(storage, 95)
     assert (tmp_path / TABLE_NAME).exists()
 
-    again = FileStorage(tmp_path)
-    await again.open()
-    try:
+    async with opened(tmp_path) as again:
         assert again.table.header.sessions >= 90 and len(again._tail) < 10  # the rest is on disk, not in memory
         for session_id, key in created.items():
             assert await again.find_section(session_id) == key
@@ -61,18 +71,13 @@ async def test_sessions_are_found_in_the_table_after_a_restart(tmp_path):
         for document_id in DOCS:
             assert await again.document_sections(document_id) == _first_use(created, document_id)
         assert await again.document_sections("no-such-document") == []
-    finally:
-        await again.close()
 
 
 @pytest.mark.parametrize("damage", ["garbled header", "torn", "covers more than the index"])
 async def test_an_unusable_table_is_passed_over(tmp_path, damage):
     """A damaged table, or one that claims more of the index than there is, is not used: the whole index is read."""
-    storage = FileStorage(tmp_path)
-    storage.fold_after = 10
-    await storage.open()
-    created = await _create_sessions(storage, 40)
-    await storage.close()
+    async with opened(tmp_path, fold_after=10) as storage:
+        created = await _create_sessions(storage, 40)
     table = tmp_path / TABLE_NAME
     data = table.read_bytes()
     if damage == "garbled header":
@@ -83,9 +88,7 @@ async def test_an_unusable_table_is_passed_over(tmp_path, damage):
         index = tmp_path / "sessions.idx"
         index.write_bytes(index.read_bytes()[:100])
 
-    again = FileStorage(tmp_path)
-    await again.open()
-    try:
+    async with opened(tmp_path) as again:
         if damage == "covers more than the index":
             assert again.table.header.sessions == 0
         else:
@@ -94,12 +97,10 @@ async def test_an_unusable_table_is_passed_over(tmp_path, damage):
                 assert await again.find_section(session_id) == key
             for document_id in DOCS:
                 assert await again.document_sections(document_id) == _first_use(created, document_id)
-    finally:
-        await again.close()
 
 
-async def _conversation(storage: FileStorage) -> tuple[str, int]:
-    """Sessions (one with an idempotency key) and messages with client_msg_ids; returns a session id and the offset."""
+async def _conversation(storage: FileStorage) -> str:
+    """33 records in doc/s: sessions (with idempotency keys), then messages with client_msg_ids; returns the last session's id."""
     chat, peer = Chat(storage, sessions_per_minute=0), CollectingPeer("alice")
     chat.keep_state_after = 5
     for n in range(3):
@@ -108,14 +109,12 @@ async def _conversation(storage: FileStorage) -> tuple[str, int]:
     for n in range(30):
         await chat.handle(peer, SendMessage(id=100 + n, session_id=session_id, text=f"text {n}", client_msg_id=f"c{n}"))
     await chat.close()
-    return session_id, 33
+    return session_id
 
 
 async def _answers(root, session_id: str) -> list:
     """What a fresh server answers about the section: history pages, retries, recovery, a new write."""
-    storage = FileStorage(root)
-    await storage.open()
-    try:
+    async with opened(root) as storage:
         chat, peer = Chat(storage, sessions_per_minute=0, recovery_window=10), CollectingPeer("alice")
         await chat.handle(peer, History(id=1, session_id=session_id, limit=7))
         await chat.handle(peer, History(id=2, session_id=session_id, before_seq=12, limit=5))
@@ -125,16 +124,12 @@ async def _answers(root, session_id: str) -> list:
         await chat.handle(peer, SendMessage(id=7, session_id=session_id, text="new", client_msg_id="c-new"))
         kept = (await storage.load_section(SectionKey("doc", "s"))).state
         return [peer.frames, kept is not None]
-    finally:
-        await storage.close()
 
 
 async def test_a_section_loads_from_its_kept_state_as_if_every_record_were_replayed(tmp_path):
     """History, client_msg_id retries, idempotency keys and recovery by offset answer the same with and without the kept state."""
-    storage = FileStorage(tmp_path / "kept")
-    await storage.open()
-    session_id, _ = await _conversation(storage)
-    await storage.close()
+    async with opened(tmp_path / "kept") as storage:
+        session_id = await _conversation(storage)
     states = list((tmp_path / "kept").rglob("*.state"))
     assert len(states) == 1
     shutil.copytree(tmp_path / "kept", tmp_path / "replayed")
@@ -158,17 +153,15 @@ async def test_a_section_loads_from_its_kept_state_as_if_every_record_were_repla
 @pytest.mark.parametrize("damage", ["garbled", "torn", "another section's", "ahead of the file"])
 async def test_a_kept_state_that_does_not_fit_is_passed_over(tmp_path, damage):
     """A kept state that is damaged, belongs elsewhere, or covers records the file does not have is not used."""
-    storage = FileStorage(tmp_path)
-    await storage.open()
-    session_id, _ = await _conversation(storage)
-    chat, peer = Chat(storage, sessions_per_minute=0), CollectingPeer("bob")
-    chat.keep_state_after = 1
-    await chat.handle(peer, CreateSession(id=1, document_id="doc", section_id="other"))
-    other = peer.frames[-1]["session"]["session_id"]
-    for n in range(3):
-        await chat.handle(peer, SendMessage(id=2 + n, session_id=other, text="x"))
-    await chat.close()
-    await storage.close()
+    async with opened(tmp_path) as storage:
+        await _conversation(storage)
+        chat, peer = Chat(storage, sessions_per_minute=0), CollectingPeer("bob")
+        chat.keep_state_after = 1
+        await chat.handle(peer, CreateSession(id=1, document_id="doc", section_id="other"))
+        other = peer.frames[-1]["session"]["session_id"]
+        for n in range(3):
+            await chat.handle(peer, SendMessage(id=2 + n, session_id=other, text="x"))
+        await chat.close()
     small, state = sorted(tmp_path.rglob("*.state"), key=lambda p: p.stat().st_size)  # the conversation's is the bigger
     data = state.read_bytes()
     if damage == "garbled":
@@ -180,58 +173,43 @@ async def test_a_kept_state_that_does_not_fit_is_passed_over(tmp_path, damage):
     else:
         log = state.with_suffix(".log")
         lines = log.read_bytes().splitlines(keepends=True)
-        log.write_bytes(
-            b"".join(lines[:-3])
-        )  # as if the last records were never there (cannot happen: a test of the check)
+        # As if the last records were never there (it cannot happen: this tests the check).
+        log.write_bytes(b"".join(lines[:-3]))
 
-    again = FileStorage(tmp_path)
-    await again.open()
-    try:
+    async with opened(tmp_path) as again:
         log = await again.load_section(SectionKey("doc", "s"))
         assert log.state is None
         records = log.records
         assert [r.offset for r in records] == list(range(1, len(records) + 1))
         assert sum(isinstance(r, SessionCreatedRecord) for r in records) == 3
-    finally:
-        await again.close()
 
 
 async def test_damaged_positions_in_a_kept_state_are_found_and_passed_over(tmp_path):
     """Positions are not read at a load (that would cost a read of them all): a page read checks what it finds."""
-    storage = FileStorage(tmp_path)
-    await storage.open()
-    session_id, _ = await _conversation(storage)
-    await storage.close()
+    async with opened(tmp_path) as storage:
+        session_id = await _conversation(storage)
     [state] = tmp_path.rglob("*.state")
     data = bytearray(state.read_bytes())
     data[8 * 4 : 8 * 6] = bytes(16)  # where records 5 and 6 start: garbage
     state.write_bytes(bytes(data))
 
-    again = FileStorage(tmp_path)
-    await again.open()
-    try:
+    async with opened(tmp_path) as again:
         chat, peer = Chat(again, sessions_per_minute=0, recovery_window=5), CollectingPeer("alice")
         await chat.handle(peer, History(id=1, session_id=session_id, limit=30))
         page = peer.frames[-1]
         assert page["type"] == "history" and [m["seq"] for m in page["messages"]] == list(range(1, 31))
         assert not state.exists()  # and the next load replays the section
-    finally:
-        await again.close()
 
 
 async def test_an_import_leaves_kept_states_and_imports_again_without_reusing_offsets(tmp_path):
     """After `import` a section loads from a kept state; importing into a section that has one skips what is there."""
-    source = FileStorage(tmp_path / "source")
-    await source.open()
-    session_id, _ = await _conversation(source)
-    out = io.BytesIO()
-    await export_document(source, "doc", out, progress=False)
-    await source.close()
+    async with opened(tmp_path / "source") as source:
+        session_id = await _conversation(source)
+        out = io.BytesIO()
+        await export_document(source, "doc", out, progress=False)
     exported = out.getvalue().splitlines()
 
-    target = FileStorage(tmp_path / "target")
-    await target.open()
-    try:
+    async with opened(tmp_path / "target") as target:
         assert await import_lines(target, exported, progress=False) == (33, 0)
         log = await target.load_section(SectionKey("doc", "s"))
         assert log.state is not None and log.state.offset == 33 and log.records == []
@@ -243,16 +221,12 @@ async def test_an_import_leaves_kept_states_and_imports_again_without_reusing_of
         everything = await target.read_after(SectionKey("doc", "s"), 0)
         assert [r.offset for r in everything.records] == list(range(1, 35))
         assert (await target.load_section(SectionKey("doc", "s"))).state.offset == 34
-    finally:
-        await target.close()
 
 
 async def test_a_busy_section_has_its_state_kept_without_leaving_memory(tmp_path, monkeypatch):
     """A section in use all the time still gets a kept state now and then, so a load after a crash replays little."""
     monkeypatch.setattr(chat_module, "KEEP_STATE_EVERY", 10)
-    storage = FileStorage(tmp_path)
-    await storage.open()
-    try:
+    async with opened(tmp_path) as storage:  # no chat.close() before it closes: as if the server were killed
         chat, peer = Chat(storage, sessions_per_minute=0), CollectingPeer("alice")
         await chat.handle(peer, CreateSession(id=1, document_id="doc", section_id="s"))
         session_id = peer.frames[-1]["session"]["session_id"]
@@ -260,12 +234,6 @@ async def test_a_busy_section_has_its_state_kept_without_leaving_memory(tmp_path
             await chat.handle(peer, SendMessage(id=2 + n, session_id=session_id, text=f"text {n}"))
         await chat.drain()
         assert chat._sections[SectionKey("doc", "s")].kept_offset >= 20
-    finally:
-        await storage.close()  # no chat.close(): as if the server were killed
-    again = FileStorage(tmp_path)
-    await again.open()
-    try:
+    async with opened(tmp_path) as again:
         log = await again.load_section(SectionKey("doc", "s"))
         assert log.state is not None and log.state.offset >= 20 and len(log.records) == 26 - log.state.offset
-    finally:
-        await again.close()

@@ -869,7 +869,7 @@ class FileStorage:
                 continue  # a torn last entry was never acknowledged
             key = SectionKey(entry.document_id, entry.section_id)
             path = self._section_path(key)
-            epoch, records, size, _ = self._parse_section(key, _read_or_empty(disk, path))
+            epoch, records, size, _ = self._parse_section(key, disk.read_at(path, -1, 0))
             missing = [r for r in entry.records if r.offset > len(records)]
             if missing and missing[0].offset == len(records) + 1:
                 lines = b"".join(_encode(r) + b"\n" for r in missing)
@@ -1027,7 +1027,7 @@ class FileStorage:
                 key, content, starts, lengths, after=kept.offset, at=kept.size, epoch=kept.epoch
             )
         else:
-            content = _read_or_empty(self.disk, path)
+            content = self.disk.read_at(path, -1, 0)
             epoch, records, size, torn = self._parse_section(key, content, starts, lengths)
         if torn and not self.read_only:
             logger.warning("cutting a torn tail of %d bytes from %s", torn, path)
@@ -1182,7 +1182,7 @@ class FileStorage:
             self.disk.close(fd)
 
     async def read_after(self, key: SectionKey, offset: int) -> SectionLog:
-        content = await self._read(_read_or_empty, self.disk, self._section_path(key))
+        content = await self._read(self.disk.read_at, self._section_path(key), -1, 0)
         epoch, records, _, _ = self._parse_section(key, content)
         return SectionLog(epoch, records[offset:])
 
@@ -1357,13 +1357,6 @@ def _plan_write(writes: dict[Path, PlannedWrite], path: Path, at: int, data: byt
         raise OSError(f"the journal puts bytes at {at} of {path}, expected {planned.end}")
     planned.chunks.append(data)
     planned.end += len(data)
-
-
-def _read_or_empty(disk: Disk, path: Path) -> bytes:
-    try:
-        return disk.read_file(path)
-    except FileNotFoundError:
-        return b""
 
 
 def _write_from(disk: Disk, path: Path, at: int | None, data: bytes, *, sync: bool = False) -> None:
