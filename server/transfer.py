@@ -21,7 +21,7 @@ from typing import IO, Union
 import msgspec
 from tqdm import tqdm
 
-from .chat import Section
+from .core import Stream
 from .storage.base import (
     MessageRecord,
     SectionKey,
@@ -126,10 +126,10 @@ async def import_lines(storage: Storage, lines: Iterable[bytes], *, progress: bo
                 bar.update(len(batch))
             if fresh:
                 # So that the server's first load of the section does not replay every record.
-                section = Section(key, recovery_window=0)
+                stream = Stream(key, recovery_window=0)
                 for record in itertools.chain(existing, fresh):
-                    section.apply(record)
-                await storage.keep_state(key, SectionState(section.offset, section.snapshot()))
+                    stream.apply(record)
+                await storage.keep_state(key, SectionState(stream.offset, stream.snapshot()))
             await storage.release(key)
     return imported, skipped
 

@@ -30,10 +30,11 @@ from protocol.messages import PROTOCOL_VERSION, ClientRequest, Error, Limits, Re
 
 from . import __version__
 from .auth import AuthError, Identity, authenticate, bearer_token
-from .chat import Chat, reply
+from .chat import Chat
 from .config import Config
 from .http import HttpRoutes, method_not_allowed, response
 from .limits import RequestRate
+from .peer import reply
 
 logger = logging.getLogger("sectionchat.transport")
 

@@ -331,10 +331,10 @@ async def test_ids_are_data_not_paths(connect, data_dir):
 async def test_a_crashing_request_is_internal_with_trace_id(connect, app, monkeypatch):
     """Our own bug becomes `internal` naming a trace id; the connection carries on."""
 
-    async def broken(*args, **kwargs):
+    def broken(*args, **kwargs):
         raise RuntimeError("bug")
 
-    monkeypatch.setattr(app.chat, "_list_sessions", broken)
+    monkeypatch.setattr("server.chat.session_page", broken)
     async with connect("alice") as alice:
         reply = await alice.request("list_sessions", id=1, document_id="d")
         assert reply["code"] == "internal" and reply["temporary"] is False

@@ -19,7 +19,6 @@ import pytest
 from test_chat import CollectingPeer
 
 from protocol.messages import CreateSession, History, SendMessage, Subscribe
-from server import chat as chat_module
 from server.chat import Chat
 from server.storage.base import SectionKey, SessionCreatedRecord
 from server.storage.file import FileStorage
@@ -102,7 +101,7 @@ async def test_an_unusable_table_is_passed_over(tmp_path, damage):
 async def _conversation(storage: FileStorage) -> str:
     """33 records in doc/s: sessions (with idempotency keys), then messages with client_msg_ids; returns the last session's id."""
     chat, peer = Chat(storage, sessions_per_minute=0), CollectingPeer("alice")
-    chat.keep_state_after = 5
+    chat.sections.keep_state_after = 5
     for n in range(3):
         await chat.handle(peer, CreateSession(id=n, document_id="doc", section_id="s", idempotency_key=f"k{n}"))
     session_id = peer.frames[-1]["session"]["session_id"]
@@ -156,7 +155,7 @@ async def test_a_kept_state_that_does_not_fit_is_passed_over(tmp_path, damage):
     async with opened(tmp_path) as storage:
         await _conversation(storage)
         chat, peer = Chat(storage, sessions_per_minute=0), CollectingPeer("bob")
-        chat.keep_state_after = 1
+        chat.sections.keep_state_after = 1
         await chat.handle(peer, CreateSession(id=1, document_id="doc", section_id="other"))
         other = peer.frames[-1]["session"]["session_id"]
         for n in range(3):
@@ -223,17 +222,17 @@ async def test_an_import_leaves_kept_states_and_imports_again_without_reusing_of
         assert (await target.load_section(SectionKey("doc", "s"))).state.offset == 34
 
 
-async def test_a_busy_section_has_its_state_kept_without_leaving_memory(tmp_path, monkeypatch):
+async def test_a_busy_section_has_its_state_kept_without_leaving_memory(tmp_path):
     """A section in use all the time still gets a kept state now and then, so a load after a crash replays little."""
-    monkeypatch.setattr(chat_module, "KEEP_STATE_EVERY", 10)
     async with opened(tmp_path) as storage:  # no chat.close() before it closes: as if the server were killed
         chat, peer = Chat(storage, sessions_per_minute=0), CollectingPeer("alice")
+        chat.sections.keep_state_every = 10
         await chat.handle(peer, CreateSession(id=1, document_id="doc", section_id="s"))
         session_id = peer.frames[-1]["session"]["session_id"]
         for n in range(25):
             await chat.handle(peer, SendMessage(id=2 + n, session_id=session_id, text=f"text {n}"))
         await chat.drain()
-        assert chat._sections[SectionKey("doc", "s")].kept_offset >= 20
+        assert chat.sections.get(SectionKey("doc", "s")).kept_offset >= 20
     async with opened(tmp_path) as again:
         log = await again.load_section(SectionKey("doc", "s"))
         assert log.state is not None and log.state.offset >= 20 and len(log.records) == 26 - log.state.offset

@@ -37,7 +37,8 @@ from faultdisk import SimulatedDisk
 from test_chat import CollectingPeer
 
 from protocol.messages import CreateSession, Message, SendMessage, Session, Subscribe
-from server.chat import Chat, Section
+from server.chat import Chat
+from server.core import Stream
 from server.storage.base import MessageRecord, SectionKey, SectionLog, SessionCreatedRecord, StorageError
 from server.storage.disk import Disk
 from server.storage.file import FileStorage, _decode_line
@@ -81,7 +82,7 @@ def _outcome(peer: Peer, request_id: int) -> tuple[str, dict | None]:
 
 async def workload(storage: FileStorage, outcomes: Outcomes, tag: str) -> None:
     chat = Chat(storage, sessions_per_minute=0)
-    chat.keep_state_after = 1  # every section's state is kept at the end (chat.close), under the same faults
+    chat.sections.keep_state_after = 1  # every section's state is kept at the end (chat.close), under the same faults
     watchers: dict[SectionKey, Peer] = {}
     for key in SECTIONS:
         watcher = Peer(f"watch-{key.section_id}")
@@ -218,7 +219,7 @@ async def _check_kept_state(storage: FileStorage, key: SectionKey, log: SectionL
     assert (
         loaded.epoch == log.epoch and loaded.records == log.records[offset:]
     ), "the kept state does not join up with the records"
-    from_state, replayed = Section(key, 10), Section(key, 10)
+    from_state, replayed = Stream(key, 10), Stream(key, 10)
     from_state.restore(offset, data)
     for record in loaded.records:
         from_state.apply(record)

@@ -1,0 +1,198 @@
+# Each section's writer: the one task that decides, stores and applies the
+# section's writes, in order, holding the section's lock.
+#
+# Rules kept here:
+# - Writes that queue up while a batch is being stored go out together as the
+#   next batch: one append, one fsync for all of them (group commit).
+# - With a pipelining storage the next batch is decided (on a Draft carrying
+#   the one in flight) and on its way while the previous one is synced. A
+#   failed batch fails every later one (the storage guarantees it): nothing
+#   new is decided until they are all out.
+# - A batch is applied, replied to and announced only once it is durable, in
+#   the order it was decided, in one synchronous step, so every peer sees a
+#   section's events in offset order.
+# - StaleSection (another node wrote first): catch up with what it stored and
+#   decide the same writes again.
+# - A write runs to its end even if the one who asked for it goes away: half
+#   an operation would leave memory and disk apart.
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple
+
+from protocol.errors import ChatError
+from protocol.messages import ServerFrame
+
+from .background import Background
+from .core import Draft, Plan, decide
+from .peer import Peer, reply
+from .storage.base import SectionKey, StaleSection, Storage, StorageError, StoredRecord
+
+if TYPE_CHECKING:
+    from .sections import Section, SectionCache
+    from .subscriptions import Audience
+
+
+class QueuedWrite(NamedTuple):
+    """A write waiting for its section's writer."""
+
+    peer: Peer
+    plan: Callable[[Draft], Plan]
+    outcome: asyncio.Future[None]
+
+
+class Batch(NamedTuple):
+    """Writes decided together and stored with one append."""
+
+    writes: list[QueuedWrite]
+    decided: list[Plan | ChatError]  # one per write
+    records: list[StoredRecord]
+    store: asyncio.Future[None] | None  # the append in flight; None when nothing is written
+
+
+class Writes:
+    """A section's writes waiting for its writer, and the writer."""
+
+    __slots__ = ("queue", "task", "wakeup")
+
+    def __init__(self) -> None:
+        self.queue: list[QueuedWrite] = []
+        self.task: asyncio.Task[None] | None = None
+        self.wakeup: asyncio.Future[None] | None = None  # set when a write is queued
+
+
+Announce = Callable[["Audience", ServerFrame, Peer | None], None]
+
+
+class Writer:
+    def __init__(
+        self,
+        storage: Storage,
+        sections: SectionCache,
+        background: Background,
+        announce: Announce,
+        stored: Callable[[Section, list[StoredRecord]], None] = lambda section, records: None,
+    ):
+        self.storage = storage
+        self.sections = sections
+        self.background = background
+        self._announce = announce  # to a section's audience, but the peer that caused it
+        self._stored = stored  # after a batch is applied
+        # Batches a section may have in flight: two when the storage keeps
+        # appends in order and fails every later one after a failure.
+        self.depth = 2 if storage.pipelined else 1
+
+    async def write(self, key: SectionKey, peer: Peer, plan: Callable[[Draft], Plan]) -> None:
+        """Queue a write for its section's writer and wait for its outcome (the reply has gone to `peer`)."""
+        section = self.sections.section(key)
+        section.pins += 1  # released by the writer once this write is done
+        writes = section.writes
+        outcome = asyncio.get_running_loop().create_future()
+        writes.queue.append(QueuedWrite(peer, plan, outcome))
+        if writes.wakeup is not None and not writes.wakeup.done():
+            writes.wakeup.set_result(None)
+        if writes.task is None:
+            writes.task = self.background.spawn(self._run(section))
+        await outcome  # if this is cancelled, the writer still does the write (see _settle)
+
+    async def _run(self, section: Section) -> None:
+        """Store the section's queued writes in batches, in order, with up to `depth` batches in flight."""
+        writes = section.writes
+        in_flight: deque[Batch] = deque()
+        try:
+            async with self.sections.locked(section.key):
+                draft, failed = Draft(section.stream), False
+                while writes.queue or in_flight:
+                    while writes.queue and not failed and len(in_flight) < self.depth:
+                        queued, writes.queue = writes.queue, []
+                        in_flight.append(self._decide(section, draft, queued))
+                    head = in_flight[0]
+                    if head.store is not None and not head.store.done():
+                        await self._wait(writes, head.store, more_allowed=not failed and len(in_flight) < self.depth)
+                        continue
+                    in_flight.popleft()
+                    try:
+                        if head.store is not None:
+                            head.store.result()
+                    except StaleSection:
+                        # Another node wrote first (one batch in flight at most): learn what it wrote, decide again.
+                        await self.catch_up(section)
+                        writes.queue[:0] = head.writes
+                    except StorageError as error:
+                        _fail(head, error)
+                        section.pins -= len(head.writes)
+                        failed = True
+                    else:
+                        self._finish(section, head)
+                    if not in_flight:
+                        draft, failed = Draft(section.stream), False
+        except Exception as error:
+            # Loading failed (StorageError), or a bug: whoever waits must hear of it.
+            left = [write for batch in in_flight for write in batch.writes] + writes.queue
+            for write in left:
+                _settle(write.outcome, error)
+            section.pins -= len(left)
+            writes.queue = []
+        finally:
+            writes.task = None
+
+    def _decide(self, section: Section, draft: Draft, writes: list[QueuedWrite]) -> Batch:
+        """Decide writes in order against the draft; start storing their records."""
+        decided, records = decide(draft, [write.plan for write in writes])
+        store = None
+        if records:
+            store = asyncio.ensure_future(self.storage.append(section.key, section.stream.epoch, records))
+        return Batch(writes, decided, records, store)
+
+    async def _wait(self, writes: Writes, store: asyncio.Future[None], more_allowed: bool) -> None:
+        """Wait for the batch in flight, or, if another may be decided meanwhile, for new writes."""
+        if not more_allowed:
+            await asyncio.wait([store])
+            return
+        writes.wakeup = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait([store, writes.wakeup], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            writes.wakeup = None
+
+    def _finish(self, section: Section, batch: Batch) -> None:
+        """The batch is durable: apply it, reply, announce, in the order it was decided."""
+        for write, decided in zip(batch.writes, batch.decided, strict=True):
+            if isinstance(decided, ChatError):
+                _settle(write.outcome, decided)
+                continue
+            events = [section.stream.apply(record) for record in decided.records]
+            reply(write.peer, decided.reply)
+            for event in events:
+                self._announce(section.audience, event, write.peer)
+            _settle(write.outcome)
+        self._stored(section, batch.records)
+        section.pins -= len(batch.writes)
+
+    async def catch_up(self, section: Section) -> None:
+        """Apply and announce what other nodes stored in the section since we last looked."""
+        log = await self.storage.read_after(section.key, section.stream.offset)
+        if log.epoch is not None:
+            section.stream.epoch = log.epoch
+        for record in log.records:
+            self._announce(section.audience, section.stream.apply(record), None)
+
+
+def _settle(outcome: asyncio.Future[None], error: BaseException | None = None) -> None:
+    # A waiter that was cancelled (its connection went away) has cancelled its
+    # future; the write went ahead all the same, and there is nobody to tell.
+    if outcome.done():
+        return
+    if error is None:
+        outcome.set_result(None)
+    else:
+        outcome.set_exception(error)
+
+
+def _fail(batch: Batch, error: StorageError) -> None:
+    """Nothing of the batch was stored: every write in it fails (its own refusal, if it had one)."""
+    for write, decided in zip(batch.writes, batch.decided, strict=True):
+        _settle(write.outcome, decided if isinstance(decided, ChatError) else error)
