@@ -25,12 +25,7 @@
 from __future__ import annotations
 
 if __name__ == "__main__" and __package__ in (None, ""):
-    import os as _os
-    import sys as _sys
-
-    _here = _os.path.dirname(_os.path.abspath(__file__))
-    _sys.path[:] = [p for p in _sys.path if _os.path.abspath(p or ".") != _here]
-    _sys.path.insert(0, _os.path.dirname(_here))
+    import _script_path  # noqa: F401 (run as a file: the project importable, bench/ off sys.path)
 
 import argparse
 import asyncio
@@ -57,7 +52,17 @@ from typing import Any
 
 import msgspec
 
-from bench.harness import LIMITS_OFF, LISTENING, ROOT, BenchError, filesystem_type, markdown_table, median, percentile
+from bench.harness import (
+    LIMITS_OFF,
+    ROOT,
+    BenchError,
+    ServerProcess,
+    filesystem_type,
+    markdown_table,
+    median,
+    percentile,
+    run_main,
+)
 from bench.plots import log_axes
 
 CURVES = ("start", "history", "subscribe", "write", "restart")
@@ -203,110 +208,39 @@ def _git(args: list[str]) -> str:
         return ""
 
 
-class Server:
-    """One `python -m server serve` process on a given data dir, its log in a file."""
+class Server(ServerProcess):
+    """One `python -m server serve` process of a tree on a given data dir, its log appended to a file."""
 
     def __init__(self, tree: Tree, data_dir: Path, log_path: Path, *extra: str):
-        self.tree = tree
-        self.data_dir = data_dir
-        self.log_path = log_path
-        self.command = tree.python(
+        command = tree.python(
             "-m", "server", "serve", "--host", HOST, "--port", "0", "--data-dir", str(data_dir), "--storage", "file",
             *tree.limits_off(), *extra,
         )  # fmt: skip
-        self.process: subprocess.Popen[bytes] | None = None
-        self.port = 0
+        super().__init__(log_path.stem, command, log_path.parent, cwd=tree.path, env=tree.env)
+        self.log_path = log_path
+        self.data_dir = data_dir
         self.start_s = float("nan")
 
-    def start(self, timeout: float = 300.0) -> float:
+    def start(self, timeout: float = 300.0) -> float:  # type: ignore[override]
         """Spawn it and wait for "listening on"; return seconds from spawn to that line."""
-        with open(self.log_path, "ab") as log:
-            offset = log.tell()
-            spawned_wall, spawned = time.time(), time.monotonic()
-            self.process = subprocess.Popen(
-                self.command,
-                cwd=self.tree.path,
-                env=self.tree.env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = spawned + timeout
-        with open(self.log_path, "rb") as log:
-            log.seek(offset)
-            text = ""
-            while True:
-                text += log.read().decode(errors="replace")
-                found = LISTENING.search(text)
-                if found:
-                    seen = time.monotonic() - spawned
-                    break
-                if self.process.poll() is not None:
-                    raise BenchError(f"server exited with {self.process.returncode} before listening:\n{self.log()}")
-                if time.monotonic() > deadline:
-                    self.kill()
-                    raise BenchError(f"server did not say 'listening on' within {timeout:.0f} s:\n{self.log()}")
-                time.sleep(0.005)
-        self.port = int(found.group(2))
-        # The line's own timestamp (ms, UTC) is more precise than our polling.
-        line = text[text.rfind("\n", 0, found.start()) + 1 : found.start()]
-        logged = _log_time(line)
-        self.start_s = (
-            logged - spawned_wall if logged is not None and 0 < logged - spawned_wall <= seen + 0.05 else seen
-        )
+        super().start(timeout)
+        # The line's own timestamp (ms, UTC) is more precise than polling for it.
+        logged = _log_time(self.listening_line.decode(errors="replace"))
+        fits = logged is not None and 0 < logged - self.spawned_at <= self.ready_s + 0.05
+        self.start_s = logged - self.spawned_at if fits else self.ready_s  # type: ignore[operator]
         return self.start_s
 
-    @property
-    def url(self) -> str:
-        return f"ws://{HOST}:{self.port}/ws"
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def status(self, field: str) -> int | None:
-        """A `kB` field of /proc/PID/status (VmRSS, VmHWM) in bytes."""
-        try:
-            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return None
-
     def cpu_s(self) -> float | None:
-        try:
-            stat = Path(f"/proc/{self.pid}/stat").read_text()
-        except OSError:
-            return None
-        fields = stat[stat.rindex(")") + 2 :].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return self.cpu_seconds()
 
     def stop(self, timeout: float = 60.0) -> int | None:
-        """SIGTERM (a clean stop); SIGKILL if it is still there after `timeout`."""
-        process = self.process
-        if process is None or process.poll() is not None:
-            return None if process is None else process.returncode
-        process.send_signal(signal.SIGTERM)
-        try:
-            return process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise BenchError(f"server did not stop within {timeout:.0f} s of SIGTERM") from None
-
-    def kill(self) -> None:
-        """kill -9, and reap it."""
-        process = self.process
-        if process is not None and process.poll() is None:
-            process.kill()
-            process.wait(30)
-
-    def log(self, tail: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-tail:]
-        except OSError:
-            return ""
+        """SIGTERM (a clean stop); BenchError if it is still there after `timeout` (then it is killed)."""
+        if not self.running:
+            return self.returncode
+        code = super().stop(timeout)
+        if code == -signal.SIGKILL:
+            raise BenchError(f"server did not stop within {timeout:.0f} s of SIGTERM")
+        return code
 
     def errors(self) -> list[str]:
         lines = self.log(tail=20_000_000).splitlines()
@@ -1746,12 +1680,6 @@ def main(argv: list[str] | None = None) -> int:
             say(
                 f"curve {curve}: {document['curve_s']:.0f} s (of which making data dirs {document['generation_s']:.0f} s) -> {path}"
             )
-    except BenchError as error:
-        print(f"bench: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench: interrupted", file=sys.stderr)
-        return 130
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     print(tables(documents))
@@ -1764,4 +1692,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

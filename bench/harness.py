@@ -1,8 +1,8 @@
 # What every benchmark shares: server processes, CPU accounting, statistics, tables.
 #
 # Rule kept here: a server under test is always its own process, started the way
-# operators start it, on 127.0.0.1 and port 0, with its output going to a log file
-# (never an unread pipe, which would stall a chatty server once it fills).
+# operators start it, on 127.0.0.1 and port 0 (client/process.py: its output goes
+# to a log file, never an unread pipe, which would stall a chatty server once it fills).
 
 from __future__ import annotations
 
@@ -11,17 +11,17 @@ import math
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
+
+from client.process import ListeningProcess, NotListening
 
 ROOT = Path(__file__).resolve().parent.parent
-LISTENING = re.compile(r"listening on (\S+):(\d+)")
 HOST = "127.0.0.1"
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -31,16 +31,25 @@ class BenchError(Exception):
     """A benchmark could not run (a server did not start, a client got an error)."""
 
 
-class ServerProcess:
-    """One server under test, as a child process with its own scratch directory."""
+def run_main(main: Callable[[], int]) -> NoReturn:
+    """Exit with what a benchmark's main returns: 1 with its message on BenchError, 130 on ^C."""
+    try:
+        code = main()
+    except BenchError as error:
+        print(f"bench: {error}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)
 
-    def __init__(self, name: str, command: Sequence[str], scratch: Path):
-        self.name = name
-        self.command = list(command)
+
+class ServerProcess(ListeningProcess):
+    """One server under test, as a child process with its log in its scratch directory."""
+
+    def __init__(self, name: str, command: Sequence[str], scratch: Path, *, cwd: Path = ROOT, env=None):
+        super().__init__(command, cwd=cwd, env=env, log_path=scratch / f"{name}.log", name=name)
         self.scratch = scratch
-        self.log_path = scratch / f"{name}.log"
-        self.process: subprocess.Popen[bytes] | None = None
-        self.port = 0
 
     @classmethod
     def sectionchat(cls, scratch: Path, *extra: str) -> ServerProcess:
@@ -71,59 +80,35 @@ class ServerProcess:
 
     def start(self, timeout: float = 30.0) -> ServerProcess:
         """Start the process and wait for its "listening on" line."""
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                self.command, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = LISTENING.search(self.log_path.read_text(errors="replace"))
-            if found:
-                self.port = int(found.group(2))
-                return self
-            if self.process.poll() is not None:
-                raise BenchError(f"{self.name} exited with {self.process.returncode} before listening:\n{self.log()}")
-            time.sleep(0.02)
-        self.stop()
-        raise BenchError(f"{self.name} did not say 'listening on' within {timeout:.0f} s:\n{self.log()}")
+        try:
+            super().start(timeout)
+        except NotListening as error:
+            raise BenchError(str(error)) from None
+        return self
 
     @property
     def url(self) -> str:
         return f"ws://{HOST}:{self.port}/ws"
 
     def log(self, tail: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-tail:]
-        except OSError:
-            return ""
+        return self.output[-tail:]
 
     def cpu_seconds(self) -> float | None:
         """User + system CPU time the process has used so far (Linux /proc), or None."""
-        assert self.process is not None
-        return process_cpu_seconds(self.process.pid)
+        return process_cpu_seconds(self.pid)
 
-    def rss_bytes(self) -> int | None:
-        assert self.process is not None
+    def status(self, field: str) -> int | None:
+        """A `kB` field of /proc/PID/status (VmRSS, VmHWM) in bytes, or None."""
         try:
-            for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
+            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
         except OSError:
             pass
         return None
 
-    def stop(self, timeout: float = 20.0) -> int | None:
-        """SIGTERM, then SIGKILL if it has not exited within `timeout` seconds."""
-        process = self.process
-        if process is None or process.poll() is not None:
-            return None if process is None else process.returncode
-        process.send_signal(signal.SIGTERM)
-        try:
-            return process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
-            return process.returncode
+    def rss_bytes(self) -> int | None:
+        return self.status("VmRSS")
 
     def errors_in_log(self) -> list[str]:
         """Lines the server logged at ERROR or worse (a benchmark run should have none)."""

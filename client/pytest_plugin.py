@@ -22,12 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,12 +32,12 @@ from typing import Any
 import pytest
 
 from client import ScriptClient
+from client.process import ListeningProcess, NotListening
 
 __all__ = ["SectionchatServer", "DEFAULT_ARGS"]
 
 # A test server accepts whatever the test throws at it; tests of the limits set their own.
 DEFAULT_ARGS = ("--rate-limit", "0", "--sessions-per-minute", "0")
-LISTENING = re.compile(r"listening on (\S+):(\d+)")
 
 
 class SectionchatServer:
@@ -75,12 +72,7 @@ class SectionchatServer:
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
         self.python = python
-        self.process: subprocess.Popen[str] | None = None
-        self.returncode: int | None = None
-        self._lines: list[str] = []
-        self._lines_lock = threading.Lock()
-        self._listening = threading.Event()
-        self._pump: threading.Thread | None = None
+        self._server: ListeningProcess | None = None
 
     # -- addresses -----------------------------------------------------------
 
@@ -109,7 +101,7 @@ class SectionchatServer:
     # -- lifecycle -----------------------------------------------------------
 
     def start(self) -> SectionchatServer:
-        if self.process is not None and self.process.poll() is None:
+        if self.running:
             raise RuntimeError("the server is already running")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         command = [
@@ -118,72 +110,40 @@ class SectionchatServer:
             *self.args,
         ]  # fmt: skip
         environment = {key: value for key, value in os.environ.items() if not key.startswith("SECTIONCHAT_")}
-        environment["PYTHONUNBUFFERED"] = "1"
-        self._listening.clear()
-        self.returncode = None
-        self.process = subprocess.Popen(
-            command,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            errors="replace",
-            env=environment,
-        )
-        # A thread drains the log so that a chatty server never blocks on a full pipe.
-        self._pump = threading.Thread(target=self._read_output, args=(self.process,), daemon=True)
-        self._pump.start()
-        if not self._listening.wait(self.start_timeout) or self.process.poll() is not None:
-            self._pump.join(5)
-            self.stop()
-            raise RuntimeError(f"the sectionchat server did not start ({' '.join(command)}):\n{self.output}")
+        if self._server is not None:
+            self._server.close()
+        self._server = ListeningProcess(command, env=environment, name="the sectionchat server")
+        try:
+            self.port = self._server.start(self.start_timeout).port
+        except NotListening as error:
+            raise RuntimeError(f"{error} ({' '.join(command)})") from None
         return self
 
-    def _read_output(self, process: subprocess.Popen[str]) -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
-            with self._lines_lock:
-                self._lines.append(line)
-            if not self._listening.is_set():
-                found = LISTENING.search(line)
-                if found:
-                    self.port = int(found.group(2))
-                    self._listening.set()
-        self._listening.set()  # exited: wake start() up
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        return None if self._server is None else self._server.process
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self._server is None else self._server.returncode
 
     @property
     def output(self) -> str:
-        """Everything the server has logged so far."""
-        with self._lines_lock:
-            return "".join(self._lines)
+        """Everything the server has logged since it was last started."""
+        return "" if self._server is None else self._server.output
 
     @property
     def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+        return self._server is not None and self._server.running
 
     def stop(self) -> int | None:
         """SIGTERM and wait; kill if it does not stop in time. Returns the exit code."""
-        process = self.process
-        if process is None:
-            return self.returncode
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(self.stop_timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        if self._pump is not None:
-            self._pump.join(5)
-        self.returncode = process.returncode
-        self.process = None
-        return self.returncode
+        return None if self._server is None else self._server.stop(self.stop_timeout)
 
     def kill(self) -> None:
         """kill -9: the server stops without running any shutdown code (crash tests)."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-        self.stop()
+        if self._server is not None:
+            self._server.kill()
 
     def restart(self) -> SectionchatServer:
         """Stop and start again on the same port and data dir."""
@@ -192,6 +152,8 @@ class SectionchatServer:
 
     def close(self) -> None:
         self.stop()
+        if self._server is not None:
+            self._server.close()
         if self._tempdir is not None:
             self._tempdir.cleanup()
             self._tempdir = None

@@ -10,18 +10,18 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from client import ScriptClient
+from client.process import ListeningProcess
 from server.app import running
 from server.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
-LISTENING = re.compile(rb"listening on (\S+):(\d+)")
 
 
 @pytest.fixture
@@ -46,15 +46,14 @@ def connect(app):
     return connect
 
 
-class ServerProcess:
-    """`python -m server serve` as a child process, as operators run it."""
+class ServerProcess(ListeningProcess):
+    """`python -m server serve` as a child process, as operators run it; `output` in bytes."""
 
-    def __init__(self, data_dir: Path, *args: str):
+    def __init__(self, data_dir: Path, *args: str, prefix: Sequence[str] = ()):
+        super().__init__([], cwd=ROOT)
         self.data_dir = data_dir
         self.args = args
-        self.process: subprocess.Popen[bytes] | None = None
-        self.port = 0
-        self.output = b""
+        self.prefix = list(prefix)  # e.g. a tracer that runs the server as its child
 
     @property
     def url(self) -> str:
@@ -62,58 +61,23 @@ class ServerProcess:
 
     def start(self, port: int = 0, timeout: float = 20.0) -> ServerProcess:
         """Start the server and wait for its "listening on" line."""
-        command = [
-            sys.executable,
-            "-m",
-            "server",
-            "serve",
-            "--port",
-            str(port),
-            "--data-dir",
-            str(self.data_dir),
-            *self.args,
-        ]
-        self.process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        self.output = b""
-        assert self.process.stdout is not None
-        os.set_blocking(self.process.stdout.fileno(), True)
-        while True:
-            line = self.process.stdout.readline()
-            if not line:
-                raise AssertionError(f"server exited before listening:\n{self.output.decode(errors='replace')}")
-            self.output += line
-            found = LISTENING.search(line)
-            if found:
-                self.port = int(found.group(2))
-                return self
+        serve = ["-m", "server", "serve", "--port", str(port), "--data-dir", str(self.data_dir), *self.args]
+        self.command = [*self.prefix, sys.executable, *serve]
+        super().start(timeout)
+        return self
+
+    @property
+    def output(self) -> bytes:  # type: ignore[override]
+        return self.output_bytes()
 
     def read_rest(self) -> str:
         """Everything the process printed, once it has exited."""
-        assert self.process is not None and self.process.stdout is not None
-        self.output += self.process.stdout.read()
-        return self.output.decode(errors="replace")
-
-    def kill(self) -> None:
-        """kill -9: no shutdown code runs."""
-        assert self.process is not None
-        self.process.kill()
-        self.process.wait(10)
-        self.read_rest()
+        return self.output_bytes().decode(errors="replace")
 
     def terminate(self, timeout: float = 20.0) -> int:
         assert self.process is not None
         self.process.send_signal(signal.SIGTERM)
-        code = self.process.wait(timeout)
-        self.read_rest()
-        return code
-
-    def stop(self) -> None:
-        if self.process is not None:
-            if self.process.poll() is None:
-                self.process.kill()
-                self.process.wait(10)
-            if self.process.stdout is not None:
-                self.process.stdout.close()
+        return self.process.wait(timeout)
 
 
 # Load tests must not trip the abuse limits; tests of the limits pass their own values after these.
@@ -132,62 +96,32 @@ def server_process(data_dir: Path) -> Iterator:
 
     yield start
     for server in started:
-        server.stop()
+        server.close()
 
 
-class RedisServer:
+class RedisServer(ListeningProcess):
     """A real redis-server on a free loopback port, durable like production (AOF, fsync always)."""
 
     def __init__(self, directory: Path):
+        super().__init__([], name="redis-server", ready=re.compile(rb"Ready to accept connections"))
         self.directory = directory
-        self.port = 0
-        self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> RedisServer:
+    def start(self, timeout: float = 20.0) -> RedisServer:
         if not self.port:
             with socket.socket() as probe:
                 probe.bind(("127.0.0.1", 0))
                 self.port = probe.getsockname()[1]
         self.directory.mkdir(parents=True, exist_ok=True)
-        command = [
-            "redis-server",
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(self.directory),
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "always",
-            "--save",
-            "",
-            "--daemonize",
-            "no",
-        ]
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        assert self.process.stdout is not None
-        output = b""
-        while b"Ready to accept connections" not in output:
-            line = self.process.stdout.readline()
-            if not line:
-                raise AssertionError(f"redis-server did not start:\n{output.decode(errors='replace')}")
-            output += line
+        self.command = [
+            "redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
+            "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no",
+        ]  # fmt: skip
+        super().start(timeout)
         return self
-
-    def stop(self) -> None:
-        if self.process is not None:
-            if self.process.poll() is None:
-                self.process.terminate()
-                self.process.wait(10)
-            if self.process.stdout is not None:
-                self.process.stdout.close()
-        self.process = None
 
 
 @pytest.fixture
@@ -197,7 +131,7 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         pytest.fail("redis-server is not installed (Debian package redis-server; make test installs it)")
     server = RedisServer(tmp_path / "redis").start()
     yield server
-    server.stop()
+    server.close()
 
 
 def resolved_config(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> dict[str, str]:

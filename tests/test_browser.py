@@ -148,7 +148,7 @@ async def test_page_recovers_after_a_server_restart_and_delivers_each_message_on
         assert unexpected(alice.console_errors) == []
     finally:
         if restarted is not None:
-            restarted.stop()
+            restarted.close()
 
 
 async def test_cut_socket_replays_missed_events_from_the_offset(browser, app, connect):
@@ -240,7 +240,7 @@ async def test_lost_stream_reloads_sessions_and_history(browser, server_process,
         await expect(alice.page.locator("#notices")).to_contain_text("The open session no longer exists")
     finally:
         if restarted is not None:
-            restarted.stop()
+            restarted.close()
 
 
 async def test_markup_in_messages_titles_names_and_ids_is_text(browser, app, connect):

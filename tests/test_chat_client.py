@@ -172,7 +172,7 @@ def restarts(data_dir: Path):
 
     yield restart
     for server in started:
-        server.stop()
+        server.close()
 
 
 def slow_consumer_disconnects(server: ServerProcess) -> float:

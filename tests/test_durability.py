@@ -12,6 +12,7 @@ import pytest
 from conftest import ROOT
 
 from client import ScriptClient
+from client.process import ListeningProcess
 from server.app import running
 from server.config import Config
 
@@ -239,19 +240,13 @@ async def test_environment_configures_the_server(data_dir, tmp_path):
         "SECTIONCHAT_DATA_DIR": str(data_dir),
         "SECTIONCHAT_MAX_TEXT_CHARS": "10",
     }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "server", "serve", "--max-text-chars", "12"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+    server = ListeningProcess(
+        [sys.executable, "-m", "server", "serve", "--max-text-chars", "12"], cwd=tmp_path, env=env
     )
     try:
-        line = process.stdout.readline().decode()
-        port = int(line.rsplit("ws://", 1)[1].split(":")[1].split("/")[0])
-        async with ScriptClient.connect(f"ws://127.0.0.1:{port}/ws") as client:
+        server.start()
+        async with ScriptClient.connect(f"ws://127.0.0.1:{server.port}/ws") as client:
             assert client.welcome["limits"]["max_text_chars"] == 12
         assert (data_dir / "LOCK").exists()
     finally:
-        process.kill()
-        process.wait()
+        server.close()

@@ -181,7 +181,7 @@ def stopped(redis_server):
 
     stopper = Stopper()
     yield stopper
-    if redis_server.process is not None:
+    if redis_server.running:
         stopper.cont()
 
 

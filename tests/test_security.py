@@ -125,7 +125,7 @@ def test_token_command_mints_a_working_token(data_dir):
         assert token not in server.output.decode()
         assert "alice" in server.output.decode()
     finally:
-        server.stop()
+        server.close()
 
 
 # Origins ------------------------------------------------------------------

@@ -32,19 +32,19 @@ tests skip, saying why, when either is missing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import re
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import LISTENING, NO_RATE_LIMITS, ROOT, http_get
+from conftest import NO_RATE_LIMITS, ServerProcess, http_get
 from websockets.exceptions import ConnectionClosed
 
 from client import ScriptClient
@@ -94,6 +94,7 @@ def attach_unusable() -> str | None:
             return f"strace cannot attach to a running process (ptrace_scope?): {line.strip()}"
         tracer.send_signal(signal.SIGINT)
         tracer.wait(10)
+        tracer.stderr.close()
     finally:
         target.kill()
         target.wait()
@@ -127,93 +128,37 @@ def strace_log_summary(log: Path) -> str:
 # The server process ---------------------------------------------------------------
 
 
-class Server:
-    """`python -m server serve` on a free port, optionally under a tracer prefix, its output drained.
-
-    (conftest's ServerProcess takes no command prefix, and nobody reads its pipe
-    after the "listening" line: a server logging a warning per failed write could
-    block on a full pipe.)
-    """
+class Server(ServerProcess):
+    """A server process, optionally under a tracer prefix; `server_pid` is its own (strace's child when traced)."""
 
     def __init__(self, data_dir: Path, prefix: list[str] | None = None):
-        self.data_dir = data_dir
-        self.prefix = prefix or []
-        self.process: subprocess.Popen[bytes] | None = None
-        self.pid = 0  # the server's own pid (strace's child when traced)
-        self.port = 0
-        self.lines: list[bytes] = []
-        self._listening = threading.Event()
+        super().__init__(data_dir, *NO_RATE_LIMITS, prefix=prefix or [])
+        self.server_pid = 0
 
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
-
-    @property
-    def output(self) -> str:
-        return b"".join(self.lines).decode(errors="replace")
-
-    async def start(self, timeout: float = 20.0) -> Server:
-        command = [
-            *self.prefix,
-            sys.executable,
-            "-m",
-            "server",
-            "serve",
-            "--port",
-            "0",
-            "--data-dir",
-            str(self.data_dir),
-            *NO_RATE_LIMITS,
-        ]
-        self.process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        threading.Thread(target=self._drain, daemon=True).start()
-        await asyncio.to_thread(self._listening.wait, timeout)
-        if not self.port:
-            self.kill()
-            raise AssertionError(f"server did not start listening: {' '.join(command)}\n{self.output}")
-        self.pid = self._server_pid()
+    async def begin(self) -> Server:
+        await asyncio.to_thread(self.start)
+        self.server_pid = self.pid
+        if self.prefix:
+            children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
+            assert len(children) == 1, f"strace should have one child, has {children}"
+            self.server_pid = int(children[0])
         return self
 
-    def _drain(self) -> None:
-        assert self.process is not None and self.process.stdout is not None
-        try:
-            for line in iter(self.process.stdout.readline, b""):
-                self.lines.append(line)
-                found = LISTENING.search(line)
-                if found and not self.port:
-                    self.port = int(found.group(2))
-                    self._listening.set()
-        finally:
-            self._listening.set()
-
-    def _server_pid(self) -> int:
-        assert self.process is not None
-        if not self.prefix:
-            return self.process.pid
-        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
-        assert len(children) == 1, f"strace should have one child, has {children}"
-        return int(children[0])
-
-    async def stop(self, grace: float = 10.0) -> str:
+    async def shut_down(self, grace: float = 10.0) -> str:
         """SIGTERM to the server itself (under strace: the fault stays on while it shuts down); kill -9 after `grace`."""
-        assert self.process is not None
-        os.kill(self.pid, signal.SIGTERM)
+        os.kill(self.server_pid, signal.SIGTERM)
         try:
-            code = await asyncio.to_thread(self.process.wait, grace)
+            code = await asyncio.to_thread(self.wait, grace)
             return f"exited with {code} after SIGTERM"
         except subprocess.TimeoutExpired:
             self.kill()
             return f"did not exit within {grace:g} s of SIGTERM; killed with SIGKILL"
 
     def kill(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        for pid in {self.pid, self.process.pid} - {0}:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.process.wait(10)
+        if self.running and self.server_pid not in (0, self.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.server_pid, signal.SIGKILL)
+        super().kill()
 
 
 @pytest.fixture
@@ -222,13 +167,13 @@ def servers():
     started: list[Server] = []
     yield started
     for server in started:
-        server.kill()
+        server.close()
 
 
 async def start_server(servers: list[Server], data_dir: Path, prefix: list[str] | None = None) -> Server:
     server = Server(data_dir, prefix)
     servers.append(server)
-    return await server.start()
+    return await server.begin()
 
 
 def strace_prefix(log: Path, *spec: str) -> list[str]:
@@ -604,13 +549,15 @@ class Tracer:
         # No --seccomp-bpf here: strace 6.1 with it and -p intercepted nothing in some runs, and hung on detach.
         self.command = ["strace", "-f", "-o", str(log), *spec, "-p", str(pid)]
         self.process: subprocess.Popen[str] | None = None
+        self._drain: threading.Thread
 
     async def attach(self) -> Tracer:
         self.process = subprocess.Popen(self.command, stderr=subprocess.PIPE, text=True)
         assert self.process.stderr is not None
         line = await asyncio.to_thread(self.process.stderr.readline)  # "strace: Process N attached with K threads"
         assert "attached" in line, f"{' '.join(self.command)}: {line}"
-        threading.Thread(target=self.process.stderr.read, daemon=True).start()  # never let its pipe fill
+        self._drain = threading.Thread(target=self.process.stderr.read, daemon=True)  # never let its pipe fill
+        self._drain.start()
         return self
 
     async def detach(self) -> None:
@@ -619,6 +566,9 @@ class Tracer:
             self.process.send_signal(signal.SIGINT)
         if self.process is not None:
             await asyncio.to_thread(self.process.wait, 10)
+            await asyncio.to_thread(self._drain.join, 10)
+            assert self.process.stderr is not None
+            self.process.stderr.close()
 
 
 # name -> (how strace runs: "run" the server under it, or "attach" to it once started; its fault spec)
@@ -659,14 +609,14 @@ async def test_acknowledged_writes_survive_injected_faults(strace, servers, data
     if mode == "run":
         healthy = await start_server(servers, data_dir)
         await warm_up(healthy, ledger)
-        assert await healthy.stop() == "exited with 0 after SIGTERM", healthy.output
+        assert await healthy.shut_down() == "exited with 0 after SIGTERM", healthy.output
         command = strace_prefix(log, *spec)
         faulty = await start_server(servers, data_dir, command)
     else:
         faulty = await start_server(servers, data_dir)
         await warm_up(faulty, ledger)
         tracer = await Tracer(
-            faulty.pid, log, *[a for path in data_files(data_dir) for a in ("-P", str(path))], *spec
+            faulty.server_pid, log, *[a for path in data_files(data_dir) for a in ("-P", str(path))], *spec
         ).attach()
         command = tracer.command
     try:
@@ -675,7 +625,7 @@ async def test_acknowledged_writes_survive_injected_faults(strace, servers, data
             await write_load(faulty.url, ledger, f"w{number}-")
         found = await stop_watching(watchers, ledger)
         found += [f"unexpected reply: {u}" for u in ledger.unexpected[:3]]
-        stopped = await faulty.stop()  # still under the fault
+        stopped = await faulty.shut_down()  # still under the fault
     finally:
         if tracer is not None:
             await tracer.detach()
@@ -732,7 +682,7 @@ async def test_writes_resume_when_a_transient_fault_clears(strace, servers, data
     # What the running server holds is right too, and so is what it holds after a clean restart.
     found += [f"before restart: {p}" for p in await stored_problems(server.url, ledger, watchers)]
     traced = strace_log_summary(log)
-    stopped = await server.stop()
+    stopped = await server.shut_down()
     restarted = await start_server(servers, data_dir)
     # stored_problems wrote one session per section above: those are acknowledged writes too.
     found += [f"after restart: {p}" for p in await stored_problems(restarted.url, ledger, [])]
@@ -770,7 +720,9 @@ async def test_healthz_is_503_while_writes_cannot_be_acknowledged(strace_attach,
 
         # Attach to every thread of the running server: from now on each fdatasync fails with EIO.
         log = tmp_path / "strace.log"
-        tracer = await Tracer(server.pid, log, "-e", "trace=fdatasync", "-e", "inject=fdatasync:error=EIO").attach()
+        tracer = await Tracer(
+            server.server_pid, log, "-e", "trace=fdatasync", "-e", "inject=fdatasync:error=EIO"
+        ).attach()
         try:
             refused = [await send(alice, ledger, sid, f"during-{n}") for n in range(3)]
             assert refused == [
