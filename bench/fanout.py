@@ -21,12 +21,7 @@
 from __future__ import annotations
 
 if __name__ == "__main__" and __package__ in (None, ""):
-    import os as _os
-    import sys as _sys
-
-    _here = _os.path.dirname(_os.path.abspath(__file__))
-    _sys.path[:] = [p for p in _sys.path if _os.path.abspath(p or ".") != _here]
-    _sys.path.insert(0, _os.path.dirname(_here))
+    import _script_path  # noqa: F401 (run as a file: the project importable, bench/ off sys.path)
 
 import argparse
 import json
@@ -57,6 +52,7 @@ from bench.harness import (
     median,
     percentile,
     remove,
+    run_main,
     scratch_dir,
 )
 from bench.wsclient import raise_fd_limit
@@ -553,14 +549,7 @@ def main(argv: list[str] | None = None) -> int:
         f"sectionchat data under {root} ({fs or 'unknown fs'})"
     )
     began = time.monotonic()
-    try:
-        summaries = run_all(args, lambda text: say(text))
-    except BenchError as error:
-        print(f"bench: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench: interrupted", file=sys.stderr)
-        return 130
+    summaries = run_all(args, lambda text: say(text))
     elapsed = time.monotonic() - began
     print(table(summaries))
     ratios = ratio_table(summaries)
@@ -590,4 +579,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

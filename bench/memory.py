@@ -19,12 +19,7 @@
 from __future__ import annotations
 
 if __name__ == "__main__" and __package__ in (None, ""):
-    import os as _os
-    import sys as _sys
-
-    _here = _os.path.dirname(_os.path.abspath(__file__))
-    _sys.path[:] = [p for p in _sys.path if _os.path.abspath(p or ".") != _here]
-    _sys.path.insert(0, _os.path.dirname(_here))
+    import _script_path  # noqa: F401 (run as a file: the project importable, bench/ off sys.path)
 
 import argparse
 import asyncio
@@ -42,7 +37,7 @@ from bench import runs as R
 from bench import wsclient
 from bench.fanload import decode_head, ws_path
 from bench.fanout import server_for
-from bench.harness import BenchError, ServerProcess, markdown_table, median, remove, scratch_dir
+from bench.harness import BenchError, ServerProcess, markdown_table, median, remove, run_main, scratch_dir
 
 TARGETS = ("sectionchat", "raw", "socketio")
 DEFAULT_TARGETS = list(TARGETS)
@@ -390,21 +385,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     began = time.monotonic()
     summaries: list[Summary] = []
-    try:
-        for connections in args.connections:
-            summary = Summary(connections, {target: [] for target in args.targets})
-            for index in range(args.runs):
-                for target in args.targets:
-                    run = run_once(args, target, connections, index, ctx)
-                    say(f"  n={connections:<6} run {index + 1}/{args.runs}  {target:<11} {describe(run)}")
-                    summary.runs[target].append(run)
-            summaries.append(summary)
-    except BenchError as error:
-        print(f"bench: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench: interrupted", file=sys.stderr)
-        return 130
+    for connections in args.connections:
+        summary = Summary(connections, {target: [] for target in args.targets})
+        for index in range(args.runs):
+            for target in args.targets:
+                run = run_once(args, target, connections, index, ctx)
+                say(f"  n={connections:<6} run {index + 1}/{args.runs}  {target:<11} {describe(run)}")
+                summary.runs[target].append(run)
+        summaries.append(summary)
     elapsed = time.monotonic() - began
     print(table(summaries))
     print(
@@ -443,4 +431,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -16,12 +16,7 @@
 from __future__ import annotations
 
 if __name__ == "__main__" and __package__ in (None, ""):
-    import os as _os
-    import sys as _sys
-
-    _here = _os.path.dirname(_os.path.abspath(__file__))
-    _sys.path[:] = [p for p in _sys.path if _os.path.abspath(p or ".") != _here]
-    _sys.path.insert(0, _os.path.dirname(_here))
+    import _script_path  # noqa: F401 (run as a file: the project importable, bench/ off sys.path)
 
 import argparse
 import json
@@ -33,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench import fanout
-from bench.harness import ROOT, BenchError, filesystem_type, median
+from bench.harness import ROOT, BenchError, filesystem_type, median, run_main
 
 FANOUT_JSON = ROOT / "bench" / "results" / "fanout-scaling.json"
 CREATE_JSON = ROOT / "bench" / "results" / "requests-create-scaling.json"
@@ -269,12 +264,8 @@ def main(argv: list[str] | None = None) -> int:
             written.append(plot_create(json.loads(args.create_json.read_text()), args.out_dir))
         else:
             print(f"bench: {args.create_json} not found; run with --rerun-create to make it", file=sys.stderr)
-    except (BenchError, OSError, subprocess.SubprocessError, KeyError, ValueError) as error:
-        print(f"bench: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench: interrupted", file=sys.stderr)
-        return 130
+    except (OSError, subprocess.SubprocessError, KeyError, ValueError) as error:
+        raise BenchError(str(error)) from error
     print()
     print("| plot | file |")
     print("|---|---|")
@@ -285,4 +276,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

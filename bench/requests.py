@@ -14,14 +14,7 @@
 from __future__ import annotations
 
 if __name__ == "__main__" and __package__ in (None, ""):
-    # `python bench/requests.py`: make the project importable, and keep this
-    # directory off sys.path so that `bench/requests.py` never shadows anything.
-    import os as _os
-    import sys as _sys
-
-    _here = _os.path.dirname(_os.path.abspath(__file__))
-    _sys.path[:] = [p for p in _sys.path if _os.path.abspath(p or ".") != _here]
-    _sys.path.insert(0, _os.path.dirname(_here))
+    import _script_path  # noqa: F401 (run as a file: the project importable, bench/ off sys.path)
 
 import argparse
 import json
@@ -46,6 +39,7 @@ from bench.harness import (
     median,
     percentile,
     remove,
+    run_main,
     scratch_dir,
 )
 from bench.loadgen import DOCUMENT_ID, SECTIONS, WorkerResult, WorkerSpec, worker_main
@@ -368,36 +362,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     began = time.monotonic()
     summaries: list[Summary] = []
-    try:
-        for operation in args.operations:
-            for clients in args.clients:
-                summary = Summary(operation, clients, {target: [] for target in TARGETS})
-                for index in range(args.runs):
-                    for target in TARGETS:
-                        attempts: list[Run] = []
-                        while True:
-                            run = run_once(args, operation, clients, target, index, ctx)
-                            attempts.append(run)
-                            retry = is_busy(run) and len(attempts) <= args.busy_retries
-                            label = f"run {index + 1}/{args.runs}" + (
-                                f" try {len(attempts)}" if len(attempts) > 1 else ""
-                            )
-                            say(
-                                f"  {operation:<14} c={clients:<4} {label:<14} {target:<11} {describe(run)}{'  -> again' if retry else ''}"
-                            )
-                            if not retry:
-                                break
-                        run = min(attempts, key=disturbance)
-                        run.attempts = len(attempts)
-                        summary.runs[target].append(run)
-                        summary.discarded.extend(attempt for attempt in attempts if attempt is not run)
-                summaries.append(summary)
-    except BenchError as error:
-        print(f"bench: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench: interrupted", file=sys.stderr)
-        return 130
+    for operation in args.operations:
+        for clients in args.clients:
+            summary = Summary(operation, clients, {target: [] for target in TARGETS})
+            for index in range(args.runs):
+                for target in TARGETS:
+                    attempts: list[Run] = []
+                    while True:
+                        run = run_once(args, operation, clients, target, index, ctx)
+                        attempts.append(run)
+                        retry = is_busy(run) and len(attempts) <= args.busy_retries
+                        label = f"run {index + 1}/{args.runs}" + (f" try {len(attempts)}" if len(attempts) > 1 else "")
+                        say(
+                            f"  {operation:<14} c={clients:<4} {label:<14} {target:<11} {describe(run)}{'  -> again' if retry else ''}"
+                        )
+                        if not retry:
+                            break
+                    run = min(attempts, key=disturbance)
+                    run.attempts = len(attempts)
+                    summary.runs[target].append(run)
+                    summary.discarded.extend(attempt for attempt in attempts if attempt is not run)
+            summaries.append(summary)
     elapsed = time.monotonic() - began
     print(table(summaries))
     print(
@@ -459,4 +444,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

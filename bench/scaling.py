@@ -19,12 +19,7 @@
 from __future__ import annotations
 
 if __name__ == "__main__" and __package__ in (None, ""):
-    import os as _os
-    import sys as _sys
-
-    _here = _os.path.dirname(_os.path.abspath(__file__))
-    _sys.path[:] = [p for p in _sys.path if _os.path.abspath(p or ".") != _here]
-    _sys.path.insert(0, _os.path.dirname(_here))
+    import _script_path  # noqa: F401 (run as a file: the project importable, bench/ off sys.path)
 
 import argparse
 import json
@@ -48,6 +43,7 @@ from bench.harness import (
     median,
     percentile,
     remove,
+    run_main,
     scratch_dir,
     sectionchat_limits_off,
 )
@@ -371,35 +367,26 @@ def main(argv: list[str] | None = None) -> int:
     began = time.monotonic()
     results: dict[tuple[str, int], list[ScalingRun]] = {(p, n): [] for p in args.placement for n in args.nodes}
     discarded: list[ScalingRun] = []
-    try:
-        for placement in args.placement:
-            for index in range(args.runs):
-                for nodes in args.nodes:
+    for placement in args.placement:
+        for index in range(args.runs):
+            for nodes in args.nodes:
 
-                    def report(run: ScalingRun, attempt: int, retry: bool, index=index, nodes=nodes) -> None:
-                        label = f"run {index + 1}/{args.runs}" + (f" try {attempt}" if attempt > 1 else "")
-                        say(
-                            f"  {run.placement:<10} {nodes} node{'s' if nodes > 1 else ' '} {label:<14} "
-                            f"{describe(run)}{'  -> again' if retry else ''}"
-                        )
-
-                    kept, dropped = R.retry_quietest(
-                        lambda index=index, nodes=nodes, placement=placement: run_once(
-                            args, placement, nodes, index, ctx
-                        ),
-                        lambda run: run.disturbance,
-                        args.busy_retries,
-                        report,
+                def report(run: ScalingRun, attempt: int, retry: bool, index=index, nodes=nodes) -> None:
+                    label = f"run {index + 1}/{args.runs}" + (f" try {attempt}" if attempt > 1 else "")
+                    say(
+                        f"  {run.placement:<10} {nodes} node{'s' if nodes > 1 else ' '} {label:<14} "
+                        f"{describe(run)}{'  -> again' if retry else ''}"
                     )
-                    kept.attempts = 1 + len(dropped)
-                    results[(placement, nodes)].append(kept)
-                    discarded.extend(dropped)
-    except BenchError as error:
-        print(f"bench: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench: interrupted", file=sys.stderr)
-        return 130
+
+                kept, dropped = R.retry_quietest(
+                    lambda index=index, nodes=nodes, placement=placement: run_once(args, placement, nodes, index, ctx),
+                    lambda run: run.disturbance,
+                    args.busy_retries,
+                    report,
+                )
+                kept.attempts = 1 + len(dropped)
+                results[(placement, nodes)].append(kept)
+                discarded.extend(dropped)
     elapsed = time.monotonic() - began
     base = args.nodes[0]
     print(table(results, base))
@@ -442,4 +429,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

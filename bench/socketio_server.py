@@ -20,12 +20,7 @@
 from __future__ import annotations
 
 if __name__ == "__main__" and __package__ in (None, ""):
-    import os as _os
-    import sys as _sys
-
-    _here = _os.path.dirname(_os.path.abspath(__file__))
-    _sys.path[:] = [p for p in _sys.path if _os.path.abspath(p or ".") != _here]
-    _sys.path.insert(0, _os.path.dirname(_here))
+    import _script_path  # noqa: F401 (run as a file: the project importable, bench/ off sys.path)
 
 import argparse
 import asyncio

@@ -8,6 +8,11 @@ to close the connection, disconnect, reconnect, sleep. Expectations are partial
 matches with a few `$` matchers; values saved from frames feed later steps as
 `${name}`. The format is documented in docs/harness.md.
 
+This module runs scenarios: the scripted connections (Peer), the transcript
+(Recorder), one handler per step kind (Runner), the report and the command
+line. Loading and checking a scenario file is client/scenario.py, matching
+frames and `${name}` variables client/matching.py.
+
 Exit codes: 0 every scenario passed; 1 a step failed (mismatch, timeout, closed
 connection, server unreachable); 2 bad command line or scenario file.
 """
@@ -17,18 +22,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
-import difflib
 import json
 import math
 import os
-import re
 import secrets
 import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Annotated, Any, TextIO
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TextIO
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import msgspec
@@ -36,7 +38,9 @@ import yaml
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from protocol.codec import MSGPACK_SUBPROTOCOL, SUBPROTOCOLS
+from client.matching import NAME, lookup, match, parse_path, render, substitute
+from client.scenario import Action, ClientSpec, Scenario, ScenarioError, Step, load_scenario, yaml_scalar
+from protocol.codec import MSGPACK_SUBPROTOCOL
 
 __all__ = ["main", "amain", "load_scenario", "match", "ScenarioError"]
 
@@ -46,682 +50,6 @@ DEFAULT_URL = "ws://127.0.0.1:8765/ws"
 DEFAULT_TIMEOUT_S = 5.0
 DEFAULT_NO_EVENT_S = 0.5
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
-# ---------------------------------------------------------------------------
-# YAML: YAML 1.2 booleans (only true/false) and no timestamps, so that `no`,
-# `on` and `2026-11-25` stay the strings a JSON frame would carry.
-
-
-class _Loader(yaml.SafeLoader):
-    pass
-
-
-_Loader.yaml_implicit_resolvers = {
-    first: [
-        (tag, regexp)
-        for tag, regexp in resolvers
-        if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:timestamp")
-    ]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
-
-
-def _yaml_scalar(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
-
-
-# ---------------------------------------------------------------------------
-# The scenario schema.
-
-Seconds = Annotated[float, msgspec.Meta(ge=0)]
-PositiveSeconds = Annotated[float, msgspec.Meta(gt=0)]
-
-
-class ClientSpec(msgspec.Struct, forbid_unknown_fields=True):
-    """One named socket: `alice: {name: alice}`."""
-
-    name: str | None = None  # the `name` query parameter (open mode); none: the server picks anon-…
-    token: str | None = None  # a JWT for token mode, sent as the `token` query parameter
-    subprotocol: str | None = None  # e.g. sectionchat.v1.msgpack
-    connect: bool = True  # false: stays unconnected until a `connect` step
-
-
-class ScenarioSpec(msgspec.Struct, forbid_unknown_fields=True):
-    clients: dict[str, Any]  # name -> ClientSpec, checked one by one to name the client in errors
-    steps: list[Any]
-    name: str | None = None
-    description: str | None = None
-    timeout: PositiveSeconds | None = None
-
-
-class Action(msgspec.Struct, forbid_unknown_fields=True):
-    """What one client does in one step, in this order."""
-
-    send: dict[str, Any] | None = None
-    send_raw: str | None = None
-    expect: Any = msgspec.UNSET
-    expect_reply: Any = msgspec.UNSET
-    expect_welcome: Any = msgspec.UNSET
-    expect_event: Any = msgspec.UNSET
-    expect_no_event: Any = msgspec.UNSET
-    for_: Seconds | None = msgspec.field(default=None, name="for")
-    expect_close: Any = msgspec.UNSET
-    save: dict[str, str] | None = None
-    timeout: PositiveSeconds | None = None
-
-
-ACTION_KEYS = [f.encode_name for f in msgspec.structs.fields(Action)]
-CLIENT_COMMANDS = ("connect", "disconnect", "reconnect")
-RESERVED_NAMES = {"sleep", *ACTION_KEYS}
-
-
-@dataclass
-class Step:
-    index: int  # 1-based
-    line: int
-    source: list[str]  # the step's lines in the file, for reports
-    kind: str  # "sleep" | "command" | "action"
-    client: str | None = None
-    seconds: float = 0.0
-    command: str | None = None
-    action: Action | None = None
-
-
-@dataclass
-class Scenario:
-    path: str
-    name: str
-    timeout: float | None
-    clients: dict[str, ClientSpec]
-    steps: list[Step]
-    lines: list[str] = field(repr=False, default_factory=list)
-
-
-class ScenarioError(Exception):
-    """The scenario file is not valid; `problems` are `file:line: where: what` strings."""
-
-    def __init__(self, problems: list[str]):
-        super().__init__("\n".join(problems))
-        self.problems = problems
-
-
-# ---------------------------------------------------------------------------
-# Matching.
-
-ANY = "$any"
-ABSENT = "$absent"
-TYPE_NAMES = ("string", "integer", "number", "boolean", "null", "object", "array")
-OPERATORS = ("$regex", "$type", "$len", "$contains", "$gt", "$gte", "$lt", "$lte")
-
-
-def _is_operator(shape: Any) -> bool:
-    return (
-        isinstance(shape, dict) and bool(shape) and all(isinstance(key, str) and key.startswith("$") for key in shape)
-    )
-
-
-def _type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, dict):
-        return "object"
-    if isinstance(value, list):
-        return "array"
-    return type(value).__name__
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _equal(expected: Any, actual: Any) -> bool:
-    if isinstance(expected, bool) or isinstance(actual, bool):
-        return type(expected) is type(actual) and expected == actual
-    if _is_number(expected) and _is_number(actual):
-        return expected == actual
-    return type(expected) is type(actual) and expected == actual
-
-
-def render(value: Any, limit: int = 200) -> str:
-    """A value as compact JSON, shortened past `limit` characters."""
-    text = json.dumps(value, ensure_ascii=False, default=str)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _join(path: str, key: Any) -> str:
-    if isinstance(key, int):
-        return f"{path}[{key}]"
-    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(key)):
-        return f"{path}.{key}"
-    return f"{path}[{json.dumps(key, ensure_ascii=False)}]"
-
-
-def match(expected: Any, actual: Any, path: str = "$") -> list[str]:
-    """The differences between a frame and an expected shape, one `path: what` line each ([] when it matches).
-
-    Objects match partially (only the listed fields); lists element-wise with the
-    same length; scalars by value (a boolean never equals a number). The string
-    `"$any"` matches anything present and `"$absent"` requires a field to be
-    missing; a mapping of `$` operators tests one value (see OPERATORS).
-    """
-    if isinstance(expected, str) and expected == ANY:
-        return []
-    if _is_operator(expected):
-        return _match_operators(expected, actual, path)
-    if isinstance(expected, dict):
-        if not isinstance(actual, dict):
-            return [f"{path}: expected an object, got {render(actual)}"]
-        problems: list[str] = []
-        for key, sub in expected.items():
-            where = _join(path, key)
-            if isinstance(sub, str) and sub == ABSENT:
-                if key in actual:
-                    problems.append(f"{where}: expected no such field, got {render(actual[key])}")
-            elif key not in actual:
-                problems.append(f"{where}: missing, expected {render(sub)}")
-            else:
-                problems.extend(match(sub, actual[key], where))
-        return problems
-    if isinstance(expected, list):
-        if not isinstance(actual, list):
-            return [f"{path}: expected an array, got {render(actual)}"]
-        problems = []
-        if len(expected) != len(actual):
-            problems.append(f"{path}: expected {len(expected)} items, got {len(actual)}")
-        for index, (sub, item) in enumerate(zip(expected, actual, strict=False)):
-            problems.extend(match(sub, item, _join(path, index)))
-        return problems
-    if _equal(expected, actual):
-        return []
-    return [f"{path}: expected {render(expected)}, got {render(actual)}"]
-
-
-def _match_operators(operators: dict[str, Any], actual: Any, path: str) -> list[str]:
-    problems: list[str] = []
-    for operator, argument in operators.items():
-        if operator == "$regex":
-            if not isinstance(actual, str):
-                problems.append(f"{path}: expected a string matching /{argument}/, got {render(actual)}")
-            elif re.search(argument, actual) is None:
-                problems.append(f"{path}: expected a match for /{argument}/, got {render(actual)}")
-        elif operator == "$type":
-            names = [argument] if isinstance(argument, str) else list(argument)
-            kind = _type_name(actual)
-            if not (kind in names or (kind == "integer" and "number" in names)):
-                problems.append(f"{path}: expected type {' or '.join(names)}, got {kind} {render(actual)}")
-        elif operator == "$len":
-            if not isinstance(actual, str | list | dict):
-                problems.append(f"{path}: expected something of length {argument}, got {render(actual)}")
-            elif len(actual) != argument:
-                problems.append(f"{path}: expected length {argument}, got {len(actual)}: {render(actual)}")
-        elif operator == "$contains":
-            if isinstance(argument, str):
-                if not isinstance(actual, str) or argument not in actual:
-                    problems.append(f"{path}: expected a string containing {render(argument)}, got {render(actual)}")
-            elif not isinstance(actual, list):
-                problems.append(f"{path}: expected an array, got {render(actual)}")
-            else:
-                for item in argument:
-                    if not any(not match(item, element) for element in actual):
-                        problems.append(f"{path}: expected an item matching {render(item)}, got {render(actual)}")
-        elif operator in ("$gt", "$gte", "$lt", "$lte"):
-            holds = {
-                "$gt": lambda a, b: a > b,
-                "$gte": lambda a, b: a >= b,
-                "$lt": lambda a, b: a < b,
-                "$lte": lambda a, b: a <= b,
-            }[operator]
-            sign = {"$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}[operator]
-            if not _is_number(actual) or not holds(actual, argument):
-                problems.append(f"{path}: expected a number {sign} {render(argument)}, got {render(actual)}")
-    return problems
-
-
-def _check_shape(shape: Any, where: str, problems: list[str], in_object: bool = False) -> None:
-    """Schema errors in an expected shape (unknown operators, bad regexes, misplaced $absent)."""
-    if isinstance(shape, str):
-        if shape == ABSENT and not in_object:
-            problems.append(f'{where}: "$absent" only makes sense as the value of a field')
-        return
-    if isinstance(shape, list):
-        for index, item in enumerate(shape):
-            _check_shape(item, f"{where}[{index}]", problems)
-        return
-    if not isinstance(shape, dict):
-        return
-    dollar = [key for key in shape if isinstance(key, str) and key.startswith("$")]
-    if dollar and len(dollar) != len(shape):
-        problems.append(
-            f"{where}: a mapping holds either fields or $ matchers, not both ({', '.join(map(str, shape))})"
-        )
-        return
-    if not dollar:
-        for key, sub in shape.items():
-            _check_shape(sub, _join(where, key), problems, in_object=True)
-        return
-    for operator, argument in shape.items():
-        at = f"{where}.{operator}"
-        if operator not in OPERATORS:
-            hint = difflib.get_close_matches(operator, OPERATORS, 1)
-            known = f"did you mean {hint[0]}?" if hint else "known: " + ", ".join(OPERATORS)
-            problems.append(f"{where}: unknown matcher {operator} ({known})")
-        elif operator == "$regex":
-            if not isinstance(argument, str):
-                problems.append(f"{at}: needs a string")
-            elif "${" not in argument:
-                try:
-                    re.compile(argument)
-                except re.error as error:
-                    problems.append(f"{at}: not a regular expression: {error}")
-        elif operator == "$type":
-            names = [argument] if isinstance(argument, str) else argument
-            if not isinstance(names, list) or not names or any(name not in TYPE_NAMES for name in names):
-                problems.append(f"{at}: one of {', '.join(TYPE_NAMES)} (or a list of them), not {render(argument)}")
-        elif operator == "$len":
-            if not isinstance(argument, int) or isinstance(argument, bool) or argument < 0:
-                problems.append(f"{at}: needs a whole number >= 0")
-        elif operator == "$contains":
-            if isinstance(argument, list):
-                _check_shape(argument, at, problems)
-            elif not isinstance(argument, str):
-                problems.append(f"{at}: needs a list of shapes (for arrays) or a string (for strings)")
-        elif not _is_number(argument) and not (isinstance(argument, str) and argument.startswith("${")):
-            problems.append(f"{at}: needs a number")
-
-
-# ---------------------------------------------------------------------------
-# Variables: `${name}` in any string of a frame or shape. A string that is
-# exactly one `${name}` becomes the saved value itself (an int stays an int);
-# `$${` is a literal `${`.
-
-_VARIABLE = re.compile(r"\$(\$?)\{([^}]*)\}")
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-def _references(value: Any) -> Iterator[str]:
-    if isinstance(value, str):
-        for found in _VARIABLE.finditer(value):
-            if not found.group(1):
-                yield found.group(2)
-    elif isinstance(value, dict):
-        for sub in value.values():
-            yield from _references(sub)
-    elif isinstance(value, list):
-        for sub in value:
-            yield from _references(sub)
-
-
-def substitute(value: Any, variables: dict[str, Any]) -> Any:
-    if isinstance(value, str):
-        whole = _VARIABLE.fullmatch(value)
-        if whole and not whole.group(1):
-            return variables[whole.group(2)]
-
-        def replace(found: re.Match[str]) -> str:
-            if found.group(1):
-                return "${" + found.group(2) + "}"
-            saved = variables[found.group(2)]
-            return saved if isinstance(saved, str) else json.dumps(saved)
-
-        return _VARIABLE.sub(replace, value)
-    if isinstance(value, dict):
-        if set(value) == {"$repeat"}:
-            text, count = substitute(value["$repeat"], variables)
-            return str(text) * int(count)
-        return {key: substitute(sub, variables) for key, sub in value.items()}
-    if isinstance(value, list):
-        return [substitute(sub, variables) for sub in value]
-    return value
-
-
-def _check_generators(frame: Any, where: str, problems: list[str]) -> None:
-    if isinstance(frame, dict):
-        if "$repeat" in frame:
-            argument = frame["$repeat"]
-            if len(frame) != 1 or not (
-                isinstance(argument, list) and len(argument) == 2 and isinstance(argument[1], int | str)
-            ):
-                problems.append(f"{where}: write {{$repeat: [TEXT, COUNT]}}")
-            return
-        for key, sub in frame.items():
-            _check_generators(sub, _join(where, key), problems)
-    elif isinstance(frame, list):
-        for index, sub in enumerate(frame):
-            _check_generators(sub, _join(where, index), problems)
-
-
-# Paths for `save`: `session.session_id`, `sessions[0].title`, `$.offset`, `sessions.0.title`.
-_PATH_PART = re.compile(r"\.?([^.\[\]]+)|\[(\d+)\]")
-
-
-def parse_path(text: str) -> list[str | int] | None:
-    text = text.strip()
-    if text.startswith("$"):
-        text = text[1:]
-    parts: list[str | int] = []
-    position = 0
-    while position < len(text):
-        found = _PATH_PART.match(text, position)
-        if found is None or found.end() == position:
-            return None
-        name, index = found.groups()
-        parts.append(int(index) if index is not None else (int(name) if name.isdigit() else name))
-        position = found.end()
-    return parts or None
-
-
-def lookup(frame: Any, parts: list[str | int]) -> Any:
-    value = frame
-    for part in parts:
-        if isinstance(value, list) and isinstance(part, int) and -len(value) <= part < len(value):
-            value = value[part]
-        elif isinstance(value, dict) and str(part) in value:
-            value = value[str(part)]
-        else:
-            raise KeyError(part)
-    return value
-
-
-# ---------------------------------------------------------------------------
-# Loading and checking a scenario file.
-
-
-def _validation_problem(error: msgspec.ValidationError) -> tuple[str, str]:
-    """msgspec's "Expected `int`, got `str` - at `$.clients[...]`" as ("clients...", "expected int, got str")."""
-    message, _, where = str(error).partition(" - at `$")
-    where = where.rstrip("`").lstrip(".")
-    message = message.replace("`", "")
-    message = message[:1].lower() + message[1:]
-    return where, message
-
-
-def _node_child(node: yaml.Node | None, key: str | int) -> yaml.Node | None:
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            if key_node.value == key:
-                return value_node
-    if isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
-        return node.value[key]
-    return None
-
-
-def _content_end(node: yaml.Node) -> yaml.Mark:
-    """Where a node's own text ends (a block collection's end mark is where the next item starts)."""
-    if isinstance(node, yaml.MappingNode) and not node.flow_style and node.value:
-        return _content_end(node.value[-1][1])
-    if isinstance(node, yaml.SequenceNode) and not node.flow_style and node.value:
-        return _content_end(node.value[-1])
-    return node.end_mark
-
-
-def _source_lines(node: yaml.Node, lines: list[str]) -> list[str]:
-    start = node.start_mark.line
-    mark = _content_end(node)
-    end = mark.line + (1 if mark.column else 0)
-    chosen = lines[start : max(end, start + 1)]
-    while len(chosen) > 1 and (not chosen[-1].strip() or chosen[-1].lstrip().startswith("#")):
-        chosen.pop()
-    return chosen
-
-
-def load_scenario(path: str, predefined: set[str] = frozenset()) -> Scenario:  # type: ignore[assignment]
-    """Read and check a scenario file; raise ScenarioError listing every problem with its line."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as error:
-        raise ScenarioError([f"{path}: cannot read: {error.strerror or error}"]) from None
-    lines = text.splitlines()
-    loader = _Loader(text)
-    try:
-        root = loader.get_single_node()
-        data = loader.construct_document(root) if root is not None else None
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
-        raise ScenarioError([f"{where}: not valid YAML: {getattr(error, 'problem', None) or error}"]) from None
-    finally:
-        loader.dispose()
-    if not isinstance(data, dict):
-        raise ScenarioError([f"{path}: a scenario is a mapping with `clients` and `steps` (see docs/harness.md)"])
-
-    def at(node: yaml.Node | None) -> str:
-        return f"{path}:{node.start_mark.line + 1}" if node is not None else path
-
-    try:
-        spec = msgspec.convert(data, ScenarioSpec)
-    except msgspec.ValidationError as error:
-        where, message = _validation_problem(error)
-        node: yaml.Node | None = root
-        for part in re.findall(r"[^.\[\]]+", where):
-            child = _node_child(node, int(part) if part.isdigit() else part)
-            if child is None:
-                break
-            node = child
-        raise ScenarioError([f"{at(node)}: {where or 'scenario'}: {message}"]) from None
-
-    problems: list[str] = []
-    clients_node = _node_child(root, "clients")
-    steps_node = _node_child(root, "steps")
-    clients: dict[str, ClientSpec] = {}
-    for name, raw_client in spec.clients.items():
-        node = _node_child(clients_node, name)
-        try:
-            client = msgspec.convert(raw_client, ClientSpec | None)
-        except msgspec.ValidationError as error:
-            field_name, message = _validation_problem(error)
-            problems.append(f"{at(node)}: clients.{name}{'.' + field_name if field_name else ''}: {message}")
-            client = None  # keep the name, so that its steps are still checked
-        if name in RESERVED_NAMES:
-            problems.append(f"{at(node)}: clients.{name}: `{name}` is a step keyword; name the client otherwise")
-        elif not _NAME.fullmatch(name):
-            problems.append(
-                f"{at(node)}: clients.{name}: a client name is letters, digits and _ (not starting with a digit)"
-            )
-        client = client or ClientSpec()
-        if client.subprotocol not in (None, *SUBPROTOCOLS):
-            problems.append(f"{at(node)}: clients.{name}.subprotocol: {' or '.join(SUBPROTOCOLS)}")
-        clients[name] = client
-    if not clients:
-        problems.append(f"{at(clients_node)}: clients: name at least one client, e.g. `alice: {{name: alice}}`")
-    if not spec.steps:
-        problems.append(f"{at(steps_node)}: steps: list at least one step")
-
-    known = {"run_id", *predefined}
-    connected = {name: client.connect for name, client in clients.items()}
-    steps: list[Step] = []
-    for position, raw in enumerate(spec.steps):
-        node = _node_child(steps_node, position)
-        where = f"{at(node)}: step {position + 1}"
-        source = _source_lines(node, lines) if node is not None else []
-        step = _parse_step(raw, position + 1, where, clients, problems)
-        if step is None:
-            continue
-        step.line = node.start_mark.line + 1 if node is not None else 0
-        step.source = source
-        steps.append(step)
-        # What a client can do depends on whether it is connected at that point.
-        if step.kind == "command":
-            assert step.client is not None
-            if step.command == "connect" and connected[step.client]:
-                problems.append(f"{where}: {step.client} is already connected here (use reconnect)")
-            if step.command == "disconnect" and not connected[step.client]:
-                problems.append(f"{where}: {step.client} is not connected here")
-            connected[step.client] = step.command != "disconnect"
-        elif step.kind == "action":
-            assert step.client is not None and step.action is not None
-            if not connected[step.client]:
-                problems.append(
-                    f"{where}: {step.client} is not connected here (add a `{step.client}: connect` or `reconnect` step)"
-                )
-            action = step.action
-            for name in _references(
-                [
-                    action.send,
-                    action.send_raw,
-                    action.expect,
-                    action.expect_reply,
-                    action.expect_event,
-                    action.expect_no_event,
-                    action.expect_welcome,
-                    action.expect_close,
-                ]
-            ):
-                if name not in known:
-                    hint = difflib.get_close_matches(name, sorted(known), 1)
-                    problems.append(
-                        f"{where}: ${{{name}}} is not saved by any earlier step"
-                        + (f" (did you mean ${{{hint[0]}}}?)" if hint else "")
-                    )
-            known.update(action.save or {})
-            if action.expect_close is not msgspec.UNSET:
-                connected[step.client] = False
-    if problems:
-        raise ScenarioError(problems)
-    return Scenario(
-        path=path, name=spec.name or Path(path).stem, timeout=spec.timeout, clients=clients, steps=steps, lines=lines
-    )
-
-
-def _parse_step(raw: Any, index: int, where: str, clients: dict[str, ClientSpec], problems: list[str]) -> Step | None:
-    if not isinstance(raw, dict) or not raw:
-        problems.append(
-            f"{where}: a step is a mapping such as `- alice: {{send: {{type: ping}}, expect: {{type: pong}}}}` or `- sleep: 0.1`"
-        )
-        return None
-    if "sleep" in raw:
-        seconds = raw["sleep"]
-        if len(raw) != 1:
-            problems.append(f"{where}: a sleep step has nothing else (found {', '.join(map(str, raw))})")
-        elif not _is_number(seconds) or seconds < 0 or not math.isfinite(seconds):
-            problems.append(f"{where}: sleep: a number of seconds >= 0")
-        else:
-            return Step(index, 0, [], "sleep", seconds=float(seconds))
-        return None
-    named = [key for key in raw if key in clients]
-    if len(named) != 1:
-        others = [str(key) for key in raw if key not in ACTION_KEYS]
-        if named:
-            problems.append(f"{where}: one client per step (this one names {', '.join(named)})")
-        else:
-            hint = difflib.get_close_matches(others[0], list(clients) + ["sleep"], 1) if others else []
-            problems.append(
-                f"{where}: names no client"
-                + (f": unknown {', '.join(others)}" if others else "")
-                + (f" (did you mean {hint[0]}?)" if hint else "")
-                + f"; the clients are {', '.join(clients)}"
-            )
-        return None
-    client = named[0]
-    value = raw[client]
-    extra = {key: sub for key, sub in raw.items() if key != client}
-    if isinstance(value, str):
-        if value not in CLIENT_COMMANDS:
-            problems.append(
-                f"{where}: {client}: {value!r} is not one of {', '.join(CLIENT_COMMANDS)} (or a mapping of actions)"
-            )
-            return None
-        if extra:
-            problems.append(f"{where}: `{client}: {value}` takes nothing else (found {', '.join(map(str, extra))})")
-            return None
-        return Step(index, 0, [], "command", client=client, command=value)
-    if not isinstance(value, dict):
-        problems.append(
-            f"{where}: {client}: give a mapping of actions ({', '.join(ACTION_KEYS)}) or one of {', '.join(CLIENT_COMMANDS)}"
-        )
-        return None
-    merged = dict(value)
-    for key, sub in extra.items():
-        if key in merged:
-            problems.append(f"{where}: `{key}` is given twice (inside and beside {client}: ...)")
-            return None
-        merged[key] = sub
-    unknown = [str(key) for key in merged if key not in ACTION_KEYS]
-    if unknown:
-        for key in unknown:
-            hint = difflib.get_close_matches(key, ACTION_KEYS, 1)
-            problems.append(
-                f"{where}: unknown key `{key}`"
-                + (f" (did you mean `{hint[0]}`?)" if hint else f"; known: {', '.join(ACTION_KEYS)}")
-            )
-        return None
-    try:
-        action = msgspec.convert(merged, Action)
-    except msgspec.ValidationError as error:
-        field_name, message = _validation_problem(error)
-        problems.append(f"{where}: {client}.{field_name}: {message}" if field_name else f"{where}: {client}: {message}")
-        return None
-    before = len(problems)
-    unset = msgspec.UNSET
-    if action.send is not None and action.send_raw is not None:
-        problems.append(f"{where}: send or send_raw, not both")
-    if action.send is not None:
-        _check_generators(action.send, f"{where}: send", problems)
-    if action.expect is not unset:
-        if action.send is None and action.send_raw is None:
-            problems.append(
-                f"{where}: `expect` checks the reply to this step's request: add `send` (or use expect_event)"
-            )
-        elif action.send is not None and "id" in action.send and action.send["id"] is None:
-            problems.append(
-                f"{where}: a request without id gets a reply without reply_to: use expect_event, not expect"
-            )
-        _check_shape(action.expect, f"{where}: expect", problems)
-    for key in ("expect_reply", "expect_event", "expect_no_event", "expect_welcome"):
-        shape = getattr(action, key)
-        if shape is not unset:
-            _check_shape(shape, f"{where}: {key}", problems)
-    if action.for_ is not None and action.expect_no_event is unset:
-        problems.append(f"{where}: `for` is how long expect_no_event watches; this step has none")
-    close = action.expect_close
-    if close is not unset and not (
-        (isinstance(close, int) and not isinstance(close, bool)) or close == ANY or isinstance(close, dict)
-    ):
-        problems.append(f'{where}: expect_close: a close code (1008), "$any", or a shape of {{code, reason}}')
-    if isinstance(close, dict):
-        _check_shape(close, f"{where}: expect_close", problems)
-    if action.save:
-        if all(
-            shape is unset for shape in (action.expect, action.expect_reply, action.expect_event, action.expect_welcome)
-        ):
-            problems.append(
-                f"{where}: `save` reads the frame matched by expect, expect_reply, expect_event or expect_welcome; this step has none"
-            )
-        for name, path in action.save.items():
-            if not _NAME.fullmatch(name) or name == "run_id":
-                problems.append(f"{where}: save.{name}: a variable name is letters, digits and _ (and not run_id)")
-            if parse_path(path) is None:
-                problems.append(
-                    f"{where}: save.{name}: {path!r} is not a path like session.session_id or sessions[0].title"
-                )
-    if action.expect is unset and not any(
-        [
-            action.send is not None,
-            action.send_raw is not None,
-            action.expect_event is not unset,
-            action.expect_reply is not unset,
-            action.expect_no_event is not unset,
-            close is not unset,
-            action.expect_welcome is not unset,
-        ]
-    ):
-        problems.append(
-            f"{where}: {client} does nothing: give send, send_raw, expect_reply, expect_event, expect_no_event, expect_close or expect_welcome"
-        )
-    if len(problems) != before:
-        return None
-    return Step(index, 0, [], "action", client=client, action=action)
-
 
 # ---------------------------------------------------------------------------
 # Running.
@@ -930,6 +258,29 @@ def _same_id(left: Any, right: Any) -> bool:
     return type(left) is type(right) and left == right
 
 
+def _differences(differences: list[str]) -> list[str]:
+    return ["  differences:", *("    " + line for line in differences)]
+
+
+def _mismatch(what: str, shape: Any, got: Frame, differences: list[str]) -> list[str]:
+    return [f"  expected {what} matching:", *_pretty(shape), "  got:", *_pretty(got), *_differences(differences)]
+
+
+# An action's key is given unless it has its default: None for send and send_raw, UNSET for the expects.
+_NOT_GIVEN = {field.name: field.default for field in msgspec.structs.fields(Action)}
+
+
+@dataclass
+class _Turn:
+    """One action step as it runs: what it has sent, and the frame its `save` reads."""
+
+    peer: Peer
+    action: Action
+    timeout: float
+    sent: Frame | None = None
+    matched: Frame | None = None
+
+
 class Runner:
     def __init__(
         self,
@@ -947,6 +298,23 @@ class Runner:
         self.record = record
         self.peers = {name: Peer(name, spec, url, record) for name, spec in scenario.clients.items()}
         self._ids = 0
+        # The handler of each kind of step (Step.kind).
+        self._steps: dict[str, Callable[[Step], Awaitable[None]]] = {
+            "sleep": self._sleep,
+            "command": self._command,
+            "action": self._action,
+        }
+        # The parts of an action by their key (Action's fields), in the order they run.
+        self._parts: dict[str, Callable[[_Turn, Any], Awaitable[None]]] = {
+            "send": self._send,
+            "send_raw": self._send_raw,
+            "expect": self._expect,
+            "expect_reply": self._expect_reply,
+            "expect_welcome": self._expect_welcome,
+            "expect_event": self._expect_event,
+            "expect_no_event": self._expect_no_event,
+            "expect_close": self._expect_close,
+        }
 
     async def run(self) -> None:
         try:
@@ -978,158 +346,150 @@ class Runner:
         return self._ids
 
     async def _run_step(self, step: Step) -> None:
-        if step.kind == "sleep":
-            await asyncio.sleep(step.seconds)
-            return
+        await self._steps[step.kind](step)
+
+    async def _sleep(self, step: Step) -> None:
+        await asyncio.sleep(step.seconds)
+
+    async def _command(self, step: Step) -> None:
         assert step.client is not None
         peer = self.peers[step.client]
-        if step.kind == "command":
-            if step.command in ("disconnect", "reconnect"):
-                await peer.close()
-            if step.command in ("connect", "reconnect"):
-                await peer.open(self.default_timeout)
-            return
-        action = step.action
-        assert action is not None
+        if step.command in ("disconnect", "reconnect"):
+            await peer.close()
+        if step.command in ("connect", "reconnect"):
+            await peer.open(self.default_timeout)
+
+    async def _action(self, step: Step) -> None:
+        """Each part of the action that the step gives, in order; then its `save`."""
+        assert step.client is not None and step.action is not None
+        peer = self.peers[step.client]
         if not peer.connected:
             raise StepFailed(f"{peer.name} is not connected{peer._close_text()}", self._unread(peer))
-        timeout = action.timeout or self.default_timeout
-        unset = msgspec.UNSET
-        matched: Frame | None = None
-        sent: Frame | None = None
-        request_id: Any = None
+        turn = _Turn(peer, step.action, step.action.timeout or self.default_timeout)
         try:
-            if action.send is not None:
-                request: Frame = substitute(action.send, self.variables)
-                if "id" not in request:
-                    request = (
-                        {"type": request.pop("type"), "id": self._next_id(), **request}
-                        if "type" in request
-                        else {"id": self._next_id(), **request}
-                    )
-                elif request["id"] is None:
-                    del request["id"]
-                request_id = request.get("id")
-                sent = request
-                await peer.send(request)
-            elif action.send_raw is not None:
-                await peer.send_raw(substitute(action.send_raw, self.variables))
-
-            if action.expect is not unset:
-                shape = substitute(action.expect, self.variables)
-                if sent is not None:
-                    what = f"the reply to {sent.get('type', 'the request')} id {render(request_id)}"
-
-                    def wanted(frame: Frame) -> bool:
-                        return "reply_to" in frame and _same_id(frame["reply_to"], request_id)
-                else:
-                    what = "the reply to the raw frame (the next frame with reply_to, or an error)"
-
-                    def wanted(frame: Frame) -> bool:
-                        return "reply_to" in frame or frame.get("type") == "error"
-
-                reply = await self._take(peer, wanted, timeout, what, shape)
-                differences = match(shape, reply)
-                if differences:
-                    raise StepFailed(
-                        f"{peer.name} got a reply that does not match",
-                        self._sent(peer, sent)
-                        + [
-                            "  expected a reply matching:",
-                            *_pretty(shape),
-                            "  got:",
-                            *_pretty(reply),
-                            "  differences:",
-                            *("    " + line for line in differences),
-                        ],
-                    )
-                matched = reply
-
-            if action.expect_reply is not unset:
-                shape = substitute(action.expect_reply, self.variables)
-                reply = await self._take(
-                    peer,
-                    lambda frame: "reply_to" in frame and not match(shape, frame),
-                    timeout,
-                    "a reply matching",
-                    shape,
-                )
-                matched = matched or reply
-
-            if action.expect_welcome is not unset:
-                shape = substitute(action.expect_welcome, self.variables)
-                differences = match(shape, peer.welcome)
-                if differences:
-                    raise StepFailed(
-                        f"{peer.name}'s welcome does not match",
-                        [
-                            "  expected a welcome matching:",
-                            *_pretty(shape),
-                            "  got:",
-                            *_pretty(peer.welcome),
-                            "  differences:",
-                            *("    " + line for line in differences),
-                        ],
-                    )
-                matched = matched or peer.welcome
-
-            if action.expect_event is not unset:
-                shape = substitute(action.expect_event, self.variables)
-                event = await self._take(
-                    peer,
-                    lambda frame: _is_event(frame) and not match(shape, frame),
-                    timeout,
-                    "an event matching",
-                    shape,
-                )
-                matched = matched or event
-
-            if action.expect_no_event is not unset:
-                shape = substitute(action.expect_no_event, self.variables)
-                duration = action.for_ if action.for_ is not None else DEFAULT_NO_EVENT_S
-                unexpected: Frame | None
-                try:
-                    unexpected = await peer.take(lambda frame: _is_event(frame) and not match(shape, frame), duration)
-                except _ClosedWhileWaiting:
-                    unexpected = None  # a closed connection receives no event
-                if unexpected is not None:
-                    raise StepFailed(
-                        f"{peer.name} got an event it should not have within {duration:g} s",
-                        ["  expected no event matching:", *_pretty(shape), "  got:", *_pretty(unexpected)],
-                    )
-
-            if action.expect_close is not unset:
-                expected = substitute(action.expect_close, self.variables)
-                if not await peer.wait_closed(timeout):
-                    raise StepFailed(
-                        f"timed out after {timeout:g} s waiting for the server to close {peer.name}'s connection",
-                        self._unread(peer),
-                    )
-                assert peer.closed is not None
-                code, reason = peer.closed
-                if isinstance(expected, dict):
-                    differences = match(expected, {"code": code, "reason": reason})
-                else:
-                    differences = match(expected, code, "$.code")
-                if differences:
-                    raise StepFailed(
-                        f"{peer.name}'s connection was closed with code {code}" + (f" ({reason})" if reason else ""),
-                        ["  differences:", *("    " + line for line in differences)],
-                    )
+            for key, part in self._parts.items():
+                value = getattr(step.action, key)
+                if value is not _NOT_GIVEN[key]:
+                    await part(turn, substitute(value, self.variables))
         except _ClosedWhileWaiting as closed:
             raise StepFailed(
                 f"{peer.name}'s connection was closed by the server{closed}",
-                self._sent(peer, sent) + self._unread(peer),
+                self._sent(peer, turn.sent) + self._unread(peer),
             ) from None
+        self._save(turn)
 
-        for name, path in (action.save or {}).items():
-            assert matched is not None
+    # The parts of an action; each gets the value of its key with the variables substituted.
+
+    async def _send(self, turn: _Turn, request: Frame) -> None:
+        if "id" not in request:
+            request = (
+                {"type": request.pop("type"), "id": self._next_id(), **request}
+                if "type" in request
+                else {"id": self._next_id(), **request}
+            )
+        elif request["id"] is None:
+            del request["id"]
+        turn.sent = request
+        await turn.peer.send(request)
+
+    async def _send_raw(self, turn: _Turn, text: str) -> None:
+        await turn.peer.send_raw(text)
+
+    async def _expect(self, turn: _Turn, shape: Any) -> None:
+        peer, sent = turn.peer, turn.sent
+        if sent is not None:
+            request_id = sent.get("id")
+            what = f"the reply to {sent.get('type', 'the request')} id {render(request_id)}"
+
+            def wanted(frame: Frame) -> bool:
+                return "reply_to" in frame and _same_id(frame["reply_to"], request_id)
+        else:
+            what = "the reply to the raw frame (the next frame with reply_to, or an error)"
+
+            def wanted(frame: Frame) -> bool:
+                return "reply_to" in frame or frame.get("type") == "error"
+
+        reply = await self._take(peer, wanted, turn.timeout, what, shape)
+        differences = match(shape, reply)
+        if differences:
+            raise StepFailed(
+                f"{peer.name} got a reply that does not match",
+                self._sent(peer, sent) + _mismatch("a reply", shape, reply, differences),
+            )
+        turn.matched = reply
+
+    async def _expect_reply(self, turn: _Turn, shape: Any) -> None:
+        reply = await self._take(
+            turn.peer,
+            lambda frame: "reply_to" in frame and not match(shape, frame),
+            turn.timeout,
+            "a reply matching",
+            shape,
+        )
+        turn.matched = turn.matched or reply
+
+    async def _expect_welcome(self, turn: _Turn, shape: Any) -> None:
+        peer = turn.peer
+        differences = match(shape, peer.welcome)
+        if differences:
+            raise StepFailed(
+                f"{peer.name}'s welcome does not match", _mismatch("a welcome", shape, peer.welcome, differences)
+            )
+        turn.matched = turn.matched or peer.welcome
+
+    async def _expect_event(self, turn: _Turn, shape: Any) -> None:
+        event = await self._take(
+            turn.peer,
+            lambda frame: _is_event(frame) and not match(shape, frame),
+            turn.timeout,
+            "an event matching",
+            shape,
+        )
+        turn.matched = turn.matched or event
+
+    async def _expect_no_event(self, turn: _Turn, shape: Any) -> None:
+        duration = turn.action.for_ if turn.action.for_ is not None else DEFAULT_NO_EVENT_S
+        unexpected: Frame | None
+        try:
+            unexpected = await turn.peer.take(lambda frame: _is_event(frame) and not match(shape, frame), duration)
+        except _ClosedWhileWaiting:
+            unexpected = None  # a closed connection receives no event
+        if unexpected is not None:
+            raise StepFailed(
+                f"{turn.peer.name} got an event it should not have within {duration:g} s",
+                ["  expected no event matching:", *_pretty(shape), "  got:", *_pretty(unexpected)],
+            )
+
+    async def _expect_close(self, turn: _Turn, expected: Any) -> None:
+        peer = turn.peer
+        if not await peer.wait_closed(turn.timeout):
+            raise StepFailed(
+                f"timed out after {turn.timeout:g} s waiting for the server to close {peer.name}'s connection",
+                self._unread(peer),
+            )
+        assert peer.closed is not None
+        code, reason = peer.closed
+        if isinstance(expected, dict):
+            differences = match(expected, {"code": code, "reason": reason})
+        else:
+            differences = match(expected, code, "$.code")
+        if differences:
+            raise StepFailed(
+                f"{peer.name}'s connection was closed with code {code}" + (f" ({reason})" if reason else ""),
+                _differences(differences),
+            )
+
+    def _save(self, turn: _Turn) -> None:
+        for name, path in (turn.action.save or {}).items():
+            assert turn.matched is not None
             parts = parse_path(path)
             assert parts is not None
             try:
-                self.variables[name] = lookup(matched, parts)
+                self.variables[name] = lookup(turn.matched, parts)
             except KeyError:
-                raise StepFailed(f"save.{name}: the frame has no {path}", ["  frame:", *_pretty(matched)]) from None
+                raise StepFailed(
+                    f"save.{name}: the frame has no {path}", ["  frame:", *_pretty(turn.matched)]
+                ) from None
 
     async def _take(self, peer: Peer, wanted: Callable[[Frame], bool], timeout: float, what: str, shape: Any) -> Frame:
         frame = await peer.take(wanted, timeout)
@@ -1274,28 +634,11 @@ async def amain(argv: list[str]) -> int:
     if args.timeout is not None and not (args.timeout > 0 and math.isfinite(args.timeout)):
         print("sectionchat script: --timeout must be a positive number of seconds", file=sys.stderr)
         return EXIT_USAGE
-    variables: dict[str, Any] = {}
-    for item in args.var:
-        name, equals, value = item.partition("=")
-        if not equals or not _NAME.fullmatch(name):
-            print(f"sectionchat script: --var {item!r}: write NAME=VALUE", file=sys.stderr)
-            return EXIT_USAGE
-        try:
-            variables[name] = _yaml_scalar(value) if value else ""
-        except yaml.YAMLError:
-            variables[name] = value
-    scenarios, problems = [], []
-    for path in args.scenarios:
-        try:
-            scenarios.append(load_scenario(path, set(variables)))
-        except ScenarioError as error:
-            problems += error.problems
-    if problems:
-        for problem in problems:
-            print(problem, file=sys.stderr)
-        print(
-            f"sectionchat script: {len(problems)} problem(s) in the scenario file(s); nothing was run", file=sys.stderr
-        )
+    variables = _variables(args.var)
+    if variables is None:
+        return EXIT_USAGE
+    scenarios = _load_all(args.scenarios, set(variables))
+    if scenarios is None:
         return EXIT_USAGE
     stream = None
     if args.record:
@@ -1309,6 +652,37 @@ async def amain(argv: list[str]) -> int:
     finally:
         if stream is not None:
             stream.close()
+
+
+def _variables(items: list[str]) -> dict[str, Any] | None:
+    """The `--var NAME=VALUE` options; None (and a message) when one is not."""
+    variables: dict[str, Any] = {}
+    for item in items:
+        name, equals, value = item.partition("=")
+        if not equals or not NAME.fullmatch(name):
+            print(f"sectionchat script: --var {item!r}: write NAME=VALUE", file=sys.stderr)
+            return None
+        try:
+            variables[name] = yaml_scalar(value) if value else ""
+        except yaml.YAMLError:
+            variables[name] = value
+    return variables
+
+
+def _load_all(paths: list[str], predefined: set[str]) -> list[Scenario] | None:
+    """Every scenario file; None (and every problem in every file) when one is not valid."""
+    scenarios, problems = [], []
+    for path in paths:
+        try:
+            scenarios.append(load_scenario(path, predefined))
+        except ScenarioError as error:
+            problems += error.problems
+    if not problems:
+        return scenarios
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    print(f"sectionchat script: {len(problems)} problem(s) in the scenario file(s); nothing was run", file=sys.stderr)
+    return None
 
 
 if __name__ == "__main__":
