@@ -22,15 +22,7 @@ import msgspec
 from tqdm import tqdm
 
 from .core import Stream
-from .storage.base import (
-    MessageRecord,
-    SectionKey,
-    SectionState,
-    SessionClosedRecord,
-    SessionCreatedRecord,
-    Storage,
-    StoredRecord,
-)
+from .storage.base import SectionKey, SectionState, Storage, StoredRecord, placed_sessions, session_id_of
 
 FORMAT = "sectionchat-export"
 VERSION = 1
@@ -109,12 +101,12 @@ async def import_lines(storage: Storage, lines: Iterable[bytes], *, progress: bo
             key = SectionKey(start.document_id, start.section_id)
             loaded = await storage.load_section(key)
             existing = loaded.records if loaded.state is None else (await storage.read_after(key, 0)).records
-            present = {r.session.session_id for r in existing if isinstance(r, SessionCreatedRecord)}
+            present = set(placed_sessions(existing))
             epoch = loaded.epoch or start.epoch or "imported"
             offset = len(existing)
             fresh: list[StoredRecord] = []
             for record in records:
-                if _session_id(record) in present:
+                if session_id_of(record) in present:
                     skipped += 1
                     continue
                 offset += 1
@@ -132,12 +124,3 @@ async def import_lines(storage: Storage, lines: Iterable[bytes], *, progress: bo
                 await storage.keep_state(key, SectionState(stream.offset, stream.snapshot()))
             await storage.release(key)
     return imported, skipped
-
-
-def _session_id(record: StoredRecord) -> str:
-    match record:
-        case SessionCreatedRecord(session=session) | SessionClosedRecord(session=session):
-            return session.session_id
-        case MessageRecord(message=message):
-            return message.session_id
-    raise AssertionError(record)

@@ -41,7 +41,14 @@ from server.core import (
     session_page,
     snapshot_sessions,
 )
-from server.storage.base import MessageRecord, SectionKey, SessionClosedRecord, SessionCreatedRecord, StoredRecord
+from server.storage.base import (
+    MessageRecord,
+    SectionKey,
+    SessionClosedRecord,
+    SessionCreatedRecord,
+    StoredRecord,
+    session_id_of,
+)
 
 KEY = SectionKey("doc", "sec")
 
@@ -146,7 +153,7 @@ def test_events_announce_what_was_stored_with_its_offset():
 
 
 def test_every_record_kind_has_one_case_in_apply_and_an_event():
-    """A new kind of record fails here until `apply` and `event_of` know it."""
+    """A new kind of record fails here until `apply`, `event_of` and `session_id_of` know it."""
     session = Session("s", "doc", "sec", None, "alice", "t", False, 0)
     message = Message("s", 1, "m", "alice", "hi", None, "t")
     examples: dict[type, StoredRecord] = {
@@ -158,6 +165,7 @@ def test_every_record_kind_has_one_case_in_apply_and_an_event():
     stream = Stream(KEY, 10)
     for record in examples.values():
         assert stream.apply(record).offset == record.offset
+        assert session_id_of(record) == "s"
     with pytest.raises(TypeError):
         apply(stream, "not a record")  # type: ignore[arg-type]
 

@@ -39,6 +39,21 @@ class SessionClosedRecord(Record, tag="session_closed"):
 StoredRecord = Union[SessionCreatedRecord, MessageRecord, SessionClosedRecord]
 
 
+def session_id_of(record: StoredRecord) -> str:
+    """The session a record belongs to."""
+    match record:
+        case SessionCreatedRecord(session=session) | SessionClosedRecord(session=session):
+            return session.session_id
+        case MessageRecord(message=message):
+            return message.session_id
+    raise TypeError(record)
+
+
+def placed_sessions(records: list[StoredRecord]) -> list[str]:
+    """The sessions these records place in their section: what each backend's session index learns of them."""
+    return [record.session.session_id for record in records if isinstance(record, SessionCreatedRecord)]
+
+
 class SectionState(NamedTuple):
     """What the chat logic made of a section's records up to `offset`, encoded by it; opaque to storage."""
 

@@ -63,7 +63,7 @@ import aiofiles.os
 import msgspec
 
 from ..metrics import Metrics
-from .base import OutcomeUnknown, SectionKey, SectionLog, SectionState, SessionCreatedRecord, StorageError, StoredRecord
+from .base import OutcomeUnknown, SectionKey, SectionLog, SectionState, StorageError, StoredRecord, placed_sessions
 from .disk import Disk, out_of_descriptors
 from .sessiontable import DamagedTable, SessionTable, TableRow
 
@@ -164,10 +164,6 @@ def _header_line(epoch: str, key: SectionKey) -> bytes:
 
 def _index_lines(session_ids: list[str], key: SectionKey) -> bytes:
     return b"".join(_encode((sid, *key)) + b"\n" for sid in session_ids)
-
-
-def _created(records: list[StoredRecord]) -> list[str]:
-    return [r.session.session_id for r in records if isinstance(r, SessionCreatedRecord)]
 
 
 def _error_text(error: OSError) -> str:
@@ -832,7 +828,7 @@ class FileStorage:
                     lines = _header_line(entry.epoch, key) + lines
                 _plan_write(writes, path, entry.section_at, lines)
                 if entry.index_at >= 0:
-                    created = _created([_decode_record(bytes(raw)) for raw in entry.records])
+                    created = placed_sessions([_decode_record(bytes(raw)) for raw in entry.records])
                     _plan_write(writes, self.index.path, entry.index_at, _index_lines(created, key))
             if good < len(content):
                 logger.warning("cutting %d bytes of unacknowledged writes from the journal", len(content) - good)
@@ -878,7 +874,7 @@ class FileStorage:
                 disk.makedirs(path.parent)
                 _write_from(disk, path, size, lines)
                 touched.add(path)
-            unindexed = [sid for sid in _created(entry.records) if sid not in index]
+            unindexed = [sid for sid in placed_sessions(entry.records) if sid not in index]
             if unindexed:
                 _write_from(disk, self.index.path, None, _index_lines(unindexed, key))
                 index.update(unindexed)
@@ -1008,7 +1004,7 @@ class FileStorage:
     async def load_section(self, key: SectionKey) -> SectionLog:
         epoch, records, size, starts, lengths, kept = await self._read(self._load_section_sync, key)
         path = self._section_path(key)
-        place, session_ids = None, _created(records)
+        place, session_ids = None, placed_sessions(records)
         if kept is not None:
             place = KeptPlace(path.with_suffix(".state"), kept.offset, kept.size)
             session_ids = [*kept.session_ids, *session_ids]
@@ -1244,7 +1240,7 @@ class FileStorage:
             raise StorageError(f"storage is recovering ({self.journal.broken}); nothing was stored")
         section.next_offset = records[-1].offset + 1
         section.epoch = epoch
-        created = _created(records)
+        created = placed_sessions(records)
         item = PendingAppend(
             key,
             epoch,

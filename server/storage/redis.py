@@ -82,10 +82,10 @@ from .base import (
     SectionKey,
     SectionLog,
     SectionState,
-    SessionCreatedRecord,
     StaleSection,
     StorageError,
     StoredRecord,
+    placed_sessions,
 )
 
 logger = logging.getLogger("sectionchat.storage")
@@ -280,7 +280,7 @@ class RedisStorage:
                 raise StorageError("Redis: the outcome of an earlier write to this section is still unknown")
             if landed and expected < pending.expected + pending.records:
                 raise StaleSection(f"an earlier write to the section landed at offset {pending.expected + 1}")
-        created = [r.session.session_id for r in records if isinstance(r, SessionCreatedRecord)]
+        created = placed_sessions(records)
         meta, log = section_keys(key)
         hint = _encode([key.document_id, key.section_id]).decode() + "\n"
         started = time.perf_counter()
