@@ -56,7 +56,7 @@ import uuid
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Union, get_args
 from urllib.parse import quote
 
 import msgspec
@@ -83,6 +83,7 @@ from protocol.messages import (
     SessionCreated,
     SessionInfo,
     SessionList,
+    StoredEvent,
     Subscribed,
     TypingEvent,
     Welcome,
@@ -273,8 +274,8 @@ class Resync(msgspec.Struct, frozen=True):
     snapshot: Subscribed
 
 
-Event = Union[SessionCreated, MessageEvent, SessionClosed, Presence, TypingEvent, Resync]
-StoredEvent = Union[SessionCreated, MessageEvent, SessionClosed]
+Event = Union[StoredEvent, Presence, TypingEvent, Resync]
+STORED_EVENTS = get_args(StoredEvent)
 
 
 # Options ----------------------------------------------------------------------
@@ -1289,7 +1290,7 @@ class ChatClient:
             self._deliver(section, frame)
 
     def _deliver(self, section: _Section, frame: ServerFrame, *, recovered: bool = False) -> None:
-        if isinstance(frame, (SessionCreated, MessageEvent, SessionClosed)):
+        if isinstance(frame, STORED_EVENTS):
             if frame.offset is None:
                 return
             if isinstance(frame, SessionCreated):
@@ -1313,6 +1314,8 @@ class ChatClient:
             return ("session_created", event.session.session_id) in self._own
         if isinstance(event, SessionClosed):
             return ("session_closed", event.session.session_id) in self._own
+        if not isinstance(event, MessageEvent):
+            return False
         message = event.message
         if ("message", message.message_id) in self._own:
             return True

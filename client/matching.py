@@ -40,10 +40,13 @@ TYPE_NAMES = ("string", "integer", "number", "boolean", "null", "object", "array
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # a client or variable name
 
 
+def is_matcher_key(key: Any) -> bool:
+    """`$regex` and the like; `${name}` is a field named by a saved value (a session id, say), not a matcher."""
+    return isinstance(key, str) and key.startswith("$") and not key.startswith("${")
+
+
 def _is_operator(shape: Any) -> bool:
-    return (
-        isinstance(shape, dict) and bool(shape) and all(isinstance(key, str) and key.startswith("$") for key in shape)
-    )
+    return isinstance(shape, dict) and bool(shape) and all(is_matcher_key(key) for key in shape)
 
 
 def _type_name(value: Any) -> str:
@@ -227,7 +230,8 @@ def references(value: Any) -> Iterator[str]:
             if not found.group(1):
                 yield found.group(2)
     elif isinstance(value, dict):
-        for sub in value.values():
+        for key, sub in value.items():
+            yield from references(key)
             yield from references(sub)
     elif isinstance(value, list):
         for sub in value:
@@ -251,7 +255,7 @@ def substitute(value: Any, variables: dict[str, Any]) -> Any:
         if set(value) == {"$repeat"}:
             text, count = substitute(value["$repeat"], variables)
             return str(text) * int(count)
-        return {key: substitute(sub, variables) for key, sub in value.items()}
+        return {substitute(key, variables): substitute(sub, variables) for key, sub in value.items()}
     if isinstance(value, list):
         return [substitute(sub, variables) for sub in value]
     return value

@@ -30,6 +30,7 @@ from client.matching import (
     NAME,
     OPERATORS,
     TYPE_NAMES,
+    is_matcher_key,
     is_number,
     join_path,
     parse_path,
@@ -169,7 +170,7 @@ def _check_shape(shape: Any, where: str, problems: list[str], in_object: bool = 
         return
     if not isinstance(shape, dict):
         return
-    dollar = [key for key in shape if isinstance(key, str) and key.startswith("$")]
+    dollar = [key for key in shape if is_matcher_key(key)]
     if dollar and len(dollar) != len(shape):
         problems.append(
             f"{where}: a mapping holds either fields or $ matchers, not both ({', '.join(map(str, shape))})"

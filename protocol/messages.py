@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-from typing import Annotated, Union, get_args
+from typing import Annotated, Any, Literal, Union, get_args
 
 import msgspec
 from msgspec import Meta, Struct
@@ -33,6 +33,15 @@ Count = Annotated[int, Meta(ge=0, le=2**53)]
 Limit = Annotated[int, Meta(ge=1, le=200)]
 SessionLimit = Annotated[int, Meta(ge=1, le=MAX_LISTED_SESSIONS)]
 Cursor = Annotated[str, Meta(min_length=1, max_length=1024)]
+Seq = Annotated[int, Meta(ge=1, le=2**53)]
+UserName = Annotated[str, Meta(min_length=1, max_length=64, pattern=_NO_CONTROL)]
+Mentions = Annotated[list[UserName], Meta(max_length=20)]
+Reaction = Annotated[str, Meta(min_length=1, max_length=32)]
+# An opaque JSON object; its size (MAX_METADATA_BYTES) is checked by the chat logic, for `too_large`.
+Metadata = dict[str, Any]
+
+MAX_METADATA_BYTES = 4096
+MAX_REACTIONS = 20  # distinct reactions on one message
 
 
 # Objects ----------------------------------------------------------------------
@@ -52,6 +61,13 @@ class Session(Struct, gc=False):
     created_at: str
     closed: bool
     last_seq: int
+    # New in 1.1. Sessions stored by 1.0 have no last_activity_at: it starts as created_at.
+    last_activity_at: str = ""
+    metadata: Metadata | None = None
+
+    def __post_init__(self) -> None:
+        if not self.last_activity_at:
+            self.last_activity_at = self.created_at
 
 
 class Message(Struct, gc=False):
@@ -62,6 +78,11 @@ class Message(Struct, gc=False):
     text: str
     client_msg_id: str | None
     sent_at: str
+    # New in 1.1.
+    mentions: list[str] = msgspec.field(default_factory=list)
+    edited_at: str | None = None
+    deleted_at: str | None = None
+    reactions: dict[str, list[str]] = msgspec.field(default_factory=dict)
 
 
 # Client requests ------------------------------------------------------------
@@ -76,6 +97,7 @@ class CreateSession(Request, tag="create_session"):
     section_id: Id
     title: Title | None = None
     idempotency_key: ShortKey | None = None
+    metadata: Metadata | None = None
 
 
 class GetSession(Request, tag="get_session"):
@@ -87,6 +109,8 @@ class ListSessions(Request, tag="list_sessions"):
     section_id: Id | None = None
     limit: SessionLimit = MAX_LISTED_SESSIONS
     cursor: Cursor | None = None
+    closed: bool | None = None  # only closed (true) or only open (false) sessions
+    order: Literal["created", "activity"] = "created"
 
     def __post_init__(self) -> None:
         # A cursor that does not decode, or was handed out for other fields, is
@@ -108,13 +132,17 @@ class ListSessions(Request, tag="list_sessions"):
             )
         return created_at, session_id
 
+    def sort_key(self, session: Session) -> str:
+        """The timestamp the listing is ordered by."""
+        return session.last_activity_at if self.order == "activity" else session.created_at
+
     def cursor_after(self, session: Session) -> str:
         """The cursor of the page that follows `session` in this listing.
 
         It encodes the position, not server state: it stays valid across
         restarts and nodes. A page's `limit` may change from page to page.
         """
-        raw = msgspec.json.encode((session.created_at, session.session_id, self._fields_digest()))
+        raw = msgspec.json.encode((self.sort_key(session), session.session_id, self._fields_digest()))
         return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
     def _fields_digest(self) -> str:
@@ -139,6 +167,42 @@ class SendMessage(Request, tag="send_message"):
     # logic so that it can answer `too_large` instead of `bad_request`.
     text: Annotated[str, Meta(min_length=1)]
     client_msg_id: ShortKey | None = None
+    mentions: Mentions | None = None
+
+
+class EditMessage(Request, tag="edit_message"):
+    session_id: SessionId
+    seq: Seq
+    text: Annotated[str, Meta(min_length=1)]
+    mentions: Mentions | None = None  # None: kept as they were
+
+
+class DeleteMessage(Request, tag="delete_message"):
+    session_id: SessionId
+    seq: Seq
+
+
+class React(Request, tag="react"):
+    session_id: SessionId
+    seq: Seq
+    reaction: Reaction
+    on: bool = True
+
+
+class MarkRead(Request, tag="mark_read"):
+    session_id: SessionId
+    seq: Count
+
+
+class UpdateSession(Request, tag="update_session"):
+    session_id: SessionId
+    # Absent (UNSET): unchanged; null: cleared.
+    title: Title | None | msgspec.UnsetType = msgspec.UNSET
+    metadata: Metadata | None | msgspec.UnsetType = msgspec.UNSET
+
+
+class ReopenSession(Request, tag="reopen_session"):
+    session_id: SessionId
 
 
 class History(Request, tag="history"):
@@ -172,6 +236,14 @@ class Typing(Request, tag="typing"):
     session_id: SessionId
 
 
+class WatchDocument(Request, tag="watch_document"):
+    document_id: Id
+
+
+class UnwatchDocument(Request, tag="unwatch_document"):
+    document_id: Id
+
+
 class Ping(Request, tag="ping"):
     pass
 
@@ -187,6 +259,14 @@ ClientRequest = Union[
     Unsubscribe,
     Typing,
     Ping,
+    EditMessage,
+    DeleteMessage,
+    React,
+    UpdateSession,
+    ReopenSession,
+    MarkRead,
+    WatchDocument,
+    UnwatchDocument,
 ]
 
 REQUEST_TYPES = frozenset(t.__struct_config__.tag for t in get_args(ClientRequest))
@@ -207,6 +287,7 @@ class Limits(Struct):
     max_frame_bytes: int
     max_text_chars: int
     messages_per_s: float | int
+    max_subscriptions: int = 100  # new in 1.1: subscriptions and watched documents together
 
 
 class Welcome(ServerFrame, tag="welcome"):
@@ -245,6 +326,78 @@ class SessionList(ServerFrame, tag="sessions"):
     # New in 1.1. A default_factory (unlike a plain default) is never omitted
     # by omit_defaults, so `null` is sent, and a 1.0 server's reply decodes to None.
     next_cursor: str | None = msgspec.field(default_factory=lambda: None)
+    read: dict[str, int] = msgspec.field(default_factory=dict)  # session_id -> the user's last read seq
+    unread: dict[str, int] = msgspec.field(default_factory=dict)  # session_id -> unread messages
+
+
+class MessageEdited(ServerFrame, tag="message_edited"):
+    message: Message
+    offset: int | None = None
+
+
+class MessageDeleted(ServerFrame, tag="message_deleted"):
+    message: Message  # the tombstone
+    offset: int | None = None
+
+
+class ReactionEvent(ServerFrame, tag="reaction"):
+    session_id: str
+    seq: int
+    reaction: str
+    user: str
+    on: bool
+    at: str
+    offset: int | None = None
+
+
+class ReadMarked(ServerFrame, tag="read_marked"):
+    session_id: str
+    seq: int
+
+
+class ReadEvent(ServerFrame, tag="read"):
+    session_id: str
+    seq: int
+
+
+class SessionUpdated(ServerFrame, tag="session_updated"):
+    session: Session
+    offset: int | None = None
+
+
+class SessionReopened(ServerFrame, tag="session_reopened"):
+    session: Session
+    offset: int | None = None
+
+
+class Mentioned(ServerFrame, tag="mentioned"):
+    document_id: str
+    section_id: str
+    message: Message
+
+
+class SectionSummary(Struct, gc=False):
+    section_id: str
+    sessions: int
+    open_sessions: int
+    messages: int  # not deleted
+    last_activity_at: str | None
+    unread: int
+    mentions: int
+
+
+class DocumentSummary(ServerFrame, tag="document"):
+    document_id: str
+    sections: list[SectionSummary]
+
+
+class Unwatched(ServerFrame, tag="unwatched"):
+    document_id: str
+
+
+class SectionSummaryEvent(ServerFrame, tag="section_summary"):
+    document_id: str
+    summary: SectionSummary
 
 
 class HistoryPage(ServerFrame, tag="history"):
@@ -253,7 +406,16 @@ class HistoryPage(ServerFrame, tag="history"):
     has_more: bool
 
 
-StoredEvent = Union[SessionCreated, MessageEvent, SessionClosed]
+StoredEvent = Union[
+    SessionCreated,
+    MessageEvent,
+    SessionClosed,
+    MessageEdited,
+    MessageDeleted,
+    ReactionEvent,
+    SessionUpdated,
+    SessionReopened,
+]
 
 
 class Subscribed(ServerFrame, tag="subscribed"):
@@ -268,6 +430,8 @@ class Subscribed(ServerFrame, tag="subscribed"):
     # New in 1.1: false when `sessions` holds only the MAX_LISTED_SESSIONS most
     # recently active; always sent (see SessionList.next_cursor); a 1.0 server sent all.
     sessions_complete: bool = msgspec.field(default_factory=lambda: True)
+    read: dict[str, int] = msgspec.field(default_factory=dict)  # as in SessionList
+    unread: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 class Unsubscribed(ServerFrame, tag="unsubscribed"):
@@ -312,4 +476,15 @@ ServerMessage = Union[
     TypingEvent,
     Pong,
     Error,
+    MessageEdited,
+    MessageDeleted,
+    ReactionEvent,
+    ReadMarked,
+    ReadEvent,
+    SessionUpdated,
+    SessionReopened,
+    Mentioned,
+    DocumentSummary,
+    Unwatched,
+    SectionSummaryEvent,
 ]

@@ -16,14 +16,18 @@ class AuthError(Exception):
     """A handshake without a valid token; the message is safe to show the client."""
 
 
+MODERATOR = "moderator"  # the role that may edit and delete anyone's messages and update anyone's session
+
+
 class Identity:
-    """An authenticated user and the documents the token grants (None: all)."""
+    """An authenticated user, the documents the token grants (None: all), and whether they moderate."""
 
-    __slots__ = ("user", "documents")
+    __slots__ = ("user", "documents", "moderator")
 
-    def __init__(self, user: str, documents: frozenset[str] | None):
+    def __init__(self, user: str, documents: frozenset[str] | None, moderator: bool = False):
         self.user = user
         self.documents = documents
+        self.moderator = moderator
 
 
 def bearer_token(query: Mapping[str, list[str]], headers: Mapping[str, str]) -> str | None:
@@ -49,19 +53,26 @@ def authenticate(token: str | None, secret: str, valid_user) -> Identity:
     user = claims["sub"]
     if not isinstance(user, str) or not valid_user(user):
         raise AuthError("the token's sub must be 1-64 printable characters")
+    roles = claims.get("roles", [])
+    if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+        raise AuthError("the token's roles claim must be a list of strings")
     documents = claims.get("docs")
     if documents is None:
-        return Identity(user, None)
+        return Identity(user, None, MODERATOR in roles)
     if not isinstance(documents, list) or not all(isinstance(d, str) for d in documents):
         raise AuthError("the token's docs claim must be a list of document ids")
-    return Identity(user, None if ALL_DOCUMENTS in documents else frozenset(documents))
+    return Identity(user, None if ALL_DOCUMENTS in documents else frozenset(documents), MODERATOR in roles)
 
 
-def mint_token(secret: str, sub: str, docs: Iterable[str] | None = None, ttl_s: float | None = 3600) -> str:
+def mint_token(
+    secret: str, sub: str, docs: Iterable[str] | None = None, ttl_s: float | None = 3600, roles: Iterable[str] = ()
+) -> str:
     """A token for development and tests (`sectionchat token`)."""
     claims: dict[str, object] = {"sub": sub, "iat": int(time.time())}
     if ttl_s is not None:
         claims["exp"] = int(time.time() + ttl_s)
     if docs is not None:
         claims["docs"] = list(docs)
+    if roles:
+        claims["roles"] = list(roles)
     return jwt.encode(claims, secret, algorithm=ALGORITHM)

@@ -27,15 +27,23 @@ from protocol.messages import (
     ClientRequest,
     CloseSession,
     CreateSession,
+    DeleteMessage,
+    DocumentSummary,
+    EditMessage,
     Error,
     GetSession,
     History,
     HistoryPage,
     ListSessions,
+    MarkRead,
+    Mentioned,
     Message,
     MessageAck,
     Ping,
     Pong,
+    React,
+    ReopenSession,
+    SectionSummary,
     SendMessage,
     Session,
     SessionInfo,
@@ -46,21 +54,39 @@ from protocol.messages import (
     TypingEvent,
     Unsubscribe,
     Unsubscribed,
+    UnwatchDocument,
+    Unwatched,
+    UpdateSession,
+    WatchDocument,
 )
 
 from .background import Background
-from .core import Rules, history_window, session_page, snapshot_sessions
+from .core import (
+    Event,
+    Rules,
+    SessionState,
+    check_read_seq,
+    history_window,
+    newly_mentioned,
+    read_state,
+    section_summary,
+    session_page,
+    snapshot_sessions,
+)
 from .metrics import Metrics
 from .peer import Peer, check_access, reply
 from .sections import Section, SectionCache
 from .storage.base import (
     MessageRecord,
     OutcomeUnknown,
+    ReadRecord,
     SectionKey,
     SessionCreatedRecord,
     Storage,
     StorageError,
     StoredRecord,
+    reads_key,
+    section_of_reads,
 )
 from .subscriptions import Subscriptions
 from .writer import Writer
@@ -109,8 +135,10 @@ class Chat:
             max_subscriptions=max_subscriptions,
             presence_window_s=presence_window_s,
             local_presence_changed=self._tell_other_nodes,
+            summarize=self._summarize,
         )
-        self.writer = Writer(storage, self.sections, self.background, self.subscriptions.broadcast, self._stored)
+        self.sections.watched = self.subscriptions.watched
+        self.writer = Writer(storage, self.sections, self.background, self._announce, self._stored)
         self._handlers: dict[type, Callable[[Peer, Any], Awaitable[None]]] = {
             CreateSession: self._create_session,
             GetSession: self._get_session,
@@ -122,6 +150,14 @@ class Chat:
             Unsubscribe: self._unsubscribe,
             Typing: self._typing,
             Ping: self._ping,
+            EditMessage: self._edit_message,
+            DeleteMessage: self._delete_message,
+            React: self._react,
+            UpdateSession: self._update_session,
+            ReopenSession: self._reopen_session,
+            MarkRead: self._mark_read,
+            WatchDocument: self._watch_document,
+            UnwatchDocument: self._unwatch_document,
         }
         assert set(self._handlers) == set(get_args(ClientRequest)), "every request kind has one handler"
 
@@ -142,6 +178,10 @@ class Chat:
             self.metrics.errors.labels(errors.UNAVAILABLE).inc()
             reply(peer, _unavailable(request.id))
 
+    def connect(self, peer: Peer) -> None:
+        """A connection opened (mentions reach it whether it subscribes or not)."""
+        self.subscriptions.connect(peer)
+
     def disconnect(self, peer: Peer) -> None:
         """Forget a connection that has gone: its subscriptions end and its presence with them."""
         self.subscriptions.disconnect(peer)
@@ -149,6 +189,7 @@ class Chat:
     # One handler per request kind (the table is built in __init__) ----------------
 
     async def _create_session(self, peer: Peer, request: CreateSession) -> None:
+        self.rules.check_metadata(request.metadata)
         check_access(peer, request.document_id)
         key = SectionKey(request.document_id, request.section_id)
         await self.writer.write(key, peer, partial(self.rules.create_session, peer.user, request))
@@ -164,10 +205,16 @@ class Chat:
         else:
             keys = await self.storage.document_sections(request.document_id)
         sessions: list[Session] = []
+        states: dict[str, tuple[SessionState, dict[str, dict[str, int]]]] = {}
         for key in keys:
             section = await self.sections.loaded(key)
-            sessions.extend(state.session for state in section.stream.sessions.values())
-        reply(peer, session_page(sessions, request))
+            marked = await self._marked(key)
+            for state in section.stream.sessions.values():
+                sessions.append(state.session)
+                states[state.session.session_id] = (state, marked)
+        page = session_page(sessions, request)
+        page.read, page.unread = read_state(peer.user, [states[s.session_id] for s in page.sessions])
+        reply(peer, page)
 
     async def _send_message(self, peer: Peer, request: SendMessage) -> None:
         self.rules.check_text(request.text)
@@ -185,12 +232,83 @@ class Chat:
         key = await self._key_of(peer, request.session_id)
         await self.writer.write(key, peer, partial(self.rules.close_session, peer.user, request))
 
+    async def _edit_message(self, peer: Peer, request: EditMessage) -> None:
+        self.rules.check_text(request.text)
+        key = await self._message_ready(peer, request.session_id, request.seq)
+        await self.writer.write(
+            key, peer, partial(self.rules.edit_message, peer.user, request, moderator=peer.moderator)
+        )
+
+    async def _delete_message(self, peer: Peer, request: DeleteMessage) -> None:
+        key = await self._message_ready(peer, request.session_id, request.seq)
+        plan = partial(self.rules.delete_message, peer.user, request, moderator=peer.moderator)
+        await self.writer.write(key, peer, plan)
+
+    async def _react(self, peer: Peer, request: React) -> None:
+        key = await self._message_ready(peer, request.session_id, request.seq)
+        await self.writer.write(key, peer, partial(self.rules.react, peer.user, request))
+
+    async def _update_session(self, peer: Peer, request: UpdateSession) -> None:
+        self.rules.check_metadata(request.metadata)
+        key = await self._key_of(peer, request.session_id)
+        plan = partial(self.rules.update_session, peer.user, request, moderator=peer.moderator)
+        await self.writer.write(key, peer, plan)
+
+    async def _reopen_session(self, peer: Peer, request: ReopenSession) -> None:
+        key = await self._key_of(peer, request.session_id)
+        await self.writer.write(key, peer, partial(self.rules.reopen_session, peer.user, request))
+
+    async def _mark_read(self, peer: Peer, request: MarkRead) -> None:
+        key = await self._key_of(peer, request.session_id)
+        section = await self.sections.loaded(key)
+        check_read_seq(section.stream.state_of(request.session_id), request.seq)
+        plan = partial(self.rules.mark_read, peer.user, request, section.stream)
+        await self.writer.write(reads_key(key), peer, plan)
+
+    async def _watch_document(self, peer: Peer, request: WatchDocument) -> None:
+        check_access(peer, request.document_id)
+        self.subscriptions.check_room(peer, request.document_id)
+        keys = await self.storage.document_sections(request.document_id)
+        loaded = [(await self.sections.loaded(key), await self._marked(key)) for key in keys]
+        # From here to the watch nothing awaits: no change slips between the summaries and the live ones.
+        summaries = [section_summary(section.stream, marked, peer.user) for section, marked in loaded]
+        summaries = [summary for summary in summaries if summary.sessions]
+        reply(peer, DocumentSummary(document_id=request.document_id, sections=summaries, reply_to=request.id))
+        self.subscriptions.watch(peer, request.document_id, summaries)
+
+    async def _unwatch_document(self, peer: Peer, request: UnwatchDocument) -> None:
+        self.subscriptions.unwatch(peer, request.document_id)
+        reply(peer, Unwatched(document_id=request.document_id, reply_to=request.id))
+
+    def _summarize(self, key: SectionKey, user: str) -> SectionSummary | None:
+        """The section's summary for the user, from memory (None, and a load begun, if it is not there)."""
+        section, reads = self.sections.get(key), self.sections.get(reads_key(key))
+        if section is None or not section.loaded:
+            return None
+        if reads is None or not reads.loaded:
+            self.background.spawn(self._summary_later(key))
+            return None
+        return section_summary(section.stream, reads.stream.reads, user)
+
+    async def _summary_later(self, key: SectionKey) -> None:
+        try:
+            await self._marked(key)
+        except StorageError as error:
+            logger.warning("cannot load read markers for a summary: %s", error)
+            return
+        self.subscriptions.section_changed(key)
+
+    async def _marked(self, key: SectionKey) -> dict[str, dict[str, int]]:
+        """The read markers of the section's sessions: session id -> user -> seq marked."""
+        return (await self.sections.loaded(reads_key(key))).stream.reads
+
     async def _subscribe(self, peer: Peer, request: Subscribe) -> None:
         check_access(peer, request.document_id)
         key = SectionKey(request.document_id, request.section_id)
         self.subscriptions.check_room(peer, key)
         section = await self.sections.loaded(key)
         audience, stream = section.audience, section.stream
+        marked = await self._marked(key)
         if self.cluster is not None and not audience.subscribers:
             # Nobody here was watching this section's presence: ask the other nodes.
             try:
@@ -206,6 +324,7 @@ class Chat:
             # Having seen nothing, a client misses nothing by a change of epoch.
             same_stream = request.epoch in (None, stream.epoch) or request.since_offset == 0
             events = stream.events_after(request.since_offset) if same_stream else None
+        read, unread = read_state(peer.user, [(stream.sessions[s.session_id], marked) for s in sessions])
         reply(
             peer,
             Subscribed(
@@ -218,6 +337,8 @@ class Chat:
                 recovered=events is not None,
                 events=events or [],
                 sessions_complete=sessions_complete,
+                read=read,
+                unread=unread,
                 reply_to=request.id,
             ),
         )
@@ -252,6 +373,18 @@ class Chat:
     async def _section_of(self, peer: Peer, session_id: str) -> Section:
         return await self.sections.loaded(await self._key_of(peer, session_id))
 
+    async def _message_ready(self, peer: Peer, session_id: str, seq: int) -> SectionKey:
+        """The session's section, with the message as it is now in memory for the write that changes it."""
+        key = await self._key_of(peer, session_id)
+        section = await self.sections.loaded(key)
+        stream = section.stream
+        if seq <= stream.session(session_id).last_seq and stream.current_message(session_id, seq) is None:
+            offset = stream.state_of(session_id).latest_offset(seq)
+            [record] = await self.storage.read_records(key, [offset])
+            if stream.state_of(session_id).latest_offset(seq) == offset:  # else a newer version is in memory
+                stream.remember(offset, record.message)  # type: ignore[union-attr]
+        return key
+
     async def _repeated(self, peer: Peer, key: SectionKey, request: SendMessage) -> bool:
         """Answer a retry of a message stored earlier with the original; False if it is new (as far as is known yet)."""
         if request.client_msg_id is None:
@@ -270,6 +403,24 @@ class Chat:
         if found is not None:
             return found
         return [record.message for record in await self.storage.read_records(section.key, list(offsets))]  # type: ignore[union-attr]
+
+    def _announce(self, section: Section, record: StoredRecord, event: Event, cause: Peer | None) -> None:
+        """A durable record's event to the section's subscribers, and its mentions to whom it names."""
+        if isinstance(record, ReadRecord):
+            # To the reader's other connections subscribed to the section, so that every tab clears its badge.
+            reads_of = section_of_reads(section.key)
+            read_in = None if reads_of is None else self.sections.get(reads_of)
+            if read_in is not None:
+                self.subscriptions.tell_user(read_in.audience, record.user, event, cause)
+                self.subscriptions.section_changed(read_in.key)  # the reader's unread count
+            return
+        self.subscriptions.broadcast(section.audience, event, cause)
+        self.subscriptions.section_changed(section.key)
+        mentioned = newly_mentioned(record)
+        if mentioned:
+            message = record.message  # type: ignore[union-attr]
+            notice = Mentioned(document_id=section.key.document_id, section_id=section.key.section_id, message=message)
+            self.subscriptions.tell_users(mentioned, section.key.document_id, notice)
 
     def _stored(self, section: Section, records: list[StoredRecord]) -> None:
         for record in records:

@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--sub", required=True, help="the user")
     token.add_argument("--docs", nargs="+", metavar="DOCUMENT_ID", help="documents granted ('*': all); default: all")
     token.add_argument("--ttl", type=float, default=3600.0, help="seconds until it expires (default 3600)")
+    token.add_argument("--role", action="append", default=[], metavar="ROLE", help="a role to grant (moderator)")
     token.add_argument("--secret", help=f"the server's secret (default: ${config_module.ENV_PREFIX}AUTH_SECRET)")
     export = commands.add_parser("export", help="write a document's sessions and messages as JSON lines")
     export.add_argument("--document", required=True, metavar="DOCUMENT_ID")
@@ -146,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not secret:
             print(f"sectionchat: give --secret or set {config_module.ENV_PREFIX}AUTH_SECRET", file=sys.stderr)
             return 1
-        print(mint_token(secret, args.sub, args.docs, args.ttl))
+        print(mint_token(secret, args.sub, args.docs, args.ttl, args.role))
     return 0
 
 

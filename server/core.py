@@ -21,9 +21,10 @@ import heapq
 import os
 import time
 from array import array
+from bisect import bisect_right, insort
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, Union, cast
 
 import msgspec
 
@@ -31,24 +32,53 @@ from protocol import errors
 from protocol.errors import ChatError
 from protocol.messages import (
     MAX_LISTED_SESSIONS,
+    MAX_METADATA_BYTES,
+    MAX_REACTIONS,
     CloseSession,
     CreateSession,
+    DeleteMessage,
+    EditMessage,
     History,
     ListSessions,
+    MarkRead,
     Message,
     MessageAck,
+    MessageDeleted,
+    MessageEdited,
     MessageEvent,
+    Metadata,
+    React,
+    ReactionEvent,
+    ReadEvent,
+    ReadMarked,
+    ReopenSession,
+    SectionSummary,
     SendMessage,
     ServerFrame,
     Session,
     SessionClosed,
     SessionCreated,
     SessionList,
+    SessionReopened,
+    SessionUpdated,
     StoredEvent,
+    UpdateSession,
 )
 
 from .limits import PerUserQuota
-from .storage.base import MessageRecord, SectionKey, SessionClosedRecord, SessionCreatedRecord, StoredRecord
+from .storage.base import (
+    MessageDeletedRecord,
+    MessageEditedRecord,
+    MessageRecord,
+    ReactionRecord,
+    ReadRecord,
+    SectionKey,
+    SessionClosedRecord,
+    SessionCreatedRecord,
+    SessionReopenedRecord,
+    SessionUpdatedRecord,
+    StoredRecord,
+)
 
 
 class Plan(NamedTuple):
@@ -58,16 +88,55 @@ class Plan(NamedTuple):
     reply: ServerFrame
 
 
-def event_of(record: StoredRecord) -> StoredEvent:
+# What a durable record announces: a section event, or a reader's `read` (to their own connections).
+Event = Union[StoredEvent, ReadEvent]
+
+
+def event_of(record: StoredRecord) -> Event:
     """The event that announces a stored record."""
+    offset = record.offset
     match record:
         case SessionCreatedRecord(session=session):
-            return SessionCreated(session=session, offset=record.offset)
+            return SessionCreated(session=session, offset=offset)
         case MessageRecord(message=message):
-            return MessageEvent(message=message, offset=record.offset)
+            return MessageEvent(message=message, offset=offset)
         case SessionClosedRecord(session=session):
-            return SessionClosed(session=session, offset=record.offset)
+            return SessionClosed(session=session, offset=offset)
+        case MessageEditedRecord(message=message):
+            return MessageEdited(message=message, offset=offset)
+        case MessageDeletedRecord(message=message):
+            return MessageDeleted(message=message, offset=offset)
+        case ReactionRecord(message=message, reaction=reaction, user=user, on=on, at=at):
+            return ReactionEvent(
+                session_id=message.session_id,
+                seq=message.seq,
+                reaction=reaction,
+                user=user,
+                on=on,
+                at=at,
+                offset=offset,
+            )
+        case SessionUpdatedRecord(session=session):
+            return SessionUpdated(session=session, offset=offset)
+        case SessionReopenedRecord(session=session):
+            return SessionReopened(session=session, offset=offset)
+        case ReadRecord(session_id=session_id, seq=seq):
+            return ReadEvent(session_id=session_id, seq=seq)
     raise TypeError(record)
+
+
+def newly_mentioned(record: StoredRecord) -> list[str]:
+    """The users a stored record notifies with a `mentioned` event (never the author)."""
+    if isinstance(record, MessageRecord):
+        return [user for user in record.message.mentions if user != record.message.author]
+    if isinstance(record, MessageEditedRecord):
+        return record.mentioned
+    return []
+
+
+def _later(first: str, second: str) -> str:
+    """The later of two timestamps (they sort as strings): last_activity_at never decreases."""
+    return second if second > first else first
 
 
 # Applying a stored record -------------------------------------------------------
@@ -80,9 +149,15 @@ class Target(Protocol):
 
     def put_session(self, session: Session) -> None: ...
 
-    def put_message(self, offset: int, message: Message) -> None: ...
+    def put_message(self, offset: int, message: Message) -> None:
+        """A new message (its seq is the session's next)."""
+
+    def change_message(self, offset: int, message: Message) -> None:
+        """A message as it is after an edit, a delete or a reaction."""
 
     def put_idempotency_key(self, user: str, key: str, session_id: str) -> None: ...
+
+    def put_read(self, session_id: str, user: str, seq: int) -> None: ...
 
 
 def apply(target: Target, record: StoredRecord) -> None:
@@ -94,10 +169,27 @@ def apply(target: Target, record: StoredRecord) -> None:
                 target.put_idempotency_key(session.created_by, key, session.session_id)
         case MessageRecord(message=message):
             session = target.session(message.session_id)
-            target.put_session(msgspec.structs.replace(session, last_seq=message.seq))
+            active = _later(session.last_activity_at, message.sent_at)
+            target.put_session(msgspec.structs.replace(session, last_seq=message.seq, last_activity_at=active))
             target.put_message(record.offset, message)
-        case SessionClosedRecord(session=session):
+        case (
+            MessageEditedRecord(message=message)
+            | MessageDeletedRecord(message=message)
+            | ReactionRecord(message=message)
+        ):
+            session = target.session(message.session_id)
+            at = record.at if isinstance(record, ReactionRecord) else message.deleted_at or message.edited_at
+            assert at is not None, record
+            target.put_session(msgspec.structs.replace(session, last_activity_at=_later(session.last_activity_at, at)))
+            target.change_message(record.offset, message)
+        case (
+            SessionClosedRecord(session=session)
+            | SessionUpdatedRecord(session=session)
+            | SessionReopenedRecord(session=session)
+        ):
             target.put_session(session)
+        case ReadRecord(session_id=session_id, user=user, seq=seq):
+            target.put_read(session_id, user, seq)
         case _:
             raise TypeError(record)
 
@@ -106,15 +198,81 @@ def apply(target: Target, record: StoredRecord) -> None:
 
 
 class SessionState:
-    """A session as a section holds it: its messages are not in memory, only where they are."""
+    """A session as a section holds it: its messages are not in memory, only where they are.
 
-    __slots__ = ("session", "offsets", "by_client_msg_id", "last_sent_at")
+    And the tallies that unread counts need, so that none scans a history:
+    each user's own messages and the messages that name them, the deleted ones.
+    """
+
+    __slots__ = (
+        "session", "offsets", "by_client_msg_id", "latest", "tombstones", "own", "naming", "deleted", "last_sent_by",
+    )  # fmt: skip
 
     def __init__(self, session: Session):
         self.session = session  # replaced, never changed in place: events sent earlier share it
         self.offsets = array("I")  # the section offset of each message: seq N at index N - 1
         self.by_client_msg_id: dict[str, int] = {}  # -> seq
-        self.last_sent_at: str | None = None
+        self.latest: dict[int, int] = {}  # seq -> offset of the record with the message as it is now, once changed
+        self.tombstones: dict[int, Message] = {}  # seq -> the deleted message, as served in place of its versions
+        self.own: dict[str, array[int]] = {}  # user -> seqs of their messages not deleted, ascending
+        self.naming: dict[str, array[int]] = {}  # user -> seqs of others' messages not deleted that mention them
+        self.deleted = array("I")  # seqs of deleted messages, ascending
+        self.last_sent_by: dict[str, int] = {}  # user -> seq of their latest message (it marks what they read)
+
+    def latest_offset(self, seq: int) -> int:
+        return self.latest.get(seq) or self.offsets[seq - 1]
+
+    def read_marker(self, user: str, marked: int) -> int:
+        """The user's read marker: what they marked, or their own latest message if later."""
+        return max(marked, self.last_sent_by.get(user, 0))
+
+    def unread(self, user: str, marker: int) -> int:
+        """Messages after the marker that are neither the user's own nor deleted."""
+        after = self.session.last_seq - marker
+        if after <= 0:
+            return 0
+        return after - _count_after(self.deleted, marker) - _count_after(self.own.get(user), marker)
+
+    def unread_mentions(self, user: str, marker: int) -> int:
+        """Unread messages that mention the user."""
+        return _count_after(self.naming.get(user), marker)
+
+    def count(self, message: Message) -> None:
+        """A new message in the tallies."""
+        self.own.setdefault(message.author, array("I")).append(message.seq)
+        self.last_sent_by[message.author] = message.seq
+        for user in message.mentions:
+            if user != message.author:
+                self.naming.setdefault(user, array("I")).append(message.seq)
+
+    def recount(self, message: Message) -> None:
+        """A changed message in the tallies: its mentions may differ; a deleted one counts for nobody."""
+        seq = message.seq
+        if message.deleted_at is not None and not _contains(self.deleted, seq):
+            insort(self.deleted, seq)
+            _discard(self.own.get(message.author), seq)
+        named = set() if message.deleted_at is not None else set(message.mentions) - {message.author}
+        for user, seqs in self.naming.items():
+            if user not in named:
+                _discard(seqs, seq)
+        for user in named:
+            seqs = self.naming.setdefault(user, array("I"))
+            if not _contains(seqs, seq):
+                insort(seqs, seq)
+
+
+def _count_after(seqs: array[int] | None, marker: int) -> int:
+    return 0 if not seqs else len(seqs) - bisect_right(seqs, marker)
+
+
+def _contains(seqs: array[int], seq: int) -> bool:
+    index = bisect_right(seqs, seq)
+    return index > 0 and seqs[index - 1] == seq
+
+
+def _discard(seqs: array[int] | None, seq: int) -> None:
+    if seqs is not None and _contains(seqs, seq):
+        del seqs[bisect_right(seqs, seq) - 1]
 
 
 class SessionSnapshot(msgspec.Struct, array_like=True, gc=False):
@@ -122,7 +280,14 @@ class SessionSnapshot(msgspec.Struct, array_like=True, gc=False):
     offsets: bytes  # SessionState.offsets
     client_msg_ids: list[str]
     client_msg_seqs: bytes  # array("I"), the seq of each of client_msg_ids
-    last_sent_at: str | None
+    last_sent_at: str | None  # written by 1.0 (now in session.last_activity_at)
+    # New in 1.1 (trailing defaults: a state kept before then still decodes).
+    changed_seqs: bytes = b""  # array("I"): SessionState.latest
+    changed_offsets: bytes = b""
+    tombstones: list[Message] = []
+    own: list[tuple[str, bytes]] = []  # SessionState.own, each array("I") as bytes
+    naming: list[tuple[str, bytes]] = []
+    last_sent_by: list[tuple[str, int]] = []
 
 
 class SectionSnapshot(msgspec.Struct, array_like=True, gc=False):
@@ -130,10 +295,23 @@ class SectionSnapshot(msgspec.Struct, array_like=True, gc=False):
 
     sessions: list[SessionSnapshot]
     idempotency: list[tuple[str, str, str]]  # (user, idempotency key, session id)
+    reads: list[tuple[str, str, int]] = []  # (session id, user, seq): a read stream's markers
+    version: int = 1  # SNAPSHOT_VERSION when it was kept
+
+
+# A state kept by an earlier version lacks what a load needs now (the unread
+# tallies): it is passed over, and the section is replayed from its records.
+SNAPSHOT_VERSION = 2
+
+
+class OutdatedState(Exception):
+    """A kept state from before SNAPSHOT_VERSION."""
 
 
 _encode_snapshot = msgspec.msgpack.Encoder().encode
 _decode_snapshot = msgspec.msgpack.Decoder(SectionSnapshot).decode
+
+FETCHED_MESSAGES = 1024  # messages read from storage for a write, kept until the write is decided
 
 
 class Stream:
@@ -145,15 +323,18 @@ class Stream:
         self.offset = 0
         self.sessions: dict[str, SessionState] = {}
         self.idempotency: dict[tuple[str, str], str] = {}
-        self.recent: deque[StoredEvent] = deque(maxlen=recovery_window)
+        self.recent: deque[StoredRecord] = deque(maxlen=recovery_window)
+        self.reads: dict[str, dict[str, int]] = {}  # a read stream's markers: session id -> user -> seq
+        # Messages outside the recovery window that a write needs (edit, delete, react), read
+        # from storage by the chat before it queues the write: (session_id, seq) -> (offset, message).
+        self._fetched: dict[tuple[str, int], tuple[int, Message]] = {}
 
-    def apply(self, record: StoredRecord) -> StoredEvent:
+    def apply(self, record: StoredRecord) -> Event:
         """Make a durable record part of the stream; return its event."""
         apply(self, record)
-        event = event_of(record)
         self.offset = record.offset
-        self.recent.append(event)
-        return event
+        self.recent.append(record)
+        return event_of(record)
 
     def session(self, session_id: str) -> Session:
         return self.state_of(session_id).session
@@ -174,32 +355,72 @@ class Stream:
     def put_message(self, offset: int, message: Message) -> None:
         state = self.sessions[message.session_id]
         state.offsets.append(offset)
-        state.last_sent_at = message.sent_at
         if message.client_msg_id is not None:
             state.by_client_msg_id[message.client_msg_id] = message.seq
+        state.count(message)
+
+    def change_message(self, offset: int, message: Message) -> None:
+        state = self.sessions[message.session_id]
+        state.latest[message.seq] = offset
+        if message.deleted_at is not None:
+            state.tombstones[message.seq] = message
+        state.recount(message)
+        key = (message.session_id, message.seq)
+        if key in self._fetched:
+            self._fetched[key] = (offset, message)
 
     def put_idempotency_key(self, user: str, key: str, session_id: str) -> None:
         self.idempotency[(user, key)] = session_id
 
+    def put_read(self, session_id: str, user: str, seq: int) -> None:
+        markers = self.reads.setdefault(session_id, {})
+        markers[user] = max(markers.get(user, 0), seq)
+
     def offset_of_client_msg(self, session_id: str, client_msg_id: str) -> int | None:
-        """Where the message sent with this client_msg_id is stored, if one was."""
+        """Where the message sent with this client_msg_id is stored as it is now (edited, deleted), if one was."""
         state = self.state_of(session_id)
         seq = state.by_client_msg_id.get(client_msg_id)
-        return None if seq is None else state.offsets[seq - 1]
+        return None if seq is None else state.latest_offset(seq)
+
+    def current_message(self, session_id: str, seq: int) -> Message | None:
+        """The message as it is now, if it is in memory (the recovery window, or fetched for a write)."""
+        offset = self.state_of(session_id).latest_offset(seq)
+        found = self.recent_messages([offset])
+        if found is not None:
+            return found[0]
+        fetched = self._fetched.get((session_id, seq))
+        return fetched[1] if fetched is not None and fetched[0] == offset else None
+
+    def remember(self, offset: int, message: Message) -> None:
+        """A message read from storage at `offset` for a write that is about to be queued."""
+        if len(self._fetched) >= FETCHED_MESSAGES:
+            self._fetched.clear()
+        self._fetched[(message.session_id, message.seq)] = (offset, message)
 
     def recent_messages(self, offsets: Sequence[int]) -> list[Message] | None:
-        """The messages at these offsets if all are still in the recovery window, else None."""
+        """The messages the records at these offsets carry, if all are still in the recovery window, else None."""
         first = self.offset - len(self.recent) + 1
         if not offsets or min(offsets) < first:
             return None
         return [self.recent[offset - first].message for offset in offsets]  # type: ignore[union-attr]
+
+    def redacted(self, record: StoredRecord) -> StoredRecord:
+        """The record as it is served now: a deleted message's earlier versions carry its tombstone."""
+        if isinstance(record, MessageRecord | MessageEditedRecord):
+            state = self.sessions.get(record.message.session_id)
+            tombstone = None if state is None else state.tombstones.get(record.message.seq)
+            if tombstone is not None:
+                return msgspec.structs.replace(record, message=tombstone)
+        return record
 
     def events_after(self, offset: int) -> list[StoredEvent] | None:
         """Stored events after `offset`, or None if some have left the recovery window."""
         missed = self.offset - offset
         if missed < 0 or missed > len(self.recent):
             return None
-        return list(self.recent)[len(self.recent) - missed :] if missed else []
+        records = list(self.recent)[len(self.recent) - missed :] if missed else []
+        # A section's own stream holds no read records (they have their own: reads_key).
+        return cast(list[StoredEvent], [event_of(self.redacted(record)) for record in records])
 
     def snapshot(self) -> bytes:
         """The state `apply` built, encoded (the recovery window is not part of it: it is read back as records)."""
@@ -209,21 +430,42 @@ class Stream:
                 state.offsets.tobytes(),
                 list(state.by_client_msg_id),
                 array("I", state.by_client_msg_id.values()).tobytes(),
-                state.last_sent_at,
+                None,
+                array("I", state.latest).tobytes(),
+                array("I", state.latest.values()).tobytes(),
+                list(state.tombstones.values()),
+                [(user, seqs.tobytes()) for user, seqs in state.own.items()],
+                [(user, seqs.tobytes()) for user, seqs in state.naming.items()],
+                list(state.last_sent_by.items()),
             )
             for state in self.sessions.values()
         ]
         idempotency = [(user, key, session_id) for (user, key), session_id in self.idempotency.items()]
-        return _encode_snapshot(SectionSnapshot(sessions, idempotency))
+        reads = [(session_id, user, seq) for session_id, markers in self.reads.items() for user, seq in markers.items()]
+        return _encode_snapshot(SectionSnapshot(sessions, idempotency, reads, SNAPSHOT_VERSION))
 
     def restore(self, offset: int, data: bytes) -> None:
         """Take the state a snapshot of the stream at `offset` holds."""
         snapshot = _decode_snapshot(data)
+        if snapshot.version < SNAPSHOT_VERSION:
+            raise OutdatedState(f"a state of version {snapshot.version}, not {SNAPSHOT_VERSION}")
         for kept in snapshot.sessions:
-            state = self.sessions[kept.session.session_id] = SessionState(kept.session)
+            session = kept.session
+            if kept.last_sent_at is not None:  # a state kept by 1.0
+                session = msgspec.structs.replace(
+                    session, last_activity_at=_later(session.last_activity_at, kept.last_sent_at)
+                )
+            state = self.sessions[session.session_id] = SessionState(session)
             state.offsets.frombytes(kept.offsets)
             state.by_client_msg_id = dict(zip(kept.client_msg_ids, array("I", kept.client_msg_seqs), strict=True))
-            state.last_sent_at = kept.last_sent_at
+            state.latest = dict(zip(array("I", kept.changed_seqs), array("I", kept.changed_offsets), strict=True))
+            state.tombstones = {message.seq: message for message in kept.tombstones}
+            state.deleted = array("I", sorted(state.tombstones))
+            state.own = {user: array("I", seqs) for user, seqs in kept.own}
+            state.naming = {user: array("I", seqs) for user, seqs in kept.naming}
+            state.last_sent_by = dict(kept.last_sent_by)
+        for session_id, user, seq in snapshot.reads:
+            self.reads.setdefault(session_id, {})[user] = seq
         self.idempotency = {(user, key): session_id for user, key, session_id in snapshot.idempotency}
         self.offset = offset
 
@@ -236,8 +478,10 @@ class Draft:
         self.offset = stream.offset
         self._stream = stream
         self._sessions: dict[str, Session] = {}  # sessions this batch creates or changes, as they will be
-        self._messages: dict[tuple[str, str], Message] = {}  # (session_id, client_msg_id) -> message
+        self._messages: dict[tuple[str, int], Message] = {}  # (session_id, seq) -> message, as it will be
+        self._by_client_msg_id: dict[tuple[str, str], Message] = {}
         self._idempotency: dict[tuple[str, str], str] = {}
+        self._reads: dict[tuple[str, str], int] = {}
 
     def apply(self, record: StoredRecord) -> None:
         apply(self, record)
@@ -251,11 +495,23 @@ class Draft:
         self._sessions[session.session_id] = session
 
     def put_message(self, offset: int, message: Message) -> None:
+        self._messages[(message.session_id, message.seq)] = message
         if message.client_msg_id is not None:
-            self._messages[(message.session_id, message.client_msg_id)] = message
+            self._by_client_msg_id[(message.session_id, message.client_msg_id)] = message
+
+    def change_message(self, offset: int, message: Message) -> None:
+        self._messages[(message.session_id, message.seq)] = message
 
     def put_idempotency_key(self, user: str, key: str, session_id: str) -> None:
         self._idempotency[(user, key)] = session_id
+
+    def put_read(self, session_id: str, user: str, seq: int) -> None:
+        self._reads[(session_id, user)] = max(self.marked(session_id, user), seq)
+
+    def marked(self, session_id: str, user: str) -> int:
+        """The seq the user last marked read in the session (a read stream's draft)."""
+        marked = self._reads.get((session_id, user))
+        return marked if marked is not None else self._stream.reads.get(session_id, {}).get(user, 0)
 
     def idempotent(self, user: str, key: str) -> Session | None:
         """The session this user created with this idempotency key, if any."""
@@ -264,7 +520,7 @@ class Draft:
 
     def message(self, session_id: str, client_msg_id: str) -> Message | None:
         """The message already sent with this client_msg_id, if any."""
-        message = self._messages.get((session_id, client_msg_id))
+        message = self._by_client_msg_id.get((session_id, client_msg_id))
         if message is not None or session_id not in self._stream.sessions:
             return message
         offset = self._stream.offset_of_client_msg(session_id, client_msg_id)
@@ -276,6 +532,16 @@ class Draft:
             # storage before it queues a write, so only a retry racing its original gets here.
             raise ChatError(errors.UNAVAILABLE, "the original message is being read; retry")
         return found[0]
+
+    def message_at(self, session_id: str, seq: int) -> Message:
+        """The message with this seq as it will be (not_found past the session's last)."""
+        if seq > self.session(session_id).last_seq:
+            raise ChatError(errors.NOT_FOUND, f"no message {seq} in session {session_id!r}")
+        message = self._messages.get((session_id, seq)) or self._stream.current_message(session_id, seq)
+        if message is None:
+            # Not in memory: the chat reads it before it queues the write; only a race with eviction gets here.
+            raise ChatError(errors.UNAVAILABLE, "the message is being read; retry")
+        return message
 
 
 def decide(draft: Draft, plans: Sequence[Callable[[Draft], Plan]]) -> tuple[list[Plan | ChatError], list[StoredRecord]]:
@@ -350,6 +616,16 @@ class Rules:
         if len(text) > self.max_text_chars:
             raise ChatError(errors.TOO_LARGE, f"text is {len(text)} characters; the limit is {self.max_text_chars}")
 
+    @staticmethod
+    def check_metadata(metadata: Metadata | None | msgspec.UnsetType) -> None:
+        """Refuse metadata over MAX_METADATA_BYTES as compact UTF-8 JSON."""
+        if isinstance(metadata, dict):
+            size = len(msgspec.json.encode(metadata))
+            if size > MAX_METADATA_BYTES:
+                raise ChatError(
+                    errors.TOO_LARGE, f"metadata is {size} bytes as JSON; the limit is {MAX_METADATA_BYTES}"
+                )
+
     def create_session(self, user: str, request: CreateSession, draft: Draft) -> Plan:
         if request.idempotency_key is not None:
             existing = draft.idempotent(user, request.idempotency_key)
@@ -359,15 +635,18 @@ class Rules:
             raise ChatError(
                 errors.RATE_LIMITED, f"at most {self.session_quota.count} new sessions per minute; try again shortly"
             )
+        now = self.now()
         session = Session(
             session_id=self.new_id(),
             document_id=draft.key.document_id,
             section_id=draft.key.section_id,
             title=request.title,
             created_by=user,
-            created_at=self.now(),
+            created_at=now,
             closed=False,
             last_seq=0,
+            last_activity_at=now,
+            metadata=request.metadata,
         )
         record = SessionCreatedRecord(offset=draft.offset + 1, session=session, idempotency_key=request.idempotency_key)
         return Plan([record], SessionCreated(session=session, reply_to=request.id))
@@ -388,17 +667,129 @@ class Rules:
             text=request.text,
             client_msg_id=request.client_msg_id,
             sent_at=self.now(),
+            mentions=_distinct(request.mentions),
         )
         record = MessageRecord(offset=draft.offset + 1, message=message)
         return Plan([record], MessageAck(message=message, reply_to=request.id))
+
+    def edit_message(self, user: str, request: EditMessage, draft: Draft, *, moderator: bool = False) -> Plan:
+        session, message = draft.session(request.session_id), draft.message_at(request.session_id, request.seq)
+        _check_author(message, user, moderator, "edit")
+        mentions = message.mentions if request.mentions is None else _distinct(request.mentions)
+        if message.deleted_at is None and (request.text, mentions) == (message.text, message.mentions):
+            return Plan([], MessageEdited(message=message, reply_to=request.id))  # changes nothing
+        _check_open(session, message)
+        edited = msgspec.structs.replace(message, text=request.text, mentions=mentions, edited_at=self.now())
+        # Only those this version names for the first time are notified (an edit never re-notifies).
+        mentioned = [name for name in mentions if name not in message.mentions and name != message.author]
+        record = MessageEditedRecord(offset=draft.offset + 1, message=edited, mentioned=mentioned)
+        return Plan([record], MessageEdited(message=edited, reply_to=request.id))
+
+    def delete_message(self, user: str, request: DeleteMessage, draft: Draft, *, moderator: bool = False) -> Plan:
+        message = draft.message_at(request.session_id, request.seq)
+        _check_author(message, user, moderator, "delete")
+        if message.deleted_at is not None:
+            return Plan([], MessageDeleted(message=message, reply_to=request.id))  # the tombstone again
+        # Works in a closed session too: deleting is erasure, not new content.
+        tombstone = msgspec.structs.replace(message, text="", mentions=[], reactions={}, deleted_at=self.now())
+        record = MessageDeletedRecord(offset=draft.offset + 1, message=tombstone)
+        return Plan([record], MessageDeleted(message=tombstone, reply_to=request.id))
+
+    def react(self, user: str, request: React, draft: Draft) -> Plan:
+        session, message = draft.session(request.session_id), draft.message_at(request.session_id, request.seq)
+        users = message.reactions.get(request.reaction, [])
+        at = self.now()
+        reply = ReactionEvent(
+            session_id=message.session_id,
+            seq=message.seq,
+            reaction=request.reaction,
+            user=user,
+            on=request.on,
+            at=at,
+            reply_to=request.id,
+        )
+        if (user in users) == request.on:
+            return Plan([], reply)  # reacting as you already are
+        _check_open(session, message)
+        reactions = dict(message.reactions)
+        if request.on:
+            if request.reaction not in reactions and len(reactions) >= MAX_REACTIONS:
+                raise ChatError(errors.TOO_LARGE, f"a message takes at most {MAX_REACTIONS} distinct reactions")
+            reactions[request.reaction] = [*users, user]
+        else:
+            reactions[request.reaction] = [other for other in users if other != user]
+            if not reactions[request.reaction]:
+                del reactions[request.reaction]
+        changed = msgspec.structs.replace(message, reactions=reactions)
+        record = ReactionRecord(
+            offset=draft.offset + 1, message=changed, reaction=request.reaction, user=user, on=request.on, at=at
+        )
+        return Plan([record], reply)
 
     def close_session(self, user: str, request: CloseSession, draft: Draft) -> Plan:
         session = draft.session(request.session_id)
         if session.closed:
             raise ChatError(errors.CONFLICT, "the session is already closed")
-        closed = msgspec.structs.replace(session, closed=True)
+        closed = msgspec.structs.replace(
+            session, closed=True, last_activity_at=_later(session.last_activity_at, self.now())
+        )
         record = SessionClosedRecord(offset=draft.offset + 1, session=closed)
         return Plan([record], SessionClosed(session=closed, reply_to=request.id))
+
+    def reopen_session(self, user: str, request: ReopenSession, draft: Draft) -> Plan:
+        session = draft.session(request.session_id)
+        if not session.closed:
+            raise ChatError(errors.CONFLICT, "the session is not closed")
+        reopened = msgspec.structs.replace(
+            session, closed=False, last_activity_at=_later(session.last_activity_at, self.now())
+        )
+        record = SessionReopenedRecord(offset=draft.offset + 1, session=reopened)
+        return Plan([record], SessionReopened(session=reopened, reply_to=request.id))
+
+    def update_session(self, user: str, request: UpdateSession, draft: Draft, *, moderator: bool = False) -> Plan:
+        session = draft.session(request.session_id)
+        if session.created_by != user and not moderator:
+            raise ChatError(errors.FORBIDDEN, "only the session's creator or a moderator may update it")
+        title = session.title if request.title is msgspec.UNSET else request.title
+        metadata = session.metadata if request.metadata is msgspec.UNSET else request.metadata
+        if (title, metadata) == (session.title, session.metadata):
+            return Plan([], SessionUpdated(session=session, reply_to=request.id))  # changes nothing
+        active = _later(session.last_activity_at, self.now())
+        updated = msgspec.structs.replace(session, title=title, metadata=metadata, last_activity_at=active)
+        record = SessionUpdatedRecord(offset=draft.offset + 1, session=updated)
+        return Plan([record], SessionUpdated(session=updated, reply_to=request.id))
+
+    def mark_read(self, user: str, request: MarkRead, section: Stream, draft: Draft) -> Plan:
+        """A read marker, decided against the section's read stream (`draft`) and the section itself."""
+        state = section.state_of(request.session_id)
+        check_read_seq(state, request.seq)
+        current = state.read_marker(user, draft.marked(request.session_id, user))
+        if request.seq <= current:
+            return Plan([], ReadMarked(session_id=request.session_id, seq=current, reply_to=request.id))
+        record = ReadRecord(offset=draft.offset + 1, session_id=request.session_id, user=user, seq=request.seq)
+        return Plan([record], ReadMarked(session_id=request.session_id, seq=request.seq, reply_to=request.id))
+
+
+def check_read_seq(state: SessionState, seq: int) -> None:
+    if seq > state.session.last_seq:
+        raise ChatError(errors.BAD_REQUEST, f"seq {seq} is past the session's last message ({state.session.last_seq})")
+
+
+def _distinct(mentions: list[str] | None) -> list[str]:
+    """Mentions without repeats, in the order given."""
+    return list(dict.fromkeys(mentions)) if mentions else []
+
+
+def _check_author(message: Message, user: str, moderator: bool, action: str) -> None:
+    if message.author != user and not moderator:
+        raise ChatError(errors.FORBIDDEN, f"only the message's author or a moderator may {action} it")
+
+
+def _check_open(session: Session, message: Message) -> None:
+    if session.closed:
+        raise ChatError(errors.CONFLICT, "the session is closed")
+    if message.deleted_at is not None:
+        raise ChatError(errors.CONFLICT, "the message is deleted")
 
 
 # Reads: pages of a stream's state --------------------------------------------------
@@ -415,7 +806,7 @@ def history_window(state: SessionState, request: History) -> tuple[Sequence[int]
         end = count if request.before_seq is None else min(max(request.before_seq - 1, 0), count)
         start = max(end - limit, 0)
         has_more = start > 0
-    return state.offsets[start:end], has_more
+    return [state.latest_offset(seq) for seq in range(start + 1, end + 1)], has_more
 
 
 def _created_at(session: Session) -> str:
@@ -432,6 +823,10 @@ def session_page(sessions: list[Session], request: ListSessions) -> SessionList:
     left the listing, the page starts at the first session of its millisecond:
     one of those may come again, but none is skipped.
     """
+    if request.closed is not None:
+        sessions = [session for session in sessions if session.closed == request.closed]
+    if request.order == "activity":
+        return _activity_page(sessions, request)
     sessions.sort(key=_created_at)
     start = 0
     position = request.position()
@@ -443,14 +838,83 @@ def session_page(sessions: list[Session], request: ListSessions) -> SessionList:
             if sessions[index].session_id == session_id:
                 start = index + 1
                 break
+    return _page(sessions, start, request)
+
+
+def _page(sessions: list[Session], start: int, request: ListSessions) -> SessionList:
     page = sessions[start : start + request.limit]
     more = start + len(page) < len(sessions)
     return SessionList(sessions=page, next_cursor=request.cursor_after(page[-1]) if more else None, reply_to=request.id)
 
 
-def _last_activity(state: SessionState) -> str:
-    """When the session last changed: its creation or its latest message (until sessions carry last_activity_at)."""
-    return state.last_sent_at or state.session.created_at
+def _activity_page(sessions: list[Session], request: ListSessions) -> SessionList:
+    """One page of a listing by activity: latest `last_activity_at` first, then by session_id.
+
+    The order is total, so a cursor (last_activity_at, session_id) names a place
+    even when its session has changed or gone since: the page starts after it.
+    A session active while the client pages moves to the front, which the client
+    has passed: it comes again only in a new listing, never twice in one.
+    """
+    sessions.sort(key=lambda session: session.session_id)
+    sessions.sort(key=lambda session: session.last_activity_at, reverse=True)
+    start = 0
+    position = request.position()
+    if position is not None:
+        active, session_id = position
+        start = next(
+            (
+                index
+                for index, session in enumerate(sessions)
+                if session.last_activity_at < active
+                or (session.last_activity_at == active and session.session_id > session_id)
+            ),
+            len(sessions),
+        )
+    return _page(sessions, start, request)
+
+
+def read_state(
+    user: str, listed: list[tuple[SessionState, dict[str, dict[str, int]]]]
+) -> tuple[dict[str, int], dict[str, int]]:
+    """The `read` and `unread` of a reply: the user's marker and unread count in each listed session.
+
+    `listed`: each session's state with the markers of its section's read stream.
+    """
+    read: dict[str, int] = {}
+    unread: dict[str, int] = {}
+    for state, marked in listed:
+        session_id = state.session.session_id
+        marker = read[session_id] = state.read_marker(user, marked.get(session_id, {}).get(user, 0))
+        unread[session_id] = state.unread(user, marker)
+    return read, unread
+
+
+def section_summary(stream: Stream, marked: dict[str, dict[str, int]], user: str) -> SectionSummary:
+    """A section as a `watch_document` watcher sees it: counts over its sessions, unread ones for `user`.
+
+    From the tallies the stored events keep: one step per session, none per message.
+    """
+    sessions = opened = messages = unread = mentions = 0
+    latest: str | None = None
+    for state in stream.sessions.values():
+        session = state.session
+        sessions += 1
+        opened += not session.closed
+        messages += session.last_seq - len(state.deleted)
+        if latest is None or session.last_activity_at > latest:
+            latest = session.last_activity_at
+        marker = state.read_marker(user, marked.get(session.session_id, {}).get(user, 0))
+        unread += state.unread(user, marker)
+        mentions += state.unread_mentions(user, marker)
+    return SectionSummary(
+        section_id=stream.key.section_id,
+        sessions=sessions,
+        open_sessions=opened,
+        messages=messages,
+        last_activity_at=latest,
+        unread=unread,
+        mentions=mentions,
+    )
 
 
 def snapshot_sessions(stream: Stream) -> tuple[list[Session], bool]:
@@ -462,6 +926,8 @@ def snapshot_sessions(stream: Stream) -> tuple[list[Session], bool]:
     states = stream.sessions.values()
     if len(states) <= MAX_LISTED_SESSIONS:
         return [state.session for state in states], True
-    recent = heapq.nlargest(MAX_LISTED_SESSIONS, enumerate(states), key=lambda item: (_last_activity(item[1]), item[0]))
+    recent = heapq.nlargest(
+        MAX_LISTED_SESSIONS, enumerate(states), key=lambda item: (item[1].session.last_activity_at, item[0])
+    )
     recent.sort(key=lambda item: (item[1].session.created_at, item[0]))
     return [state.session for _, state in recent], False

@@ -17,6 +17,7 @@ class Peer(Protocol):
     connection_id: str
     user: str
     documents: frozenset[str] | None  # the documents this peer may use; None: all
+    moderator: bool  # may edit and delete anyone's messages, update anyone's session
     codec: Codec
 
     def send(self, data: bytes) -> None:

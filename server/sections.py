@@ -14,16 +14,19 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 
 from .background import Background
-from .core import Stream, event_of
-from .storage.base import SectionKey, SectionState, Storage
+from .core import OutdatedState, Stream
+from .storage.base import SectionKey, SectionState, Storage, section_of_reads
 from .subscriptions import Audience
 from .writer import Writes
+
+logger = logging.getLogger("sectionchat.chat")
 
 LOAD_CHUNK = 2000  # records applied between yields to the event loop when a section loads
 KEEP_STATE_AFTER = 1000  # records replayed or added since the kept state before the storage keeps a new one
@@ -71,6 +74,7 @@ class SectionCache:
         self.max_cached = max_cached
         self.keep_state_after = KEEP_STATE_AFTER
         self.keep_state_every = KEEP_STATE_EVERY
+        self.watched: Callable[[str], bool] = lambda document_id: False  # a watched document's sections stay
         self._sections: dict[SectionKey, Section] = {}
 
     def __len__(self) -> int:
@@ -116,13 +120,19 @@ class SectionCache:
         log = await self.storage.load_section(section.key)
         stream = section.stream
         if log.state is not None:
-            stream.restore(*log.state)
+            try:
+                stream.restore(*log.state)
+            except OutdatedState as error:
+                logger.info("section %s: %s; replaying its records", section.key, error)
+                stream = section.stream = Stream(section.key, self.recovery_window)
+                log = await self.storage.read_after(section.key, 0)
+        if log.state is not None:
             section.kept_offset = log.state.offset
             # The recovery window: the last records the state covers, read back (a page, not the section).
             first = max(1, log.state.offset - self.recovery_window + len(log.records) + 1)
             window = list(range(first, log.state.offset + 1))
             if window:
-                stream.recent.extend(map(event_of, await self.storage.read_records(section.key, window)))
+                stream.recent.extend(await self.storage.read_records(section.key, window))
         for n, record in enumerate(log.records, 1):
             stream.apply(record)
             if n % LOAD_CHUNK == 0:
@@ -149,12 +159,12 @@ class SectionCache:
     async def evict_idle(self) -> int:
         """Drop sections nobody has used for a while; returns how many."""
         now = time.monotonic()
-        candidates = [s for s in self._sections.values() if s.evictable(now, self.idle_s)]
+        candidates = [s for s in self._sections.values() if self._evictable(s, now, self.idle_s)]
         excess = len(self._sections) - self.max_cached
         if excess > 0:
             # Over the cap: also drop the least recently used of the rest.
             others = sorted(
-                (s for s in self._sections.values() if s.evictable(now, 0.0) and s not in candidates),
+                (s for s in self._sections.values() if self._evictable(s, now, 0.0) and s not in candidates),
                 key=lambda s: s.last_used,
             )
             candidates.extend(others[: max(0, excess - len(candidates))])
@@ -165,6 +175,12 @@ class SectionCache:
             await self._keep_changed_state(section)
             await self.storage.release(section.key)
         return len(candidates)
+
+    def _evictable(self, section: Section, now: float, idle_s: float) -> bool:
+        if not section.evictable(now, idle_s) or self.watched(section.key.document_id):
+            return False
+        owner = section_of_reads(section.key)
+        return owner is None or owner not in self._sections  # read markers leave with their section, not before
 
     async def close(self) -> None:
         """At shutdown, after the last write: have the storage keep the state of sections that changed much."""

@@ -7,6 +7,10 @@
 # - Presence is announced at most once per window, as the net change; a peer
 #   that subscribed during the window was given a snapshot in its `subscribed`
 #   reply, so it gets the change from that snapshot instead.
+# - A document's watchers get a section's summary at most once per
+#   SUMMARY_WINDOW_S, and only when it differs from the one they were last sent:
+#   computed once per user, encoded once per user and codec.
+# - Subscriptions and watched documents count together against max_subscriptions.
 
 from __future__ import annotations
 
@@ -18,13 +22,18 @@ from collections.abc import Callable
 from protocol import errors
 from protocol.codec import Codec
 from protocol.errors import ChatError
-from protocol.messages import Presence, ServerFrame
+from protocol.messages import Presence, SectionSummary, SectionSummaryEvent, ServerFrame
 
 from .metrics import Metrics
 from .peer import Peer
 from .storage.base import SectionKey
 
 logger = logging.getLogger("sectionchat.chat")
+
+SUMMARY_WINDOW_S = 1.0  # a section's summary is sent to watchers at most this often
+
+# The summary of a section for a user, or None when the section is not in memory.
+Summarize = Callable[[SectionKey, str], SectionSummary | None]
 
 
 class Audience:
@@ -60,21 +69,94 @@ class Subscriptions:
         max_subscriptions: int = 100,
         presence_window_s: float = 0.1,
         local_presence_changed: Callable[[SectionKey, set[str]], None] = lambda key, users: None,
+        summarize: Summarize = lambda key, user: None,
     ):
         self.metrics = metrics
         self.max_subscriptions = max_subscriptions
         self.presence_window_s = presence_window_s
         self._local_presence_changed = local_presence_changed  # tells other nodes
         self._of_peer: dict[Peer, dict[SectionKey, Audience]] = {}
+        self._by_user: dict[str, set[Peer]] = {}  # every open connection, subscribed or not
+        self._summarize = summarize
+        self._watching: dict[Peer, set[str]] = {}  # documents each connection watches
+        self._watchers: dict[str, set[Peer]] = {}
+        self._sent: dict[tuple[Peer, SectionKey], SectionSummary] = {}  # what each watcher was last sent
+        self._changed: dict[str, set[SectionKey]] = {}  # sections whose summaries are due, per document
+        self._summary_flush: dict[str, asyncio.TimerHandle] = {}
 
-    def check_room(self, peer: Peer, key: SectionKey) -> None:
-        """Refuse a subscription past the per-connection limit."""
-        subscribed = self._of_peer.get(peer, {})
-        if key not in subscribed and len(subscribed) >= self.max_subscriptions:
+    def connect(self, peer: Peer) -> None:
+        self._by_user.setdefault(peer.user, set()).add(peer)
+
+    def check_room(self, peer: Peer, key: SectionKey | str) -> None:
+        """Refuse a subscription (a section key) or a watch (a document id) past the per-connection limit."""
+        subscribed, watched = self._of_peer.get(peer, {}), self._watching.get(peer, set())
+        if key in subscribed or key in watched:
+            return
+        if len(subscribed) + len(watched) >= self.max_subscriptions:
             raise ChatError(
                 errors.BAD_REQUEST,
-                f"this connection is subscribed to {len(subscribed)} sections, the limit; unsubscribe first",
+                f"this connection subscribes to {len(subscribed)} sections and watches {len(watched)} documents, "
+                "the limit; unsubscribe or unwatch first",
             )
+
+    # Watching documents ----------------------------------------------------------
+
+    def watch(self, peer: Peer, document_id: str, summaries: list[SectionSummary]) -> None:
+        """The peer watches the document, having been sent these summaries in its reply."""
+        self._watching.setdefault(peer, set()).add(document_id)
+        self._watchers.setdefault(document_id, set()).add(peer)
+        for summary in summaries:
+            self._sent[(peer, SectionKey(document_id, summary.section_id))] = summary
+
+    def unwatch(self, peer: Peer, document_id: str) -> None:
+        watched = self._watching.get(peer)
+        if watched is None or document_id not in watched:
+            return
+        watched.discard(document_id)
+        if not watched:
+            del self._watching[peer]
+        watchers = self._watchers[document_id]
+        watchers.discard(peer)
+        if not watchers:
+            del self._watchers[document_id]
+            flush = self._summary_flush.pop(document_id, None)
+            if flush is not None:
+                flush.cancel()
+            self._changed.pop(document_id, None)
+        for key in [key for (watcher, key) in self._sent if watcher is peer and key.document_id == document_id]:
+            del self._sent[(peer, key)]
+
+    def watched(self, document_id: str) -> bool:
+        return document_id in self._watchers
+
+    def section_changed(self, key: SectionKey) -> None:
+        """Something stored in the section may change its summary: watchers hear of it within the window."""
+        if key.document_id not in self._watchers:
+            return
+        self._changed.setdefault(key.document_id, set()).add(key)
+        if key.document_id not in self._summary_flush:
+            loop = asyncio.get_running_loop()
+            self._summary_flush[key.document_id] = loop.call_later(
+                SUMMARY_WINDOW_S, self._flush_summaries, key.document_id
+            )
+
+    def _flush_summaries(self, document_id: str) -> None:
+        del self._summary_flush[document_id]
+        for key in self._changed.pop(document_id, ()):
+            by_user: dict[str, SectionSummary | None] = {}
+            encoded: dict[tuple[str, Codec], bytes] = {}
+            for peer in self._watchers.get(document_id, ()):
+                if peer.user not in by_user:
+                    by_user[peer.user] = self._summarize(key, peer.user)
+                summary = by_user[peer.user]
+                if summary is None or self._sent.get((peer, key)) == summary:
+                    continue  # nothing changed for this watcher
+                self._sent[(peer, key)] = summary
+                data = encoded.get((peer.user, peer.codec))
+                if data is None:
+                    frame = SectionSummaryEvent(document_id=document_id, summary=summary)
+                    data = encoded[(peer.user, peer.codec)] = peer.codec.encode(frame)
+                _send(peer, data)
 
     def subscribe(self, peer: Peer, audience: Audience) -> None:
         """Add the peer to the audience (again: nothing changes); the caller replies with a snapshot."""
@@ -106,6 +188,34 @@ class Subscriptions:
         for key in list(self._of_peer.get(peer, ())):
             self.unsubscribe(peer, key)
         self._of_peer.pop(peer, None)
+        for document_id in list(self._watching.get(peer, ())):
+            self.unwatch(peer, document_id)
+        peers = self._by_user.get(peer.user)
+        if peers is not None:
+            peers.discard(peer)
+            if not peers:
+                del self._by_user[peer.user]
+
+    def tell_user(self, audience: Audience, user: str, frame: ServerFrame, cause: Peer | None) -> None:
+        """Send a frame to the user's connections in the audience, but the one that caused it."""
+        encoded: dict[Codec, bytes] = {}
+        for peer in audience.subscribers:
+            if peer.user == user and peer is not cause:
+                data = encoded.get(peer.codec)
+                if data is None:
+                    data = encoded[peer.codec] = peer.codec.encode(frame)
+                _send(peer, data)
+
+    def tell_users(self, users: list[str], document_id: str, frame: ServerFrame) -> None:
+        """Send a frame to every connection of these users that may use the document."""
+        encoded: dict[Codec, bytes] = {}
+        for user in users:
+            for peer in self._by_user.get(user, ()):
+                if peer.documents is None or document_id in peer.documents:
+                    data = encoded.get(peer.codec)
+                    if data is None:
+                        data = encoded[peer.codec] = peer.codec.encode(frame)
+                    _send(peer, data)
 
     def broadcast(self, audience: Audience, frame: ServerFrame, cause: Peer | None) -> None:
         """Send a frame to every subscriber but the one that caused it."""

@@ -61,12 +61,15 @@ class IdentifiedConnection(ServerConnection):
 class Connection:
     """A WebSocket connection as the chat logic's Peer."""
 
-    __slots__ = ("connection_id", "user", "documents", "codec", "_websocket", "_send_frame", "_transport", "_closing")
+    __slots__ = (
+        "connection_id", "user", "documents", "moderator", "codec", "_websocket", "_send_frame", "_transport", "_closing",
+    )  # fmt: skip
 
     def __init__(self, websocket: IdentifiedConnection, identity: Identity, codec: Codec, transport: Transport):
         self.connection_id = secrets.token_hex(8)
         self.user = identity.user
         self.documents = identity.documents
+        self.moderator = identity.moderator
         self.codec = codec
         self._websocket = websocket
         protocol = websocket.protocol
@@ -117,6 +120,7 @@ class Transport:
             max_frame_bytes=config.max_frame_bytes,
             max_text_chars=config.max_text_chars,
             messages_per_s=int(config.rate_limit) if config.rate_limit == int(config.rate_limit) else config.rate_limit,
+            max_subscriptions=config.max_subscriptions,
         )
         self.metrics = chat.metrics
         # Histogram children resolved once: labels() costs a lock and a dict lookup per call.
@@ -186,6 +190,7 @@ class Transport:
                 limits=self.limits,
             ),
         )
+        self.chat.connect(peer)
         try:
             async for data in websocket:
                 await self._serve_one(peer, data, rate)

@@ -24,16 +24,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
 from protocol.errors import ChatError
-from protocol.messages import ServerFrame
 
 from .background import Background
-from .core import Draft, Plan, decide
+from .core import Draft, Event, Plan, decide
 from .peer import Peer, reply
 from .storage.base import SectionKey, StaleSection, Storage, StorageError, StoredRecord
 
 if TYPE_CHECKING:
     from .sections import Section, SectionCache
-    from .subscriptions import Audience
 
 
 class QueuedWrite(NamedTuple):
@@ -64,7 +62,8 @@ class Writes:
         self.wakeup: asyncio.Future[None] | None = None  # set when a write is queued
 
 
-Announce = Callable[["Audience", ServerFrame, Peer | None], None]
+# Announce a durable record's event to the section (all but `cause`, the peer whose write stored it).
+Announce = Callable[["Section", StoredRecord, Event, Peer | None], None]
 
 
 class Writer:
@@ -79,7 +78,7 @@ class Writer:
         self.storage = storage
         self.sections = sections
         self.background = background
-        self._announce = announce  # to a section's audience, but the peer that caused it
+        self._announce = announce
         self._stored = stored  # after a batch is applied
         # Batches a section may have in flight: two when the storage keeps
         # appends in order and fails every later one after a failure.
@@ -166,8 +165,8 @@ class Writer:
                 continue
             events = [section.stream.apply(record) for record in decided.records]
             reply(write.peer, decided.reply)
-            for event in events:
-                self._announce(section.audience, event, write.peer)
+            for record, event in zip(decided.records, events, strict=True):
+                self._announce(section, record, event, write.peer)
             _settle(write.outcome)
         self._stored(section, batch.records)
         section.pins -= len(batch.writes)
@@ -178,7 +177,7 @@ class Writer:
         if log.epoch is not None:
             section.stream.epoch = log.epoch
         for record in log.records:
-            self._announce(section.audience, section.stream.apply(record), None)
+            self._announce(section, record, section.stream.apply(record), None)
 
 
 def _settle(outcome: asyncio.Future[None], error: BaseException | None = None) -> None:

@@ -18,6 +18,7 @@ class CollectingPeer:
 
     codec = JSON
     documents = None
+    moderator = False
 
     def __init__(self, user: str):
         self.user = user

@@ -106,7 +106,7 @@ def test_msgpack_round_trip():
 
 
 def test_encoding_omits_absent_reply_to_but_keeps_nulls():
-    """Events have no reply_to; a Session's null title is still sent."""
+    """Events have no reply_to; a Session's null title and metadata are still sent."""
     session = Session("sid", "d", "s", None, "alice", "2026-11-25T08:00:00.000Z", False, 0)
     event = msgspec.json.decode(JSON.encode(SessionCreated(session=session, offset=3)))
     assert event == {
@@ -120,6 +120,8 @@ def test_encoding_omits_absent_reply_to_but_keeps_nulls():
             "created_at": "2026-11-25T08:00:00.000Z",
             "closed": False,
             "last_seq": 0,
+            "last_activity_at": "2026-11-25T08:00:00.000Z",
+            "metadata": None,
         },
         "offset": 3,
     }

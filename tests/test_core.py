@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import get_args
 
+import msgspec
 import pytest
 
 from protocol import errors
@@ -20,33 +21,56 @@ from protocol.messages import (
     MAX_LISTED_SESSIONS,
     CloseSession,
     CreateSession,
+    DeleteMessage,
+    EditMessage,
     History,
     ListSessions,
+    MarkRead,
     Message,
     MessageAck,
+    MessageDeleted,
+    MessageEdited,
     MessageEvent,
+    React,
+    ReactionEvent,
+    ReadEvent,
+    ReopenSession,
+    SectionSummary,
     SendMessage,
     Session,
     SessionClosed,
     SessionCreated,
+    StoredEvent,
+    UpdateSession,
 )
 from server.core import (
     Draft,
+    OutdatedState,
     Plan,
     Rules,
     Stream,
     apply,
     decide,
     history_window,
+    newly_mentioned,
+    read_state,
+    section_summary,
     session_page,
     snapshot_sessions,
 )
 from server.storage.base import (
+    MessageDeletedRecord,
+    MessageEditedRecord,
     MessageRecord,
+    ReactionRecord,
+    ReadRecord,
     SectionKey,
     SessionClosedRecord,
     SessionCreatedRecord,
+    SessionReopenedRecord,
+    SessionUpdatedRecord,
     StoredRecord,
+    reads_key,
     session_id_of,
 )
 
@@ -154,18 +178,29 @@ def test_events_announce_what_was_stored_with_its_offset():
 
 def test_every_record_kind_has_one_case_in_apply_and_an_event():
     """A new kind of record fails here until `apply`, `event_of` and `session_id_of` know it."""
-    session = Session("s", "doc", "sec", None, "alice", "t", False, 0)
-    message = Message("s", 1, "m", "alice", "hi", None, "t")
+    session = Session("s", "doc", "sec", None, "alice", "t1", False, 0)
+    message = Message("s", 1, "m", "alice", "hi", None, "t2")
+    edited = msgspec.structs.replace(message, text="hey", edited_at="t3")
+    deleted = msgspec.structs.replace(message, text="", deleted_at="t5")
+    closed = msgspec.structs.replace(session, closed=True, last_seq=1, last_activity_at="t6")
     examples: dict[type, StoredRecord] = {
         SessionCreatedRecord: SessionCreatedRecord(offset=1, session=session),
         MessageRecord: MessageRecord(offset=2, message=message),
-        SessionClosedRecord: SessionClosedRecord(offset=3, session=session),
+        MessageEditedRecord: MessageEditedRecord(offset=3, message=edited),
+        ReactionRecord: ReactionRecord(offset=4, message=edited, reaction="+1", user="bob", on=True, at="t4"),
+        MessageDeletedRecord: MessageDeletedRecord(offset=5, message=deleted),
+        SessionClosedRecord: SessionClosedRecord(offset=6, session=closed),
+        SessionReopenedRecord: SessionReopenedRecord(offset=7, session=msgspec.structs.replace(closed, closed=False)),
+        SessionUpdatedRecord: SessionUpdatedRecord(offset=8, session=msgspec.structs.replace(closed, title="T")),
+        ReadRecord: ReadRecord(offset=9, session_id="s", user="bob", seq=1),
     }
     assert set(examples) == set(get_args(StoredRecord))
     stream = Stream(KEY, 10)
     for record in examples.values():
-        assert stream.apply(record).offset == record.offset
+        event = stream.apply(record)
+        assert event.offset == record.offset if type(event) in get_args(StoredEvent) else type(event) is ReadEvent
         assert session_id_of(record) == "s"
+    assert stream.session("s").last_activity_at == "t6" and stream.session("s").title == "T"
     with pytest.raises(TypeError):
         apply(stream, "not a record")  # type: ignore[arg-type]
 
@@ -318,8 +353,7 @@ def test_history_pages_by_seq():
     store(stream, [send(rules, session.session_id)] * 5)  # offsets 2..6
     state = stream.state_of(session.session_id)
     window = lambda **fields: history_window(state, History(session_id=session.session_id, **fields))  # noqa: E731
-    assert window(limit=2) == (stream.state_of(session.session_id).offsets[3:5], True)
-    assert list(window(limit=2)[0]) == [5, 6]
+    assert window(limit=2) == ([5, 6], True)
     assert (list(window(before_seq=3, limit=5)[0]), window(before_seq=3)[1]) == ([2, 3], False)
     assert (list(window(after_seq=3)[0]), window(after_seq=3)[1]) == ([5, 6], False)
     assert (list(window(after_seq=0, limit=4)[0]), window(after_seq=0, limit=4)[1]) == ([2, 3, 4, 5], True)
@@ -355,3 +389,337 @@ def test_the_core_needs_no_event_loop():
     """Importing the core pulls in no asyncio: its rules can be run and tested anywhere."""
     code = "import sys, server.core; assert 'asyncio' not in sys.modules, 'server.core imports asyncio'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent, timeout=30)
+
+
+# Revision 1.1: edits, deletes, reactions, session updates, reopening ---------------------
+
+
+def edit(rules: Rules, session_id: str, seq: int, text: str, user: str = "alice", moderator: bool = False, **fields):
+    request = EditMessage(session_id=session_id, seq=seq, text=text, **fields)
+    return lambda draft: rules.edit_message(user, request, draft, moderator=moderator)
+
+
+def delete(rules: Rules, session_id: str, seq: int, user: str = "alice", moderator: bool = False):
+    request = DeleteMessage(session_id=session_id, seq=seq)
+    return lambda draft: rules.delete_message(user, request, draft, moderator=moderator)
+
+
+def react(rules: Rules, session_id: str, seq: int, reaction: str = "👍", user: str = "alice", on: bool = True):
+    return lambda draft: rules.react(user, React(session_id=session_id, seq=seq, reaction=reaction, on=on), draft)
+
+
+def with_message(text: str = "hello", **fields) -> tuple[Rules, Stream, Session, Message]:
+    rules, stream = make_rules(), Stream(KEY, 100)
+    session = created(rules, stream)
+    [sent] = store(stream, [send(rules, session.session_id, text, **fields)])
+    return rules, stream, session, sent.reply.message
+
+
+def test_an_edit_replaces_text_sets_edited_at_and_is_what_history_reads():
+    rules, stream, session, message = with_message()
+    [edited] = store(stream, [edit(rules, session.session_id, 1, "hello, world")])
+    new = edited.reply.message
+    assert (new.text, new.seq, new.message_id, new.sent_at) == ("hello, world", 1, message.message_id, message.sent_at)
+    assert new.edited_at is not None and new.edited_at > message.sent_at
+    state = stream.state_of(session.session_id)
+    offsets, _ = history_window(state, History(session_id=session.session_id))
+    assert offsets == [3] and stream.recent_messages(offsets) == [new]  # the latest version, not the original
+    assert stream.session(session.session_id).last_activity_at == new.edited_at
+
+
+def test_only_the_author_or_a_moderator_edits_or_deletes():
+    rules, stream, session, _ = with_message()
+    sid = session.session_id
+    decided = store(stream, [edit(rules, sid, 1, "mine now", user="bob"), delete(rules, sid, 1, user="bob")])
+    assert [refusal(d) for d in decided] == [errors.FORBIDDEN, errors.FORBIDDEN]
+    decided = store(
+        stream,
+        [edit(rules, sid, 1, "tidied", user="mod", moderator=True), delete(rules, sid, 1, user="mod", moderator=True)],
+    )
+    assert all(isinstance(d, Plan) and d.records for d in decided)
+
+
+def test_an_edit_that_changes_nothing_stores_nothing():
+    rules, stream, session, message = with_message("same", mentions=["bob"])
+    for unchanged in (
+        edit(rules, session.session_id, 1, "same"),
+        edit(rules, session.session_id, 1, "same", mentions=["bob", "bob"]),
+    ):
+        [plan] = store(stream, [unchanged])
+        assert plan.records == [] and plan.reply.message == message
+    [changed] = store(stream, [edit(rules, session.session_id, 1, "same", mentions=[])])
+    assert changed.reply.message.mentions == [] and stream.offset == 3
+
+
+def test_an_edit_notifies_only_users_it_mentions_for_the_first_time():
+    rules, stream, session, _ = with_message("hi @bob", mentions=["bob", "alice"])
+    assert newly_mentioned(stream.recent[-1]) == ["bob"]  # never the author
+    [edited] = store(stream, [edit(rules, session.session_id, 1, "hi @bob @carol", mentions=["bob", "carol"])])
+    assert edited.records[0].mentioned == ["carol"] and newly_mentioned(edited.records[0]) == ["carol"]
+    [again] = store(stream, [edit(rules, session.session_id, 1, "hi @carol", mentions=["carol"])])
+    assert newly_mentioned(again.records[0]) == []
+
+
+def test_a_seq_that_does_not_exist_is_not_found_and_comes_before_permissions():
+    rules, stream, session, _ = with_message()
+    for plan in (
+        edit(rules, session.session_id, 2, "x", user="bob"),
+        delete(rules, session.session_id, 2),
+        react(rules, session.session_id, 9),
+    ):
+        assert refusal(store(stream, [plan])[0]) == errors.NOT_FOUND
+
+
+def test_a_deleted_message_is_a_tombstone_everywhere_and_deleting_again_changes_nothing():
+    rules, stream, session, message = with_message("secret", mentions=["bob"])
+    sid = session.session_id
+    store(stream, [edit(rules, sid, 1, "secret, edited"), react(rules, sid, 1)])
+    [deleted] = store(stream, [delete(rules, sid, 1)])
+    tombstone = deleted.reply.message
+    assert (tombstone.text, tombstone.mentions, tombstone.reactions) == ("", [], {})
+    assert (tombstone.seq, tombstone.message_id, tombstone.author, tombstone.sent_at) == (
+        1,
+        message.message_id,
+        "alice",
+        message.sent_at,
+    )
+    # Every earlier event that carried the message now carries the tombstone; offsets and types stay.
+    events = stream.events_after(1)
+    assert [type(e) for e in events] == [MessageEvent, MessageEdited, ReactionEvent, MessageDeleted]
+    assert [e.offset for e in events] == [2, 3, 4, 5]
+    assert events[0].message == events[1].message == tombstone
+    [again] = store(stream, [delete(rules, sid, 1)])
+    assert again.records == [] and again.reply.message == tombstone
+    assert [refusal(d) for d in store(stream, [edit(rules, sid, 1, "back"), react(rules, sid, 1, "🎉")])] == [
+        errors.CONFLICT
+    ] * 2
+
+
+def test_deleting_works_in_a_closed_session_but_editing_and_reacting_do_not():
+    rules, stream, session, _ = with_message()
+    sid = session.session_id
+    store(stream, [send(rules, sid, "two"), close(rules, sid)])
+    assert [refusal(d) for d in store(stream, [edit(rules, sid, 1, "x"), react(rules, sid, 1)])] == [
+        errors.CONFLICT
+    ] * 2
+    [deleted] = store(stream, [delete(rules, sid, 2)])
+    assert deleted.reply.message.deleted_at is not None
+
+
+def test_reactions_toggle_per_user_in_order_and_repeats_store_nothing():
+    rules, stream, session, _ = with_message()
+    sid = session.session_id
+    decided = store(
+        stream, [react(rules, sid, 1, user="bob"), react(rules, sid, 1, user="carol"), react(rules, sid, 1, user="bob")]
+    )
+    assert [len(d.records) for d in decided] == [1, 1, 0]
+    assert decided[2].reply.on is True and decided[2].reply.user == "bob"  # the same reply as the first
+    assert stream.current_message(sid, 1).reactions == {"👍": ["bob", "carol"]}
+    store(stream, [react(rules, sid, 1, user="bob", on=False), react(rules, sid, 1, user="carol", on=False)])
+    assert stream.current_message(sid, 1).reactions == {}  # a reaction nobody gives is absent
+    [taken_back] = store(stream, [react(rules, sid, 1, user="carol", on=False)])
+    assert taken_back.records == []
+
+
+def test_a_twenty_first_distinct_reaction_is_too_large():
+    rules, stream, session, _ = with_message()
+    sid = session.session_id
+    assert all(d.records for d in store(stream, [react(rules, sid, 1, str(n)) for n in range(20)]))
+    [extra, more_of_one] = store(stream, [react(rules, sid, 1, "21st"), react(rules, sid, 1, "0", user="bob")])
+    assert refusal(extra) == errors.TOO_LARGE and more_of_one.records
+
+
+def test_update_session_by_creator_or_moderator_with_absent_unchanged_and_null_cleared():
+    rules, stream = make_rules(), Stream(KEY, 100)
+    session = created(rules, stream, title="T", metadata={"anchor": [1, 2]})
+    sid = session.session_id
+    update = lambda user="alice", moderator=False, **fields: lambda d: rules.update_session(  # noqa: E731
+        user, UpdateSession(session_id=sid, **fields), d, moderator=moderator
+    )
+    assert refusal(store(stream, [update("bob", title="mine")])[0]) == errors.FORBIDDEN
+    [same] = store(stream, [update(title="T")])
+    assert same.records == [] and same.reply.session == session
+    [cleared] = store(stream, [update(metadata=None)])
+    assert (cleared.reply.session.title, cleared.reply.session.metadata) == ("T", None)
+    [by_mod] = store(stream, [update("mod", moderator=True, title=None)])
+    assert by_mod.reply.session.title is None and by_mod.records
+    store(stream, [close(rules, sid)])
+    [while_closed] = store(stream, [update(title="closed but renamed")])
+    assert while_closed.records and while_closed.reply.session.closed
+
+
+def test_metadata_over_four_kilobytes_is_too_large():
+    Rules.check_metadata({"x": "y" * 4080})
+    with pytest.raises(ChatError) as refused:
+        Rules.check_metadata({"x": "é" * 2100})  # counted in UTF-8 bytes, not characters
+    assert refused.value.code == errors.TOO_LARGE
+
+
+def test_reopen_only_a_closed_session_and_activity_never_goes_back():
+    rules, stream = make_rules(), Stream(KEY, 100)
+    sid = created(rules, stream).session_id
+    assert (
+        refusal(store(stream, [lambda d: rules.reopen_session("a", ReopenSession(session_id=sid), d)])[0])
+        == errors.CONFLICT
+    )
+    store(stream, [close(rules, sid)])
+    closed_at = stream.session(sid).last_activity_at
+    [reopened] = store(stream, [lambda d: rules.reopen_session("a", ReopenSession(session_id=sid), d)])
+    assert reopened.reply.session.closed is False and reopened.reply.session.last_activity_at > closed_at
+    late = Message(sid, 1, "m", "a", "t", None, "2000-01-01T00:00:00.000Z")  # a clock that went back
+    stream.apply(MessageRecord(offset=stream.offset + 1, message=late))
+    assert stream.session(sid).last_activity_at == reopened.reply.session.last_activity_at
+
+
+def test_mentions_are_kept_without_repeats():
+    _, _, _, message = with_message("hi", mentions=["bob", "carol", "bob"])
+    assert message.mentions == ["bob", "carol"]
+
+
+def test_a_snapshot_keeps_versions_and_tombstones():
+    rules, stream, session, _ = with_message()
+    sid = session.session_id
+    store(stream, [send(rules, sid, "two"), edit(rules, sid, 1, "one, edited"), delete(rules, sid, 2)])
+    restored = Stream(KEY, 100)
+    restored.restore(stream.offset, stream.snapshot())
+    assert restored.snapshot() == stream.snapshot()
+    state = restored.state_of(sid)
+    assert state.latest_offset(1) == 4 and state.tombstones[2].text == ""
+
+
+def test_sessions_by_activity_latest_first_and_filtered_by_closed():
+    rules, stream = make_rules(), Stream(KEY, 100)
+    a, b, c = (created(rules, stream).session_id for _ in range(3))
+    store(stream, [send(rules, a), close(rules, b)])
+    sessions = [state.session for state in stream.sessions.values()]
+    page = session_page(list(sessions), ListSessions(document_id="doc", order="activity", limit=2))
+    assert [s.session_id for s in page.sessions] == [b, a]
+    rest = session_page(
+        list(sessions), ListSessions(document_id="doc", order="activity", limit=2, cursor=page.next_cursor)
+    )
+    assert [s.session_id for s in rest.sessions] == [c] and rest.next_cursor is None
+    assert [
+        s.session_id for s in session_page(list(sessions), ListSessions(document_id="doc", closed=True)).sessions
+    ] == [b]
+    assert [
+        s.session_id for s in session_page(list(sessions), ListSessions(document_id="doc", closed=False)).sessions
+    ] == [a, c]
+
+
+def test_paging_by_activity_never_repeats_a_session_that_becomes_active_meanwhile():
+    rules, stream = make_rules(), Stream(KEY, 100)
+    ids = [created(rules, stream).session_id for _ in range(6)]
+    first = session_page(
+        [s.session for s in stream.sessions.values()], ListSessions(document_id="doc", order="activity", limit=3)
+    )
+    store(stream, [send(rules, ids[0])])  # the oldest, not yet listed, becomes the most active
+    second = session_page(
+        [s.session for s in stream.sessions.values()],
+        ListSessions(document_id="doc", order="activity", limit=3, cursor=first.next_cursor),
+    )
+    listed = [s.session_id for s in first.sessions + second.sessions]
+    assert len(listed) == len(set(listed)) and set(ids[1:]) <= set(listed)
+
+
+def test_a_retry_of_a_deleted_message_answers_the_tombstone_not_the_text():
+    rules, stream, session, _ = with_message("regret", client_msg_id="c")
+    store(stream, [delete(rules, session.session_id, 1)])
+    [retry] = store(stream, [send(rules, session.session_id, "regret", client_msg_id="c")])
+    assert retry.records == [] and retry.reply.message.text == "" and retry.reply.message.deleted_at is not None
+
+
+# Read state --------------------------------------------------------------------------------
+
+
+def mark(rules: Rules, section: Stream, session_id: str, seq: int, user: str = "bob"):
+    return lambda draft: rules.mark_read(user, MarkRead(session_id=session_id, seq=seq), section, draft)
+
+
+def test_unread_counts_leave_out_own_and_deleted_messages():
+    rules, stream = make_rules(), Stream(KEY, 100)
+    sid = created(rules, stream).session_id
+    store(
+        stream,
+        [send(rules, sid, "a1"), send(rules, sid, "b1", user="bob"), send(rules, sid, "a2"), send(rules, sid, "a3")],
+    )
+    state = stream.state_of(sid)
+    assert state.read_marker("bob", 0) == 2  # his own message marks what he read
+    assert (state.unread("bob", 2), state.unread("carol", 0), state.unread("alice", 0)) == (2, 4, 1)
+    store(stream, [delete(rules, sid, 3), delete(rules, sid, 2, user="bob")])
+    assert (state.unread("bob", 2), state.unread("carol", 0), state.unread("alice", 0)) == (1, 2, 0)
+    assert state.unread("carol", 4) == 0
+
+
+def test_mentions_count_while_unread_and_follow_edits_and_deletes():
+    rules, stream = make_rules(), Stream(KEY, 100)
+    sid = created(rules, stream).session_id
+    store(stream, [send(rules, sid, "@bob", mentions=["bob"]), send(rules, sid, "@carol", mentions=["carol", "alice"])])
+    state = stream.state_of(sid)
+    assert (state.unread_mentions("bob", 0), state.unread_mentions("carol", 0), state.unread_mentions("alice", 0)) == (
+        1,
+        1,
+        0,
+    )
+    assert state.unread_mentions("bob", 1) == 0
+    store(stream, [edit(rules, sid, 1, "@carol now", mentions=["carol"])])
+    assert (state.unread_mentions("bob", 0), state.unread_mentions("carol", 0)) == (0, 2)
+    store(stream, [delete(rules, sid, 2)])
+    assert state.unread_mentions("carol", 0) == 1
+
+
+def test_a_read_marker_only_moves_forward_and_is_bounded_by_the_last_seq():
+    rules, section, reads = make_rules(), Stream(KEY, 100), Stream(reads_key(KEY), 100)
+    sid = created(rules, section).session_id
+    store(section, [send(rules, sid, str(n)) for n in range(5)])
+    first, back, same = store(
+        reads, [mark(rules, section, sid, 3), mark(rules, section, sid, 1), mark(rules, section, sid, 3)]
+    )
+    assert [len(p.records) for p in (first, back, same)] == [1, 0, 0]
+    assert back.reply.seq == 3 and same.reply.seq == 3  # at or below the marker: the current marker
+    assert reads.reads == {sid: {"bob": 3}}
+    assert refusal(store(reads, [mark(rules, section, sid, 6)])[0]) == errors.BAD_REQUEST
+    store(section, [send(rules, sid, "mine", user="bob")])
+    [below_own] = store(reads, [mark(rules, section, sid, 5)])
+    assert below_own.records == [] and below_own.reply.seq == 6  # sending moved his marker to his message
+    assert read_state("bob", [(section.state_of(sid), reads.reads)]) == ({sid: 6}, {sid: 0})
+    assert read_state("carol", [(section.state_of(sid), reads.reads)]) == ({sid: 0}, {sid: 6})
+
+
+def test_tallies_and_markers_survive_a_snapshot_and_an_old_one_is_refused():
+    rules, stream, session, _ = with_message("@bob", mentions=["bob"])
+    sid = session.session_id
+    store(stream, [send(rules, sid, "b", user="bob"), delete(rules, sid, 1)])
+    reads = Stream(reads_key(KEY), 10)
+    store(reads, [mark(rules, stream, sid, 1, user="carol")])
+    for original in (stream, reads):
+        restored = Stream(original.key, 10)
+        restored.restore(original.offset, original.snapshot())
+        assert restored.snapshot() == original.snapshot()
+    state = Stream(KEY, 10)
+    state.restore(stream.offset, stream.snapshot())
+    kept = state.state_of(sid)
+    assert (kept.unread("carol", 0), kept.unread_mentions("bob", 0), kept.read_marker("bob", 0)) == (1, 0, 2)
+    old = msgspec.msgpack.encode([[], [], [], 1])
+    with pytest.raises(OutdatedState):
+        Stream(KEY, 10).restore(3, old)
+
+
+def test_a_section_summary_counts_sessions_messages_and_the_users_unread():
+    rules, stream, reads = make_rules(), Stream(KEY, 100), Stream(reads_key(KEY), 100)
+    assert section_summary(stream, reads.reads, "bob") == SectionSummary("sec", 0, 0, 0, None, 0, 0)
+    a, b = created(rules, stream).session_id, created(rules, stream).session_id
+    store(stream, [send(rules, a, "1"), send(rules, a, "@bob", mentions=["bob"]), send(rules, b, "x"), close(rules, b)])
+    store(stream, [delete(rules, b, 1)])
+    summary = section_summary(stream, reads.reads, "bob")
+    assert (summary.sessions, summary.open_sessions, summary.messages, summary.unread, summary.mentions) == (
+        2,
+        1,
+        2,
+        2,
+        1,
+    )
+    assert summary.last_activity_at == stream.session(b).last_activity_at
+    store(reads, [mark(rules, stream, a, 2)])
+    assert section_summary(stream, reads.reads, "bob").unread == 0
+    assert section_summary(stream, reads.reads, "alice").unread == 0  # all her own
+    assert section_summary(stream, reads.reads, "carol").mentions == 0

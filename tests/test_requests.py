@@ -30,7 +30,12 @@ async def test_welcome(connect):
     assert welcome["user"] == "alice"
     assert welcome["protocol"] == 1
     assert welcome["server"] == f"sectionchat/{__version__}"
-    assert welcome["limits"] == {"max_frame_bytes": 65536, "max_text_chars": 8000, "messages_per_s": 0}
+    assert welcome["limits"] == {
+        "max_frame_bytes": 65536,
+        "max_text_chars": 8000,
+        "messages_per_s": 0,
+        "max_subscriptions": 100,
+    }
     assert isinstance(welcome["connection_id"], str) and welcome["connection_id"]
 
 
@@ -59,6 +64,8 @@ async def test_create_session(connect):
         "created_at",
         "closed",
         "last_seq",
+        "last_activity_at",
+        "metadata",
     }
     assert_uuid4(session["session_id"])
     assert session["document_id"] == "spec-7"
@@ -68,6 +75,7 @@ async def test_create_session(connect):
     assert RFC3339_MS.match(session["created_at"])
     assert session["closed"] is False
     assert session["last_seq"] == 0
+    assert session["last_activity_at"] == session["created_at"] and session["metadata"] is None
 
 
 async def test_create_session_without_title(connect):
@@ -108,7 +116,13 @@ async def test_get_session(connect):
         sid = created["session"]["session_id"]
         await alice.call("send_message", session_id=sid, text="one")
         reply = await alice.request("get_session", id=5, session_id=sid)
-    assert reply == {"type": "session", "reply_to": 5, "session": {**created["session"], "last_seq": 1}}
+    sent_at = reply["session"]["last_activity_at"]
+    assert sent_at >= created["session"]["created_at"]
+    assert reply == {
+        "type": "session",
+        "reply_to": 5,
+        "session": {**created["session"], "last_seq": 1, "last_activity_at": sent_at},
+    }
 
 
 async def test_unknown_session_is_not_found(connect):
@@ -154,7 +168,13 @@ async def test_send_message(connect):
         assert set(ack) == {"type", "reply_to", "message"}
         assert ack["type"] == "message_ack" and ack["reply_to"] == n
         message = ack["message"]
-        assert set(message) == {"session_id", "seq", "message_id", "author", "text", "client_msg_id", "sent_at"}
+        assert set(message) == {
+            "session_id", "seq", "message_id", "author", "text", "client_msg_id", "sent_at",
+            "mentions", "edited_at", "deleted_at", "reactions",
+        }  # fmt: skip
+        assert (message["mentions"], message["edited_at"], message["deleted_at"], message["reactions"]) == (
+            [], None, None, {},
+        )  # fmt: skip
         assert message["session_id"] == sid
         assert message["seq"] == n + 1
         assert_uuid4(message["message_id"])

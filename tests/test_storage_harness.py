@@ -27,7 +27,7 @@ import os
 import random
 import shutil
 import tempfile
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,10 +36,17 @@ import pytest
 from faultdisk import SimulatedDisk
 from test_chat import CollectingPeer
 
-from protocol.messages import CreateSession, Message, SendMessage, Session, Subscribe
+from protocol.messages import CreateSession, EditMessage, Message, SendMessage, Session, Subscribe
 from server.chat import Chat
-from server.core import Stream
-from server.storage.base import MessageRecord, SectionKey, SectionLog, SessionCreatedRecord, StorageError
+from server.core import Stream, event_of
+from server.storage.base import (
+    MessageEditedRecord,
+    MessageRecord,
+    SectionKey,
+    SectionLog,
+    SessionCreatedRecord,
+    StorageError,
+)
 from server.storage.disk import Disk
 from server.storage.file import FileStorage, _decode_line
 
@@ -65,6 +72,8 @@ class Outcomes:
     session_ids: dict[str, str] = field(default_factory=dict)  # title -> id, when acked
     messages: dict[str, str] = field(default_factory=dict)
     acked_messages: dict[str, dict] = field(default_factory=dict)
+    edits: dict[str, str] = field(default_factory=dict)  # title -> outcome of its edit of message 1
+    acked_edits: dict[str, dict] = field(default_factory=dict)
     events: dict[SectionKey, dict[int, dict]] = field(default_factory=dict)  # live events by offset
     epochs: dict[SectionKey, str] = field(default_factory=dict)
 
@@ -116,6 +125,13 @@ async def workload(storage: FileStorage, outcomes: Outcomes, tag: str) -> None:
         # Two at a time: batches queue behind batches in flight, as under load.
         for m in range(0, MESSAGES_PER_CLIENT, 2):
             await asyncio.gather(send(m), send(m + 1))
+        if outcomes.messages.get(f"{title}-0") == "acked":
+            # An edit of the first message: its own record kind, read back by its latest offset.
+            first_seq = outcomes.acked_messages[f"{title}-0"]["seq"]
+            await chat.handle(peer, EditMessage(id=99, session_id=session_id, seq=first_seq, text=f"edited {title}"))
+            outcomes.edits[title], edited = _outcome(peer, 99)
+            if edited is not None:
+                outcomes.acked_edits[title] = edited["message"]
 
     await asyncio.gather(*(client(key, n) for key in SECTIONS for n in range(CLIENTS_PER_SECTION)))
     await chat.close()
@@ -162,6 +178,7 @@ async def check(root: Path, outcomes: Outcomes) -> None:
         titles: Counter[str] = Counter()
         messages: dict[str, dict] = {}
         duplicates: Counter[str] = Counter()
+        edits: dict[str, list[dict]] = defaultdict(list)  # title -> its stored edits
         for key in SECTIONS:
             log = await storage.read_after(key, 0)
             await _check_kept_state(storage, key, log)
@@ -169,6 +186,8 @@ async def check(root: Path, outcomes: Outcomes) -> None:
             _check_file_is_clean(storage, key, len(log.records))
             seqs: dict[str, int] = {}
             for record in log.records:
+                if isinstance(record, MessageEditedRecord):
+                    edits[record.message.text.removeprefix("edited ")].append(msgspec.to_builtins(record.message))
                 if isinstance(record, SessionCreatedRecord):
                     titles[record.session.title] += 1
                     seqs[record.session.session_id] = 0
@@ -184,14 +203,9 @@ async def check(root: Path, outcomes: Outcomes) -> None:
                 assert log.epoch == outcomes.epochs[key], "the epoch changed though events were stored"
             for offset, frame in seen.items():
                 assert offset <= len(log.records), f"the event at offset {offset} seen live is not stored"
-                record = log.records[offset - 1]
-                if frame["type"] == "session_created":
-                    assert (
-                        isinstance(record, SessionCreatedRecord)
-                        and msgspec.to_builtins(record.session) == frame["session"]
-                    )
-                else:
-                    assert isinstance(record, MessageRecord) and msgspec.to_builtins(record.message) == frame["message"]
+                assert (
+                    msgspec.to_builtins(event_of(log.records[offset - 1])) == frame
+                ), "a live event is not what is stored"
         for title, outcome in outcomes.sessions.items():
             expected = {"acked": (1,), "refused": (0,), "unknown": (0, 1)}[outcome]
             assert titles[title] in expected, f"session {title} ({outcome}) stored {titles[title]} times"
@@ -200,6 +214,11 @@ async def check(root: Path, outcomes: Outcomes) -> None:
             assert duplicates[cmid] in expected, f"message {cmid} ({outcome}) stored {duplicates[cmid]} times"
             if outcome == "acked":
                 assert messages[cmid] == outcomes.acked_messages[cmid]
+        for title, outcome in outcomes.edits.items():
+            expected = {"acked": (1,), "refused": (0,), "unknown": (0, 1)}[outcome]
+            assert len(edits[title]) in expected, f"the edit of {title} ({outcome}) stored {len(edits[title])} times"
+            if outcome == "acked":
+                assert edits[title] == [outcomes.acked_edits[title]]
         # And it takes writes.
         chat, peer = Chat(storage, sessions_per_minute=0), Peer("after")
         for key in SECTIONS:
@@ -330,6 +349,8 @@ async def test_every_injected_fault_keeps_every_invariant():
                             n,
                             outcomes.sessions,
                         )
+                        b_edits = [o for t, o in outcomes.edits.items() if t.startswith("b-")]
+                        assert len(b_edits) == len(SECTIONS) * CLIENTS_PER_SECTION and set(b_edits) == {"acked"}
                         if ending == "close":
                             await storage.close()
                         else:

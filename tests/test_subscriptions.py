@@ -34,6 +34,8 @@ async def test_subscribed_reply(connect):
         "recovered",
         "events",
         "sessions_complete",
+        "read",
+        "unread",
     }
     assert reply["type"] == "subscribed" and reply["reply_to"] == "s1"
     assert reply["document_id"] == "d" and reply["section_id"] == "s"
@@ -43,6 +45,8 @@ async def test_subscribed_reply(connect):
     assert reply["presence"] == ["alice", "bob"]
     assert reply["recovered"] is False and reply["events"] == []
     assert reply["sessions_complete"] is True
+    sid = created["session"]["session_id"]
+    assert (reply["read"], reply["unread"]) == ({sid: 0}, {sid: 0})
 
 
 async def test_two_subscribers_see_each_others_events(connect):

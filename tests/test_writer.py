@@ -91,7 +91,7 @@ class Rig:
         self.rules = Rules()
         self.alice = CollectingPeer("alice")
 
-    def _announce(self, audience, event, cause) -> None:
+    def _announce(self, section, record, event, cause) -> None:
         self.announced.append((type(event).__name__, event.offset, cause and cause.user))
 
     @property

@@ -36,22 +36,89 @@ class SessionClosedRecord(Record, tag="session_closed"):
     session: Session
 
 
-StoredRecord = Union[SessionCreatedRecord, MessageRecord, SessionClosedRecord]
+# Revision 1.1. A record that changes a message carries the whole message as it is
+# after the change, so the latest record of a message is all a read needs.
+
+
+class MessageEditedRecord(Record, tag="message_edited"):
+    message: Message
+    mentioned: list[str] = []  # users this version mentions and the one before did not (they are notified)
+
+
+class MessageDeletedRecord(Record, tag="message_deleted"):
+    message: Message  # the tombstone
+
+
+class ReactionRecord(Record, tag="reaction"):
+    message: Message
+    reaction: str
+    user: str
+    on: bool
+    at: str
+
+
+class SessionUpdatedRecord(Record, tag="session_updated"):
+    session: Session
+
+
+class SessionReopenedRecord(Record, tag="session_reopened"):
+    session: Session
+
+
+class ReadRecord(Record, tag="read"):
+    """A user's read marker in a session: stored in the section's read stream (see `reads_key`), not its events."""
+
+    session_id: str
+    user: str
+    seq: int
+
+
+StoredRecord = Union[
+    SessionCreatedRecord,
+    MessageRecord,
+    SessionClosedRecord,
+    MessageEditedRecord,
+    MessageDeletedRecord,
+    ReactionRecord,
+    SessionUpdatedRecord,
+    SessionReopenedRecord,
+    ReadRecord,
+]
+# The records that carry a message, and those that carry a session.
+MessageChange = Union[MessageRecord, MessageEditedRecord, MessageDeletedRecord, ReactionRecord]
+SessionChange = Union[SessionCreatedRecord, SessionClosedRecord, SessionUpdatedRecord, SessionReopenedRecord]
 
 
 def session_id_of(record: StoredRecord) -> str:
     """The session a record belongs to."""
-    match record:
-        case SessionCreatedRecord(session=session) | SessionClosedRecord(session=session):
-            return session.session_id
-        case MessageRecord(message=message):
-            return message.session_id
-    raise TypeError(record)
+    if isinstance(record, (SessionCreatedRecord, SessionClosedRecord, SessionUpdatedRecord, SessionReopenedRecord)):
+        return record.session.session_id
+    if isinstance(record, ReadRecord):
+        return record.session_id
+    return record.message.session_id
 
 
 def placed_sessions(records: list[StoredRecord]) -> list[str]:
     """The sessions these records place in their section: what each backend's session index learns of them."""
     return [record.session.session_id for record in records if isinstance(record, SessionCreatedRecord)]
+
+
+# A section's read markers are a record stream of their own, stored like a section's
+# under a key no client can name (ids may not hold control characters): durable
+# before `read_marked` like every write, and never among the section's events.
+_READS = "\x00reads\x00"
+
+
+def reads_key(key: SectionKey) -> SectionKey:
+    """Where the read markers of a section's sessions are stored."""
+    return SectionKey(key.document_id, _READS + key.section_id)
+
+
+def section_of_reads(key: SectionKey) -> SectionKey | None:
+    """The section whose read markers `key` stores, if it is a `reads_key`."""
+    if not key.section_id.startswith(_READS):
+        return None
+    return SectionKey(key.document_id, key.section_id.removeprefix(_READS))
 
 
 class SectionState(NamedTuple):
