@@ -296,6 +296,9 @@ class Welcome(ServerFrame, tag="welcome"):
     protocol: int
     server: str
     limits: Limits
+    # Not in the contract's welcome (extra fields are allowed): the token's roles, so a
+    # page shows moderator actions only to moderators. Always sent (a list, maybe empty).
+    roles: list[str] = msgspec.field(default_factory=lambda: [])
 
 
 class SessionCreated(ServerFrame, tag="session_created"):
@@ -323,11 +326,11 @@ class SessionInfo(ServerFrame, tag="session"):
 
 class SessionList(ServerFrame, tag="sessions"):
     sessions: list[Session]
-    # New in 1.1. A default_factory (unlike a plain default) is never omitted
-    # by omit_defaults, so `null` is sent, and a 1.0 server's reply decodes to None.
+    # New in 1.1. A default_factory that is a lambda (unlike a plain default, or the
+    # `list`/`dict` factories) is never omitted by omit_defaults: these are always sent.
     next_cursor: str | None = msgspec.field(default_factory=lambda: None)
-    read: dict[str, int] = msgspec.field(default_factory=dict)  # session_id -> the user's last read seq
-    unread: dict[str, int] = msgspec.field(default_factory=dict)  # session_id -> unread messages
+    read: dict[str, int] = msgspec.field(default_factory=lambda: {})  # session_id -> the user's last read seq
+    unread: dict[str, int] = msgspec.field(default_factory=lambda: {})  # session_id -> unread messages
 
 
 class MessageEdited(ServerFrame, tag="message_edited"):
@@ -430,8 +433,8 @@ class Subscribed(ServerFrame, tag="subscribed"):
     # New in 1.1: false when `sessions` holds only the MAX_LISTED_SESSIONS most
     # recently active; always sent (see SessionList.next_cursor); a 1.0 server sent all.
     sessions_complete: bool = msgspec.field(default_factory=lambda: True)
-    read: dict[str, int] = msgspec.field(default_factory=dict)  # as in SessionList
-    unread: dict[str, int] = msgspec.field(default_factory=dict)
+    read: dict[str, int] = msgspec.field(default_factory=lambda: {})  # as in SessionList
+    unread: dict[str, int] = msgspec.field(default_factory=lambda: {})
 
 
 class Unsubscribed(ServerFrame, tag="unsubscribed"):

@@ -29,7 +29,7 @@ from protocol.errors import ChatError
 from protocol.messages import PROTOCOL_VERSION, ClientRequest, Error, Limits, RequestId, Welcome
 
 from . import __version__
-from .auth import AuthError, Identity, authenticate, bearer_token
+from .auth import MODERATOR, AuthError, Identity, authenticate, bearer_token
 from .chat import Chat
 from .config import Config
 from .http import HttpRoutes, method_not_allowed, response
@@ -188,6 +188,7 @@ class Transport:
                 protocol=PROTOCOL_VERSION,
                 server=SERVER_NAME,
                 limits=self.limits,
+                roles=[MODERATOR] if peer.moderator else [],
             ),
         )
         self.chat.connect(peer)

@@ -103,6 +103,7 @@ async def test_moderators_edit_and_delete_anyones_messages_in_token_mode(data_di
             ScriptClient.connect(f"{app.url}?token={bob_token}") as bob,
             ScriptClient.connect(f"{app.url}?token={moderator_token}") as mia,
         ):
+            assert (alice.welcome["roles"], mia.welcome["roles"]) == ([], ["moderator"])
             sid = await new_session(alice, title="Alice's")
             await alice.call("send_message", session_id=sid, text="rude word")
             assert (await bob.request("edit_message", session_id=sid, seq=1, text="x"))["code"] == "forbidden"

@@ -25,7 +25,8 @@ async def test_welcome(connect):
     """The server speaks first, naming the connection, the user and the limits."""
     async with connect("alice") as alice:
         welcome = alice.welcome
-    assert set(welcome) == {"type", "connection_id", "user", "protocol", "server", "limits"}
+    assert set(welcome) == {"type", "connection_id", "user", "protocol", "server", "limits", "roles"}
+    assert welcome["roles"] == []  # open mode has no moderators
     assert welcome["type"] == "welcome"
     assert welcome["user"] == "alice"
     assert welcome["protocol"] == 1

@@ -325,3 +325,11 @@ async def test_subscribed_snapshot_is_complete_up_to_the_bound(app, connect):
         reply = await subscribe(alice)
     assert reply["sessions_complete"] is True
     assert sorted(stored_order(reply["sessions"])) == sorted(stored_order(created))
+
+
+async def test_an_empty_section_still_says_read_and_unread(connect):
+    """`read` and `unread` are always present, empty when no session is listed."""
+    async with connect("alice") as alice:
+        reply = await subscribe(alice, section_id="empty")
+        listed = await alice.call("list_sessions", document_id="d", section_id="empty")
+    assert (reply["read"], reply["unread"], listed["read"], listed["unread"]) == ({}, {}, {}, {})
