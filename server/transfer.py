@@ -8,8 +8,11 @@
 #   {"kind":"message","offset":2,"message":{...}}
 #   {"kind":"session_closed","offset":3,"session":{...}}
 #
+# A section's read markers follow it as a section of their own, whose id is the
+# section's prefixed with "\u0000reads\u0000" (server/storage/base.py, reads_key).
+#
 # Import is idempotent: a session that already exists is skipped with its
-# messages. Into an empty store, sections keep their offsets and epochs, so
+# messages (and changes), a read marker that exists is skipped. Into an empty store, sections keep their offsets and epochs, so
 # clients can go on recovering across a migration (files -> Redis, say).
 
 from __future__ import annotations
@@ -22,7 +25,16 @@ import msgspec
 from tqdm import tqdm
 
 from .core import Stream
-from .storage.base import SectionKey, SectionState, Storage, StoredRecord, placed_sessions, session_id_of
+from .storage.base import (
+    ReadRecord,
+    SectionKey,
+    SectionState,
+    Storage,
+    StoredRecord,
+    placed_sessions,
+    reads_key,
+    session_id_of,
+)
 
 FORMAT = "sectionchat-export"
 VERSION = 1
@@ -55,14 +67,28 @@ async def export_document(storage: Storage, document_id: str, out: IO[bytes], *,
     out.write(_encode(ExportHeader(VERSION, document_id)) + b"\n")
     written = 0
     with tqdm(desc=f"exporting {document_id}", unit=" records", disable=None if progress else True) as bar:
-        for key in await storage.document_sections(document_id):
-            log = await storage.read_after(key, 0)
-            out.write(_encode(SectionStart(key.document_id, key.section_id, log.epoch)) + b"\n")
-            for record in log.records:
-                out.write(_encode(record) + b"\n")
-            written += len(log.records)
-            bar.update(len(log.records))
+        for section in await storage.document_sections(document_id):
+            for key in (section, reads_key(section)):
+                log = await storage.read_after(key, 0)
+                if key != section and not log.records:
+                    continue  # nobody marked anything read there
+                out.write(_encode(SectionStart(key.document_id, key.section_id, log.epoch)) + b"\n")
+                for record in log.records:
+                    out.write(_encode(record) + b"\n")
+                written += len(log.records)
+                bar.update(len(log.records))
     return written
+
+
+def _identity(record: StoredRecord) -> object:
+    """What makes a record one already imported: its session; a read marker, itself."""
+    if isinstance(record, ReadRecord):
+        return (record.session_id, record.user, record.seq)
+    return session_id_of(record)
+
+
+def _present(existing: list[StoredRecord]) -> set[object]:
+    return {_identity(r) for r in existing if isinstance(r, ReadRecord)} | set(placed_sessions(existing))
 
 
 def _sections(lines: Iterable[bytes]) -> Iterator[tuple[SectionStart, list[StoredRecord]]]:
@@ -101,12 +127,12 @@ async def import_lines(storage: Storage, lines: Iterable[bytes], *, progress: bo
             key = SectionKey(start.document_id, start.section_id)
             loaded = await storage.load_section(key)
             existing = loaded.records if loaded.state is None else (await storage.read_after(key, 0)).records
-            present = set(placed_sessions(existing))
+            present = _present(existing)
             epoch = loaded.epoch or start.epoch or "imported"
             offset = len(existing)
             fresh: list[StoredRecord] = []
             for record in records:
-                if session_id_of(record) in present:
+                if _identity(record) in present:
                     skipped += 1
                     continue
                 offset += 1

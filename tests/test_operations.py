@@ -211,6 +211,13 @@ async def make_document(url: str) -> None:
                     "send_message", session_id=a["session"]["session_id"], text=f"a{n}", client_msg_id=f"c{n}"
                 )
                 await bob.call("send_message", session_id=b["session"]["session_id"], text=f"b{n}\nline two")
+            if section == "intro":  # revision 1.1: every kind of change, and a read marker
+                sid = a["session"]["session_id"]
+                await alice.call("edit_message", session_id=sid, seq=1, text="a0, edited", mentions=["bob"])
+                await bob.call("react", session_id=sid, seq=1, reaction="👍")
+                await alice.call("delete_message", session_id=sid, seq=2)
+                await alice.call("update_session", session_id=sid, metadata={"anchor": "¶3"})
+                await bob.call("mark_read", session_id=sid, seq=3)
             await alice.call("close_session", session_id=a["session"]["session_id"])
         await alice.call("create_session", document_id="other-doc", section_id="x")
 
@@ -236,9 +243,9 @@ async def test_export_import_round_trip(server_process, data_dir, tmp_path, redi
     copy_dir = tmp_path / "copy"
     imported = await asyncio.to_thread(sectionchat, "import", "-", "--data-dir", str(copy_dir), stdin=first.stdout)
     assert imported.returncode == 0, imported.stderr
-    assert b"imported 39 records" in imported.stderr
+    assert b"imported 44 records" in imported.stderr  # 39 of 1.0, 4 changes, 1 read marker
     again = await asyncio.to_thread(sectionchat, "import", "-", "--data-dir", str(copy_dir), stdin=first.stdout)
-    assert b"imported 0 records; skipped 39" in again.stderr
+    assert b"imported 0 records; skipped 44" in again.stderr
     second = await asyncio.to_thread(sectionchat, "export", "--document", "spec-7", "--data-dir", str(copy_dir))
     assert second.stdout == first.stdout
 
@@ -256,7 +263,17 @@ async def test_export_import_round_trip(server_process, data_dir, tmp_path, redi
         reply = await carol.call(
             "subscribe", document_id="spec-7", section_id=section["section_id"], since_offset=1, epoch=section["epoch"]
         )
-        assert reply["recovered"] is True and len(reply["events"]) == 12
+        assert reply["recovered"] is True and len(reply["events"]) == 16
+        assert {e["type"] for e in reply["events"]} >= {
+            "message_edited",
+            "reaction",
+            "message_deleted",
+            "session_updated",
+        }
+    async with ScriptClient.connect(restarted.url, name="bob") as bob:
+        listed = await bob.call("list_sessions", document_id="spec-7", section_id="intro")
+        alices = next(s["session_id"] for s in listed["sessions"] if s["created_by"] == "alice")
+        assert listed["read"][alices] == 3 and listed["sessions"][0]["metadata"] == {"anchor": "¶3"}
 
 
 def test_import_rejects_garbage(tmp_path):
