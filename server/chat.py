@@ -101,6 +101,8 @@ class Cluster(Protocol):
 
     async def remote_presence(self, key: SectionKey) -> set[str]: ...
 
+    def mentioned(self, users: list[str], notice: Mentioned) -> None: ...
+
 
 class Chat:
     """Everything the server decides; transports only feed it requests."""
@@ -292,7 +294,10 @@ class Chat:
 
     async def _summary_later(self, key: SectionKey) -> None:
         try:
-            await self._marked(key)
+            owner = section_of_reads(key) or key
+            await self.sections.loaded(owner)
+            await self._marked(owner)
+            key = owner
         except StorageError as error:
             logger.warning("cannot load read markers for a summary: %s", error)
             return
@@ -417,10 +422,18 @@ class Chat:
         self.subscriptions.broadcast(section.audience, event, cause)
         self.subscriptions.section_changed(section.key)
         mentioned = newly_mentioned(record)
-        if mentioned:
+        if mentioned and cause is not None:
+            # Told by the node that stored it (cause: a write of ours), to its connections and the other nodes';
+            # a record caught up from another node was announced there.
             message = record.message  # type: ignore[union-attr]
             notice = Mentioned(document_id=section.key.document_id, section_id=section.key.section_id, message=message)
-            self.subscriptions.tell_users(mentioned, section.key.document_id, notice)
+            self.tell_mentioned(mentioned, notice)
+            if self.cluster is not None:
+                self.cluster.mentioned(mentioned, notice)
+
+    def tell_mentioned(self, users: list[str], notice: Mentioned) -> None:
+        """A `mentioned` notice to this node's connections of these users."""
+        self.subscriptions.tell_users(users, notice.document_id, notice)
 
     def _stored(self, section: Section, records: list[StoredRecord]) -> None:
         for record in records:
@@ -443,6 +456,9 @@ class Chat:
         else:
             section = self.sections.get(key)
             sections = [] if section is None else [section]
+            if section is None and self.subscriptions.watched(key.document_id):
+                # A section of a watched document that this node has not loaded (new, say): load it for the summary.
+                self.background.spawn(self._summary_later(key))
         for section in sections:
             if section.loaded and not section.sync_scheduled and (offset is None or offset > section.stream.offset):
                 section.sync_scheduled = True

@@ -9,6 +9,10 @@
 #   heartbeats its liveness in a sorted set. A node that dies without a word
 #   stops heartbeating; after `presence_ttl_s` the others drop its users.
 # - Redis being away never stops the node: it retries with backoff and resyncs.
+# - A `mentioned` notice is told by the node whose client stored the message:
+#   to its own connections, and to the others' through MENTIONS_CHANNEL (at
+#   most once, like presence: it is not a stored event; the counts that
+#   summaries carry come from the stored messages).
 
 from __future__ import annotations
 
@@ -21,6 +25,8 @@ import msgspec
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
+from protocol.messages import Mentioned
+
 from .chat import Chat
 from .storage.base import SectionKey, StorageError
 from .storage.redis import EVENTS_CHANNEL, parse_hint, section_tag
@@ -28,11 +34,20 @@ from .storage.redis import EVENTS_CHANNEL, parse_hint, section_tag
 logger = logging.getLogger("sectionchat.cluster")
 
 PRESENCE_CHANNEL = "sc:presence"
+MENTIONS_CHANNEL = "sc:mentions"  # `mentioned` notices for users whose connections are on other nodes
+
+
+class MentionNotice(msgspec.Struct, array_like=True):
+    users: list[str]
+    notice: Mentioned
+
+
 NODES_KEY = "sc:nodes"
 
 _encode = msgspec.json.Encoder().encode
 _decode_key = msgspec.json.Decoder(tuple[str, str]).decode
 _decode_users = msgspec.json.Decoder(list[str]).decode
+_decode_mention = msgspec.json.Decoder(MentionNotice).decode
 
 
 def presence_key(key: SectionKey) -> str:
@@ -110,6 +125,20 @@ class RedisCluster:
                     pipe.publish(PRESENCE_CHANNEL, _encode(key))
             await pipe.execute()
 
+    # Mentions out -------------------------------------------------------------
+
+    def mentioned(self, users: list[str], notice: Mentioned) -> None:
+        """Tell the other nodes' connections of these users (at most once: a notice, not a stored event)."""
+        task = asyncio.create_task(self._publish_mention(_encode(MentionNotice(users, notice))))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _publish_mention(self, data: bytes) -> None:
+        try:
+            await self.client.publish(MENTIONS_CHANNEL, data)
+        except RedisError as error:
+            logger.warning("could not publish a mention to other nodes: %s", error)
+
     # Presence in --------------------------------------------------------------
 
     async def remote_presence(self, key: SectionKey) -> set[str]:
@@ -155,7 +184,7 @@ class RedisCluster:
         while True:
             try:
                 async with self.client.pubsub() as pubsub:
-                    await pubsub.subscribe(EVENTS_CHANNEL, PRESENCE_CHANNEL)
+                    await pubsub.subscribe(EVENTS_CHANNEL, PRESENCE_CHANNEL, MENTIONS_CHANNEL)
                     if self._subscribed.is_set():
                         logger.info("reconnected to Redis; catching up")
                     self._subscribed.set()
@@ -178,6 +207,12 @@ class RedisCluster:
             hint = parse_hint(data)
             if hint is not None:
                 self.chat.section_changed(*hint)
+        elif channel == MENTIONS_CHANNEL.encode():
+            try:
+                mention = _decode_mention(data)
+            except msgspec.MsgspecError:
+                return
+            self.chat.tell_mentioned(mention.users, mention.notice)
         elif channel == PRESENCE_CHANNEL.encode():
             try:
                 key = SectionKey(*_decode_key(data))

@@ -192,3 +192,33 @@ def test_unreachable_redis_at_startup(redis_server, data_dir):
     assert result.returncode == 1
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("sectionchat: cannot reach Redis at redis://127.0.0.1:")
+
+
+async def test_conversation_events_cross_nodes_once_and_mentions_reach_other_nodes(nodes):
+    """Edits, reactions, deletes and read markers written on node B reach node A's subscribers once, in order;
+    a mention reaches the named user's connection on node A, subscribed or not, once."""
+    a, b = nodes(2)
+    async with (
+        ScriptClient.connect(a.url, name="reader") as reader,
+        ScriptClient.connect(a.url, name="bob") as bob_elsewhere,
+        ScriptClient.connect(b.url, name="writer") as writer,
+        ScriptClient.connect(b.url, name="reader") as reader_tab,
+    ):
+        sid = (await writer.call("create_session", document_id="d", section_id="s"))["session"]["session_id"]
+        snapshot = await reader.call("subscribe", document_id="d", section_id="s")
+        sent = await writer.call("send_message", session_id=sid, text="hi @bob", mentions=["bob"])
+        mentioned = await bob_elsewhere.next_event("mentioned", timeout=15)
+        assert mentioned["message"] == sent["message"]
+        await writer.call("edit_message", session_id=sid, seq=1, text="hi @bob!", mentions=["bob"])
+        await writer.call("react", session_id=sid, seq=1, reaction="👍")
+        await writer.call("send_message", session_id=sid, text="two")
+        await writer.call("delete_message", session_id=sid, seq=2)
+        last = await reader.next_event("message_deleted", timeout=15)
+        stored = [e for e in reader.take_events() if "offset" in e] + [last]
+        assert [e["type"] for e in stored] == ["message", "message_edited", "reaction", "message", "message_deleted"]
+        assert [e["offset"] for e in stored] == list(range(snapshot["offset"] + 1, snapshot["offset"] + 6))
+        # A read marker set on node B reaches the reader's tab on node A.
+        await reader_tab.call("mark_read", session_id=sid, seq=1)
+        assert await reader.next_event("read", timeout=15) == {"type": "read", "session_id": sid, "seq": 1}
+        await bob_elsewhere.call("ping")
+        assert [e for e in bob_elsewhere.take_events() if e["type"] == "mentioned"] == []  # the edit named no one new
