@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from conftest import ServerProcess
 
@@ -304,3 +306,29 @@ async def test_watched_documents_count_against_the_subscription_limit(data_dir):
         assert refused["code"] == "bad_request" and "limit" in refused["message"]
         await bob.call("unwatch_document", document_id=DOC)
         assert (await bob.call("subscribe", document_id=DOC, section_id="outline"))["type"] == "subscribed"
+
+
+async def test_paging_by_activity_while_others_write_never_repeats_or_skips(connect):
+    """Sessions created or bumped while a client pages by activity: none twice, none that stayed unchanged left out."""
+    async with connect("alice") as alice, connect("pager") as pager:
+        ids = [await new_session(alice) for _ in range(30)]
+        bumped: set[str] = set()
+
+        async def write_meanwhile() -> None:
+            for n in range(20):
+                bumped.add(ids[n])
+                await alice.call("send_message", session_id=ids[n], text="bump")
+                bumped.add(await new_session(alice))
+
+        writer = asyncio.create_task(write_meanwhile())
+        seen, cursor = [], None
+        while True:
+            fields = {"cursor": cursor} if cursor else {}
+            page = await pager.call("list_sessions", document_id=DOC, order="activity", limit=4, **fields)
+            seen += [s["session_id"] for s in page["sessions"]]
+            if (cursor := page["next_cursor"]) is None:
+                break
+        await writer
+        assert len(seen) == len(set(seen)), "a session was listed twice"
+        unchanged = set(ids) - bumped
+        assert unchanged <= set(seen), f"unchanged sessions skipped: {unchanged - set(seen)}"
