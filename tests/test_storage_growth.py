@@ -15,12 +15,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import msgspec
 import pytest
 from test_chat import CollectingPeer
 
 from protocol.messages import CreateSession, History, SendMessage, Subscribe
 from server.chat import Chat
-from server.storage.base import SectionKey, SessionCreatedRecord
+from server.core import SNAPSHOT_VERSION
+from server.storage.base import SectionKey, SectionState, SessionCreatedRecord
 from server.storage.file import FileStorage
 from server.storage.sessiontable import TABLE_NAME
 from server.transfer import export_document, import_lines
@@ -236,3 +238,26 @@ async def test_a_busy_section_has_its_state_kept_without_leaving_memory(tmp_path
     async with opened(tmp_path) as again:
         log = await again.load_section(SectionKey("doc", "s"))
         assert log.state is not None and log.state.offset >= 20 and len(log.records) == 26 - log.state.offset
+
+
+async def test_a_state_kept_by_an_earlier_version_is_passed_over_and_the_section_replayed(tmp_path):
+    """A 1.0 state lacks the unread tallies: the load replays the records instead, and keeps a new state."""
+    key = SectionKey("doc", "s")
+    async with opened(tmp_path) as storage:
+        chat, alice = Chat(storage, sessions_per_minute=0), CollectingPeer("alice")
+        await chat.handle(alice, CreateSession(id=1, document_id="doc", section_id="s"))
+        session_id = alice.frames[-1]["session"]["session_id"]
+        for n in range(3):
+            await chat.handle(alice, SendMessage(id=2 + n, session_id=session_id, text=f"text {n}"))
+        await chat.drain()
+        # What a 1.0 server kept: the same snapshot without the tallies, version 1.
+        old = msgspec.msgpack.encode([[], [], [], 1])
+        await storage.keep_state(key, SectionState(4, old))
+    async with opened(tmp_path) as storage:
+        chat, bob = Chat(storage, sessions_per_minute=0), CollectingPeer("bob")
+        chat.sections.keep_state_after = 1
+        await chat.handle(bob, Subscribe(id=1, document_id="doc", section_id="s"))
+        reply = bob.frames[-1]
+        assert reply["unread"] == {session_id: 3} and [s["last_seq"] for s in reply["sessions"]] == [3]
+        kept = (await storage.load_section(key)).state
+        assert kept is not None and msgspec.msgpack.decode(kept.data)[-1] == SNAPSHOT_VERSION

@@ -1068,7 +1068,9 @@ class FileStorage:
             self.read_only
             or loaded is None
             or loaded.epoch is None
-            or not (loaded.kept.offset if loaded.kept else 0) < state.offset <= loaded.durable_offset
+            # At the same offset too: a state the chat logic could not use (kept by an earlier version) is replaced.
+            or not (loaded.kept.offset if loaded.kept else 0) <= state.offset <= loaded.durable_offset
+            or state.offset == 0
             or key in self._keeping
         ):
             return
