@@ -41,6 +41,36 @@ Reaction = Annotated[str, Meta(min_length=1, max_length=32)]
 Metadata = dict[str, Any]
 
 MAX_METADATA_BYTES = 4096
+MAX_METADATA_DEPTH = 32
+
+
+def check_json_object(value: Any, path: str = "metadata", depth: int = 0) -> None:
+    """Raise ValueError unless `value` is plain JSON that both codecs carry unchanged.
+
+    MessagePack can hold more than JSON (non-string keys, binary, NaN, timestamps,
+    extensions) and JSON more than MessagePack (integers past 64 bits); metadata is
+    returned as an equal JSON value to clients of either, so it is refused here.
+    """
+    if depth > MAX_METADATA_DEPTH:
+        raise ValueError(f"`{path}` is nested deeper than {MAX_METADATA_DEPTH} levels")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ValueError(f"`{path}` has a key that is not a string")
+            check_json_object(item, f"{path}.{key}", depth + 1)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            check_json_object(item, f"{path}[{index}]", depth + 1)
+    elif isinstance(value, bool) or value is None or isinstance(value, str):
+        return
+    elif isinstance(value, int):
+        if not -(2**63) <= value < 2**64:
+            raise ValueError(f"`{path}` is an integer outside 64 bits")
+    elif isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"`{path}` is not a finite number")
+    else:
+        raise ValueError(f"`{path}` holds a value JSON does not have ({type(value).__name__})")
 MAX_REACTIONS = 20  # distinct reactions on one message
 
 
@@ -98,6 +128,10 @@ class CreateSession(Request, tag="create_session"):
     title: Title | None = None
     idempotency_key: ShortKey | None = None
     metadata: Metadata | None = None
+
+    def __post_init__(self) -> None:
+        if self.metadata is not None:
+            check_json_object(self.metadata)
 
 
 class GetSession(Request, tag="get_session"):
@@ -199,6 +233,10 @@ class UpdateSession(Request, tag="update_session"):
     # Absent (UNSET): unchanged; null: cleared.
     title: Title | None | msgspec.UnsetType = msgspec.UNSET
     metadata: Metadata | None | msgspec.UnsetType = msgspec.UNSET
+
+    def __post_init__(self) -> None:
+        if isinstance(self.metadata, dict):
+            check_json_object(self.metadata)
 
 
 class ReopenSession(Request, tag="reopen_session"):
