@@ -10,6 +10,8 @@
 # - A document's watchers get a section's summary at most once per
 #   SUMMARY_WINDOW_S, and only when it differs from the one they were last sent:
 #   computed once per user, encoded once per user and codec.
+# - Every frame to many peers goes through `_deliver`: encoded once per codec,
+#   and one peer's failure (its send, its codec) is its own, never the others'.
 # - Subscriptions and watched documents count together against max_subscriptions.
 
 from __future__ import annotations
@@ -142,21 +144,18 @@ class Subscriptions:
 
     def _flush_summaries(self, document_id: str) -> None:
         del self._summary_flush[document_id]
+        by_user: dict[str, list[Peer]] = {}
+        for peer in self._watchers.get(document_id, ()):
+            by_user.setdefault(peer.user, []).append(peer)
         for key in self._changed.pop(document_id, ()):
-            by_user: dict[str, SectionSummary | None] = {}
-            encoded: dict[tuple[str, Codec], bytes] = {}
-            for peer in self._watchers.get(document_id, ()):
-                if peer.user not in by_user:
-                    by_user[peer.user] = self._summarize(key, peer.user)
-                summary = by_user[peer.user]
-                if summary is None or self._sent.get((peer, key)) == summary:
-                    continue  # nothing changed for this watcher
-                self._sent[(peer, key)] = summary
-                data = encoded.get((peer.user, peer.codec))
-                if data is None:
-                    frame = SectionSummaryEvent(document_id=document_id, summary=summary)
-                    data = encoded[(peer.user, peer.codec)] = peer.codec.encode(frame)
-                _send(peer, data)
+            for user, peers in by_user.items():
+                summary = self._summarize(key, user)
+                if summary is None:
+                    continue
+                due = [peer for peer in peers if self._sent.get((peer, key)) != summary]  # others: nothing changed
+                for peer in due:
+                    self._sent[(peer, key)] = summary
+                _deliver(due, SectionSummaryEvent(document_id=document_id, summary=summary))
 
     def subscribe(self, peer: Peer, audience: Audience) -> None:
         """Add the peer to the audience (again: nothing changes); the caller replies with a snapshot."""
@@ -198,35 +197,16 @@ class Subscriptions:
 
     def tell_user(self, audience: Audience, user: str, frame: ServerFrame, cause: Peer | None) -> None:
         """Send a frame to the user's connections in the audience, but the one that caused it."""
-        encoded: dict[Codec, bytes] = {}
-        for peer in audience.subscribers:
-            if peer.user == user and peer is not cause:
-                data = encoded.get(peer.codec)
-                if data is None:
-                    data = encoded[peer.codec] = peer.codec.encode(frame)
-                _send(peer, data)
+        _deliver([peer for peer in audience.subscribers if peer.user == user and peer is not cause], frame)
 
     def tell_users(self, users: list[str], document_id: str, frame: ServerFrame) -> None:
         """Send a frame to every connection of these users that may use the document."""
-        encoded: dict[Codec, bytes] = {}
-        for user in users:
-            for peer in self._by_user.get(user, ()):
-                if peer.documents is None or document_id in peer.documents:
-                    data = encoded.get(peer.codec)
-                    if data is None:
-                        data = encoded[peer.codec] = peer.codec.encode(frame)
-                    _send(peer, data)
+        peers = [peer for user in users for peer in self._by_user.get(user, ())]
+        _deliver([peer for peer in peers if peer.documents is None or document_id in peer.documents], frame)
 
     def broadcast(self, audience: Audience, frame: ServerFrame, cause: Peer | None) -> None:
         """Send a frame to every subscriber but the one that caused it."""
-        encoded: dict[Codec, bytes] = {}
-        for peer in audience.subscribers:
-            if peer is cause:
-                continue
-            data = encoded.get(peer.codec)
-            if data is None:
-                data = encoded[peer.codec] = peer.codec.encode(frame)
-            _send(peer, data)
+        _deliver([peer for peer in audience.subscribers if peer is not cause], frame)
         delivered = len(audience.subscribers) - (cause in audience.subscribers)
         if delivered:
             self.metrics.events_delivered.inc(delivered)
@@ -252,28 +232,39 @@ class Subscriptions:
         snapshots, audience.snapshots = audience.snapshots, {}
         common = _presence_frame(audience.key, audience.announced, present)
         audience.announced = present
-        encoded: dict[Codec, bytes] = {}
-        for peer in audience.subscribers:
-            if peer in snapshots:
-                frame = _presence_frame(audience.key, snapshots[peer], present)
-                if frame is not None:
-                    _send(peer, peer.codec.encode(frame))
-            elif common is not None:
-                data = encoded.get(peer.codec)
-                if data is None:
-                    data = encoded[peer.codec] = peer.codec.encode(common)
-                _send(peer, data)
+        for peer in snapshots.keys() & audience.subscribers:
+            frame = _presence_frame(audience.key, snapshots[peer], present)
+            if frame is not None:
+                _deliver([peer], frame)
+        if common is not None:
+            _deliver([peer for peer in audience.subscribers if peer not in snapshots], common)
 
 
-def _send(peer: Peer, data: bytes) -> None:
-    try:
-        peer.send(data)
-    except Exception:
-        logger.exception("sending to connection %s failed; closing it", peer.connection_id)
+def _deliver(peers: list[Peer], frame: ServerFrame) -> None:
+    """Send one frame to these peers, encoded once per codec.
+
+    A peer whose send fails, or whose codec cannot carry the frame, is closed
+    with 1011 (it reconnects and recovers); the others get the frame all the same.
+    """
+    encoded: dict[Codec, bytes | None] = {}
+    for peer in peers:
+        if peer.codec not in encoded:
+            try:
+                encoded[peer.codec] = peer.codec.encode(frame)
+            except Exception:
+                logger.exception("cannot encode a %s frame for %s clients", type(frame).__name__, peer.codec)
+                encoded[peer.codec] = None
+        data = encoded[peer.codec]
         try:
-            peer.close(1011, "internal error")
+            if data is None:
+                raise RuntimeError("the frame could not be encoded for this connection")
+            peer.send(data)
         except Exception:
-            logger.exception("closing connection %s failed", peer.connection_id)
+            logger.exception("sending to connection %s failed; closing it", peer.connection_id)
+            try:
+                peer.close(1011, "internal error")
+            except Exception:
+                logger.exception("closing connection %s failed", peer.connection_id)
 
 
 def _presence_frame(key: SectionKey, before: set[str], after: set[str]) -> Presence | None:

@@ -151,3 +151,26 @@ async def test_one_peer_whose_send_raises_never_stops_a_fan_out(storage):
     for watcher in watchers:
         assert watcher.last()["type"] == "session_created"
     assert broken.closed == 1011 and writer.closed is None
+
+
+class CodecThatFails:
+    """A codec that cannot carry any frame (as msgpack cannot carry some values JSON can)."""
+
+    binary = True
+
+    def encode(self, frame) -> bytes:
+        raise OverflowError("cannot encode this frame")
+
+
+@pytest.mark.timeout(30)
+async def test_a_frame_one_codec_cannot_carry_closes_only_its_connections(storage):
+    chat = Chat(storage)
+    writer, odd, watcher = CollectingPeer("writer"), CollectingPeer("odd"), CollectingPeer("watcher")
+    for peer in (odd, watcher):
+        await chat.handle(peer, Subscribe(document_id="d", section_id="s"))
+    odd.codec = CodecThatFails()
+    await chat.handle(writer, CreateSession(document_id="d", section_id="s"))
+    assert writer.last()["type"] == "session_created" and watcher.last()["type"] == "session_created"
+    assert odd.closed == 1011
+    await chat.handle(writer, SendMessage(session_id=writer.last()["session"]["session_id"], text="on we go"))
+    assert writer.last()["type"] == "message_ack" and watcher.last()["type"] == "message"
