@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Debian packages the test suite needs: Chromium for the browser tests, redis-server
+# Debian packages the test suite needs: Chromium for the browser tests (and a colour
+# emoji font, so that reactions in their screenshots are not boxes), redis-server
 # for the Redis backend, strace for the syscall fault-injection tests.
 # Installs only what is missing; needs root (or sudo) when something is.
 set -euo pipefail
@@ -7,6 +8,7 @@ packages=()
 command -v chromium >/dev/null 2>&1 || packages+=(chromium)
 command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
 command -v strace >/dev/null 2>&1 || packages+=(strace)
+[ -e /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ] || packages+=(fonts-noto-color-emoji)
 if [ ${#packages[@]} -eq 0 ]; then
     exit 0
 fi

@@ -1,10 +1,10 @@
 // app.js: the sectionchat page, built on sectionchat.js.
 //
-// Rule kept here: user data (messages, titles, names, ids) only ever reaches
-// the DOM as text (textContent, attributes via setAttribute); never as HTML.
+// Rule kept here: user data (messages, titles, names, ids, reactions) only ever
+// reaches the DOM as text (textContent, attributes via setAttribute); never as HTML.
 // The page's state lives in `ui`; the connection's in the SectionChat client.
 
-import { SectionChat, describeError, randomId } from "./sectionchat.js";
+import { COMMON_REACTIONS, SectionChat, applyReaction, describeError, randomId } from "./sectionchat.js";
 
 const $ = (id) => document.getElementById(id);
 
@@ -17,7 +17,7 @@ function el(tag, attrs = {}, ...children) {
     else if (name === "hidden") node.hidden = true;
     else node.setAttribute(name, value === true ? "" : String(value));
   }
-  for (const child of children) {
+  for (const child of children.flat()) {
     if (child === null || child === undefined || child === false) continue;
     node.append(child instanceof Node ? child : document.createTextNode(String(child)));
   }
@@ -29,19 +29,28 @@ const TYPING_SEND_EVERY_MS = 3000;
 const TYPING_SHOW_MS = 5000;
 const GROUP_WITHIN_MS = 5 * 60 * 1000;
 const PAGE = 50;
+const MAX_MENTIONS = 20;
 
 const ui = {
   chat: null,
   sub: null,
   user: null,
+  moderator: false,
   doc: null,
   section: null,
   sectionGen: 0, // bumps when the section changes: late replies for the old one are dropped
-  sessions: new Map(), // session_id -> {session, activity, last, unread, li, button}
+  sessions: new Map(), // session_id -> {session (the client's live object), last, li}
+  presence: [],
   view: null, // the open session's view, see openSession()
   typing: new Map(), // session_id -> Map(user -> timer)
   lastTypingSent: 0,
   lastFetchers: null,
+  watch: null, // the DocumentWatch of ui.doc
+  watchGen: 0,
+  watchedDoc: null,
+  docSections: new Map(), // section_id -> SectionSummary (the document view)
+  readTimer: null,
+  mention: null, // the open @-completion: {start, query, options, active}
 };
 
 // Formatting -------------------------------------------------------------------
@@ -95,11 +104,31 @@ function validId(id) {
   return id.length >= 1 && id.length <= 128 && !/[\u0000-\u001f\u007f-\u009f]/.test(id);
 }
 
+function listOfNames(users) {
+  if (users.length <= 2) return users.join(" and ");
+  return `${users.slice(0, -1).join(", ")} and ${users.at(-1)}`;
+}
+
+function pageVisible() {
+  return document.visibilityState === "visible";
+}
+
 // Notices ------------------------------------------------------------------------
 
-function notify(text, { kind = "error", timeout = 8000 } = {}) {
+/** A dismissable notice; `body` is text or nodes; `actions`: [{label, onClick}] buttons. */
+function notify(body, { kind = "error", timeout = 8000, actions = [], attrs = {} } = {}) {
   const close = el("button", { type: "button", class: "icon-button", "aria-label": "Dismiss" }, "×");
-  const notice = el("div", { class: `notice ${kind}`, role: kind === "error" ? "alert" : "status" }, el("p", {}, text), close);
+  const content = typeof body === "string" ? el("p", {}, body) : el("div", { class: "notice-body" }, body);
+  const buttons = actions.map(({ label, onClick }) => {
+    const button = el("button", { type: "button", class: "link-button" }, label);
+    button.addEventListener("click", () => {
+      remove();
+      onClick();
+    });
+    return button;
+  });
+  if (buttons.length) content.append(el("p", { class: "notice-actions" }, buttons));
+  const notice = el("div", { class: `notice ${kind}`, role: kind === "error" ? "alert" : "status", ...attrs }, content, close);
   const remove = () => notice.remove();
   close.addEventListener("click", remove);
   $("notices").append(notice);
@@ -121,6 +150,7 @@ const STATE_TEXT = {
 function showState(detail) {
   const state = detail.state;
   if (state === "connected" && detail.user && detail.user !== ui.user) showUser(detail.user); // token mode: the token names us
+  if (state === "connected") showRoles();
   const status = $("status");
   status.dataset.state = state;
   document.body.dataset.connection = state;
@@ -133,7 +163,19 @@ function showState(detail) {
   for (const pending of ui.view?.pending.values() ?? []) {
     if (pending.status === "queued" || pending.status === "sending") setPendingStatus(pending, state === "connected" ? "sending" : "queued");
   }
+  // Edits, deletes and reactions waiting in the outbox say whether they are on their way.
+  if (ui.view) for (const seq of pendingSeqs(ui.view)) refreshMessage(seq);
   updateComposer();
+}
+
+/** The welcome's roles: moderators may edit and delete anyone's messages. */
+function showRoles() {
+  const moderator = Boolean(ui.chat?.isModerator);
+  $("me-role").hidden = !moderator;
+  if (moderator === ui.moderator) return;
+  ui.moderator = moderator;
+  document.body.dataset.moderator = moderator ? "true" : "false";
+  if (ui.view) for (const seq of ui.view.bySeq.keys()) refreshMessage(seq);
 }
 
 // Starting ---------------------------------------------------------------------------
@@ -203,6 +245,8 @@ function start(name, doc, section, sessionId = null) {
   if (ui.chat && ui.user !== name) {
     ui.chat.close();
     ui.chat = null;
+    ui.watch = null;
+    ui.watchedDoc = null;
   }
   showUser(name);
   if (!ui.chat) {
@@ -211,6 +255,7 @@ function start(name, doc, section, sessionId = null) {
     const chat = new SectionChat(undefined, options);
     chat.on("state", showState);
     chat.on("error", (error) => notify(describeError(error)));
+    chat.on("mentioned", onMentioned);
     ui.chat = chat;
     showState({ state: "connecting" });
     chat.connect().catch(() => {});
@@ -220,7 +265,14 @@ function start(name, doc, section, sessionId = null) {
 
 // The section --------------------------------------------------------------------------
 
-async function openSection(doc, section, sessionId) {
+/** Run `fn` only while the section it was made for is still the one shown. */
+function forSection(gen, fn) {
+  return (...args) => {
+    if (gen === ui.sectionGen) fn(...args);
+  };
+}
+
+async function openSection(doc, section, sessionId, { flashSeq = null } = {}) {
   if (ui.sub) ui.sub.unsubscribe();
   ui.sub = null;
   ui.doc = doc;
@@ -228,6 +280,7 @@ async function openSection(doc, section, sessionId) {
   const gen = ++ui.sectionGen;
   ui.sessions = new Map();
   ui.typing.clear();
+  ui.presence = [];
   $("sessions").replaceChildren();
   $("presence").replaceChildren();
   closeSessionView();
@@ -246,19 +299,31 @@ async function openSection(doc, section, sessionId) {
   document.title = `${section} · ${doc} · sectionchat`;
   writeUrl();
   renderSessionsEmpty();
+  watchDocument(doc);
+  renderSections();
   try {
     const sub = await ui.chat.subscribe(doc, section, {
-      onSnapshot: (snapshot) => gen === ui.sectionGen && onSnapshot(snapshot),
-      onSessionCreated: (session, how) => gen === ui.sectionGen && onSessionCreated(session, how),
-      onMessage: (message, how) => gen === ui.sectionGen && onMessage(message, how),
-      onSessionClosed: (session) => gen === ui.sectionGen && onSessionClosed(session),
-      onPresence: ({ present }) => gen === ui.sectionGen && renderPresence(present),
-      onTyping: (typing) => gen === ui.sectionGen && onTyping(typing),
+      onSnapshot: forSection(gen, onSnapshot),
+      onSessionCreated: forSection(gen, onSessionCreated),
+      onMessage: forSection(gen, onMessage),
+      onSessionClosed: forSection(gen, onSessionChanged),
+      onSessionReopened: forSection(gen, onSessionChanged),
+      onSessionUpdated: forSection(gen, onSessionChanged),
+      onMessageEdited: forSection(gen, onMessageChanged),
+      onMessageDeleted: forSection(gen, onMessageChanged),
+      onReaction: forSection(gen, onReaction),
+      onUnread: forSection(gen, () => renderSessions()),
+      onRecovered: forSection(gen, () => {
+        renderSessions();
+        if (ui.view) renderSessionHead();
+      }),
+      onPresence: forSection(gen, ({ present }) => renderPresence(present)),
+      onTyping: forSection(gen, onTyping),
       onError: (error) => notify(describeError(error)),
     });
     if (gen !== ui.sectionGen) return;
     ui.sub = sub;
-    if (sessionId && ui.sessions.has(sessionId)) openSession(sessionId, { focus: false });
+    if (sessionId && ui.sessions.has(sessionId)) openSession(sessionId, { focus: false, flashSeq });
     else if (sessionId) notify("The session in the link is not in this section.", { kind: "info" });
   } catch (error) {
     if (gen === ui.sectionGen && error.message !== "unsubscribed") notify(describeError(error), { timeout: 0 });
@@ -274,7 +339,7 @@ function onSnapshot({ sessions, presence, reconnect }) {
   for (const session of sessions) {
     const old = before.get(session.session_id);
     const item = sessionItem(session);
-    if (old && old.session.last_seq === session.last_seq) Object.assign(item, { last: old.last, activity: old.activity, unread: old.unread });
+    if (old && old.session.last_seq === session.last_seq) item.last = old.last;
     ui.sessions.set(session.session_id, item);
   }
   renderSessions();
@@ -289,12 +354,12 @@ function onSnapshot({ sessions, presence, reconnect }) {
   }
 }
 
-/** Sessions list: learn each session's latest message (preview + activity time), gently paced. */
+/** Sessions list: learn each session's latest message (preview), gently paced. */
 async function fetchLastMessages() {
   const gen = ui.sectionGen;
   const token = (ui.lastFetchers = {});
   const wanted = [...ui.sessions.values()].filter((item) => item.session.last_seq > 0 && !item.last);
-  wanted.sort((a, b) => b.activity - a.activity);
+  wanted.sort((a, b) => activity(b) - activity(a));
   const perSecond = Math.max(1, Math.floor((ui.chat.limits?.messages_per_s || 20) / 4));
   for (const item of wanted) {
     if (gen !== ui.sectionGen || token !== ui.lastFetchers) return;
@@ -302,7 +367,7 @@ async function fetchLastMessages() {
     try {
       const page = await ui.chat.history(item.session.session_id, { limit: 1 });
       const message = page.messages.at(-1);
-      if (message && (!item.last || item.last.seq < message.seq)) noteLast(item, message);
+      if (message && (!item.last || item.last.seq < message.seq)) item.last = message;
       renderSessions();
     } catch {
       /* a preview is a nicety; the list still works without it */
@@ -312,12 +377,14 @@ async function fetchLastMessages() {
 }
 
 function sessionItem(session) {
-  return { session, activity: Date.parse(session.created_at) || 0, last: null, unread: 0, li: null };
+  return { session, last: null, li: null };
 }
 
-function noteLast(item, message) {
-  item.last = message;
-  item.activity = Math.max(item.activity, Date.parse(message.sent_at) || 0);
+/** When a session was last active (ms): the server's last_activity_at (1.1), else its latest message. */
+function activity(item) {
+  const session = item.session;
+  const at = Date.parse(session.last_activity_at ?? session.created_at) || 0;
+  return Math.max(at, item.last ? Date.parse(item.last.sent_at) || 0 : 0);
 }
 
 function onSessionCreated(session) {
@@ -326,23 +393,64 @@ function onSessionCreated(session) {
   renderSessions();
 }
 
-function onSessionClosed(session) {
+/** Closed, reopened or updated (title, metadata): the client has updated the session object. */
+function onSessionChanged(session) {
   const item = ui.sessions.get(session.session_id);
-  if (item) item.session = { ...item.session, closed: true };
+  if (item && item.session !== session) item.session = session;
   renderSessions();
-  if (ui.view?.sessionId === session.session_id) renderSessionHead();
+  if (ui.view?.sessionId === session.session_id) {
+    renderSessionHead();
+    for (const seq of ui.view.bySeq.keys()) refreshMessage(seq); // reactions and edits follow closed/open
+  }
 }
 
-function onMessage(message, { own }) {
+function onMessage(message, { own, session }) {
   const item = ui.sessions.get(message.session_id);
   if (item) {
-    item.session = { ...item.session, last_seq: Math.max(item.session.last_seq, message.seq) };
-    if (!item.last || item.last.seq < message.seq) noteLast(item, message);
-    if (!own && ui.view?.sessionId !== message.session_id) item.unread += 1;
+    if (session && item.session !== session) item.session = session;
+    if (!item.last || item.last.seq < message.seq) item.last = message;
     renderSessions();
   }
   stopTyping(message.session_id, message.author);
-  if (ui.view?.sessionId === message.session_id) addMessages([message], { live: true, own });
+  if (ui.view?.sessionId === message.session_id) {
+    addMessages([message], { live: true, own });
+    markReadSoon();
+  }
+}
+
+/** An edit or a delete (the tombstone), ours or someone's. */
+function onMessageChanged(message) {
+  const item = ui.sessions.get(message.session_id);
+  if (item?.last?.seq === message.seq) item.last = message;
+  renderSessions();
+  const view = ui.view;
+  if (view?.sessionId !== message.session_id || !view.messages.has(message.seq)) return;
+  const known = view.messages.get(message.seq);
+  if (known.deleted_at && !message.deleted_at) return; // an older version replayed after the delete
+  // Reactions of ours still on their way stay as shown until their replies come.
+  const reactions = { ...(message.reactions ?? {}) };
+  for (const key of view.pendingReactions.keys()) {
+    const [seq, ...rest] = key.split(" ");
+    if (Number(seq) !== message.seq) continue;
+    const reaction = rest.join(" ");
+    if (known.reactions?.[reaction]) reactions[reaction] = known.reactions[reaction];
+    else delete reactions[reaction];
+  }
+  view.messages.set(message.seq, message.deleted_at ? message : { ...message, reactions });
+  if (message.deleted_at && view.editing?.seq === message.seq) view.editing = null;
+  refreshMessage(message.seq);
+  placeDivider(view);
+}
+
+function onReaction(event) {
+  renderSessions(); // activity order
+  const view = ui.view;
+  if (view?.sessionId !== event.session_id) return;
+  const message = view.messages.get(event.seq);
+  if (!message) return;
+  // Our own toggle still on its way: what we show is already where it will end.
+  if (event.user === ui.user && view.pendingReactions.has(reactionKey(event.seq, event.reaction))) return;
+  if (applyReaction(message, event)) refreshMessage(event.seq);
 }
 
 // Sessions list ----------------------------------------------------------------------------
@@ -356,7 +464,7 @@ function renderSessions() {
   const list = $("sessions");
   const focused = document.activeElement;
   const items = [...ui.sessions.values()].sort(
-    (a, b) => b.activity - a.activity || b.session.created_at.localeCompare(a.session.created_at),
+    (a, b) => activity(b) - activity(a) || b.session.created_at.localeCompare(a.session.created_at),
   );
   items.forEach((item, index) => {
     if (!item.li) item.li = el("li", {});
@@ -368,11 +476,23 @@ function renderSessions() {
   renderSessionsEmpty();
 }
 
+function unreadOf(sessionId) {
+  const sub = ui.chat?.subscriptionOf(sessionId);
+  return sub ? sub.unreadOf(sessionId) : 0;
+}
+
+function previewOf(message) {
+  const who = message.author === ui.user ? "You" : message.author;
+  return message.deleted_at ? `${who}: message deleted` : `${who}: ${message.text}`;
+}
+
 function fillSessionItem(item) {
-  const { session, last, unread } = item;
+  const { session, last } = item;
   const open = ui.view?.sessionId === session.session_id;
-  const when = last ? last.sent_at : session.created_at;
-  const preview = last ? `${last.author === ui.user ? "You" : last.author}: ${last.text}` : `Started by ${session.created_by}`;
+  // The open session, while the page is in view, is being read: no badge for it.
+  const unread = open && pageVisible() ? 0 : unreadOf(session.session_id);
+  const when = session.last_activity_at ?? (last ? last.sent_at : session.created_at);
+  const preview = last ? previewOf(last) : `Started by ${session.created_by}`;
   const button = el(
     "button",
     {
@@ -380,6 +500,7 @@ function fillSessionItem(item) {
       class: "session",
       "data-session-id": session.session_id,
       "data-closed": session.closed ? "true" : null,
+      "data-unread": unread || null,
       "aria-current": open ? "true" : null,
     },
     el("span", { class: "session-line" },
@@ -398,10 +519,93 @@ function fillSessionItem(item) {
   if (hadFocus) button.focus();
 }
 
+// The document view: every section of the document (watch_document) -----------------------
+
+async function watchDocument(doc) {
+  if (ui.watchedDoc === doc) return;
+  const previous = ui.watchedDoc;
+  ui.watchedDoc = doc;
+  ui.watch = null;
+  ui.docSections = new Map();
+  const gen = ++ui.watchGen;
+  if (previous !== null) ui.chat.unwatchDocument(previous);
+  const mine = (fn) => (...args) => gen === ui.watchGen && fn(...args);
+  try {
+    const watch = await ui.chat.watchDocument(doc, {
+      onDocument: mine(({ sections }) => {
+        ui.docSections = new Map(sections.map((summary) => [summary.section_id, summary]));
+        renderSections();
+      }),
+      onSectionSummary: mine((summary) => {
+        if (summary.sessions === 0) ui.docSections.delete(summary.section_id);
+        else ui.docSections.set(summary.section_id, summary);
+        renderSections();
+      }),
+      onDocumentDeleted: mine(() => notify("This document was deleted.", { kind: "info", timeout: 0 })),
+    });
+    if (gen === ui.watchGen) ui.watch = watch;
+  } catch (error) {
+    if (gen === ui.watchGen && error.message !== "unwatched") {
+      ui.watchedDoc = null;
+      $("sections-empty").textContent = "The document's sections could not be loaded. " + describeError(error);
+      $("sections-empty").hidden = false;
+    }
+  }
+}
+
+function renderSections() {
+  const summaries = [...ui.docSections.values()];
+  if (ui.section && !ui.docSections.has(ui.section)) {
+    // The section we are in has no session yet: it is still a place to be.
+    summaries.push({ section_id: ui.section, sessions: 0, open_sessions: 0, messages: 0, last_activity_at: null, unread: 0, mentions: 0 });
+  }
+  const list = $("sections");
+  const focusedId = list.contains(document.activeElement) ? document.activeElement.dataset.sectionId : null;
+  list.replaceChildren(
+    ...summaries.map((summary) => {
+      const current = summary.section_id === ui.section;
+      const counts = [
+        `${summary.open_sessions} open`,
+        summary.sessions > summary.open_sessions ? `${summary.sessions - summary.open_sessions} closed` : null,
+        `${summary.messages} message${summary.messages === 1 ? "" : "s"}`,
+      ].filter(Boolean);
+      const button = el(
+        "button",
+        {
+          type: "button",
+          class: "section-link",
+          "data-section-id": summary.section_id,
+          "data-unread": summary.unread || null,
+          "data-mentions": summary.mentions || null,
+          "aria-current": current ? "true" : null,
+        },
+        el("span", { class: "section-line" },
+          el("span", { class: "section-name" }, summary.section_id),
+          summary.mentions
+            ? el("span", { class: "mention-count", title: `${summary.mentions} unread mention${summary.mentions === 1 ? "" : "s"} of you` },
+                el("span", { class: "visually-hidden" }, "unread mentions: "), `@${summary.mentions}`)
+            : null,
+          summary.unread ? el("span", { class: "unread" }, el("span", { class: "visually-hidden" }, "unread messages: "), String(summary.unread)) : null,
+        ),
+        el("span", { class: "section-counts" }, counts.join(" · ")),
+      );
+      button.addEventListener("click", () => {
+        if (summary.section_id !== ui.section) openSection(ui.doc, summary.section_id, null);
+        else document.body.dataset.view = "list";
+      });
+      return el("li", {}, button);
+    }),
+  );
+  if (focusedId) list.querySelector(`[data-section-id="${CSS.escape(focusedId)}"]`)?.focus();
+  $("section-count").textContent = ui.docSections.size ? String(ui.docSections.size) : "";
+  $("sections-empty").hidden = true;
+}
+
 // Presence ---------------------------------------------------------------------------------
 
 function renderPresence(users) {
   const sorted = [...new Set(users)].sort((a, b) => (a === ui.user ? -1 : b === ui.user ? 1 : a.localeCompare(b)));
+  ui.presence = sorted;
   $("presence").replaceChildren(
     ...sorted.map((user) =>
       el("li", { "data-user": user }, avatar(user, "small"), el("span", { class: "presence-name" }, user), user === ui.user ? el("span", { class: "muted you" }, " (you)") : null),
@@ -439,17 +643,59 @@ function renderTyping() {
   $("typing").dataset.users = users.join(",");
 }
 
+// Mentions of us elsewhere (the `mentioned` event) ---------------------------------------------
+
+function onMentioned({ document_id: doc, section_id: section, message }) {
+  if (message.author === ui.user) return;
+  const here = doc === ui.doc && ui.view?.sessionId === message.session_id;
+  if (here && pageVisible()) return; // we are looking at it
+  const where = el("span", { class: "mention-where" }, doc === ui.doc ? `in section ${section}` : `in ${doc} › ${section}`);
+  const quote = el("q", { class: "mention-text" }, message.text.replace(/\s+/g, " ").slice(0, 200));
+  notify(
+    [el("p", { class: "mention-head" }, el("strong", {}, message.author), " mentioned you ", where), el("p", {}, quote)],
+    {
+      kind: "mentioned",
+      timeout: 15000,
+      attrs: { "data-session-id": message.session_id, "data-section-id": section, "data-seq": message.seq },
+      actions: [{ label: "Open", onClick: () => goTo(doc, section, message.session_id, message.seq) }],
+    },
+  );
+  // The session's title, when we can learn it (a nicety: the notice reads well without it).
+  ui.chat
+    .getSession(message.session_id)
+    .then((session) => {
+      where.textContent = `in “${sessionTitle(session)}” (${doc === ui.doc ? `section ${section}` : `${doc} › ${section}`})`;
+    })
+    .catch(() => {});
+}
+
+function goTo(doc, section, sessionId, seq = null) {
+  if (doc === ui.doc && section === ui.section && ui.sessions.has(sessionId)) openSession(sessionId, { flashSeq: seq });
+  else openSection(doc, section, sessionId, { flashSeq: seq });
+}
+
 // The open session ---------------------------------------------------------------------------
 
-function openSession(sessionId, { focus = true } = {}) {
+function openSession(sessionId, { focus = true, flashSeq = null } = {}) {
   const item = ui.sessions.get(sessionId);
   if (!item) return;
   if (ui.view?.sessionId !== sessionId) {
+    const sub = ui.chat.subscriptionOf(sessionId);
     ui.view = {
       sessionId,
       gen: (ui.view?.gen ?? 0) + 1,
       bySeq: new Map(), // seq -> li
+      messages: new Map(), // seq -> Message, as shown (edits, deletes, reactions applied)
       pending: new Map(), // client_msg_id -> {li, text, status}
+      pendingEdits: new Map(), // seq -> {text, token}: an edit on its way (or waiting for the connection)
+      pendingDeletes: new Set(), // seqs
+      pendingReactions: new Map(), // "seq reaction" -> token: our toggle on its way
+      editing: null, // {seq, draft}: the message being edited inline
+      picker: null, // seq whose reaction picker is open
+      armedDelete: null, // {seq, timer}: the delete asks once more
+      readAtOpen: sub?.readState ? sub.readOf(sessionId) : null, // where "new since you last read" starts
+      lastSeqAtOpen: item.session.last_seq,
+      flashSeq,
       oldest: null,
       hasMore: false,
       loaded: false,
@@ -459,10 +705,12 @@ function openSession(sessionId, { focus = true } = {}) {
     $("history-status").textContent = "Loading messages…";
     $("jump").hidden = true;
     $("message-input").value = "";
+    closeMentions();
     updateCharCount();
     loadLatest(ui.view);
+  } else if (flashSeq !== null) {
+    flash(ui.view, flashSeq);
   }
-  item.unread = 0;
   $("no-session").hidden = true;
   $("session-view").hidden = false;
   document.body.dataset.view = "chat";
@@ -476,6 +724,7 @@ function openSession(sessionId, { focus = true } = {}) {
 
 function closeSessionView() {
   ui.view = null;
+  closeMentions();
   $("session-view").hidden = true;
   $("no-session").hidden = false;
   document.body.dataset.view = "list";
@@ -490,16 +739,60 @@ function renderSessionHead() {
   $("session-view").dataset.closed = session.closed ? "true" : "false";
   $("closed-note").hidden = !session.closed;
   $("close-session").hidden = session.closed;
+  $("reopen-session").hidden = !session.closed;
   resetCloseButton();
   updateComposer();
 }
 
+function currentSession() {
+  return ui.view ? ui.sessions.get(ui.view.sessionId)?.session ?? null : null;
+}
+
 function updateComposer() {
-  const session = ui.view && ui.sessions.get(ui.view.sessionId)?.session;
+  const session = currentSession();
   const closed = !session || session.closed;
   $("message-input").disabled = closed;
   $("send").disabled = closed;
   $("message-input").placeholder = session ? (closed ? "This session is closed" : `Message “${sessionTitle(session)}”`) : "";
+  if (closed) closeMentions();
+}
+
+// Read state: mark the open session read while it is in view ---------------------------------
+
+function markReadSoon() {
+  clearTimeout(ui.readTimer);
+  ui.readTimer = setTimeout(markOpenSessionRead, 200);
+}
+
+function markOpenSessionRead() {
+  const view = ui.view;
+  if (!view || !view.loaded || !pageVisible()) return;
+  const sub = ui.chat.subscriptionOf(view.sessionId);
+  const session = currentSession();
+  if (!sub?.readState || !session) return;
+  if (session.last_seq > sub.readOf(view.sessionId)) ui.chat.markRead(view.sessionId, session.last_seq).catch(() => {});
+}
+
+/** "New since you last read": before the first message of someone else after our marker at opening. */
+function placeDivider(view) {
+  if (view !== ui.view || view.readAtOpen === null) return;
+  const list = $("messages");
+  let target = null;
+  for (const seq of [...view.bySeq.keys()].sort((a, b) => a - b)) {
+    const message = view.messages.get(seq);
+    if (seq > view.readAtOpen && seq <= view.lastSeqAtOpen && message.author !== ui.user && !message.deleted_at) {
+      target = view.bySeq.get(seq);
+      break;
+    }
+  }
+  let divider = list.querySelector(".unread-divider");
+  if (!target) {
+    divider?.remove();
+  } else {
+    divider ??= el("li", { class: "unread-divider", role: "separator", "aria-label": "New since you last read" }, el("span", {}, "New since you last read"));
+    if (target.previousElementSibling !== divider) list.insertBefore(divider, target);
+  }
+  for (const li of list.querySelectorAll("li.message")) regroup(li);
 }
 
 async function loadLatest(view) {
@@ -511,12 +804,27 @@ async function loadLatest(view) {
     view.oldest = page.messages.length ? page.messages[0].seq : null;
     addMessages(page.messages, { live: false });
     renderHistoryStatus();
-    scrollToBottom();
+    const divider = $("messages").querySelector(".unread-divider");
+    if (view.flashSeq !== null) flash(view, view.flashSeq);
+    else if (divider && divider.offsetTop > $("scroller").clientHeight * 0.6) divider.scrollIntoView({ block: "center" });
+    else scrollToBottom();
     fillViewport(view);
+    markReadSoon();
   } catch (error) {
     if (view !== ui.view) return;
     $("history-status").textContent = "Messages could not be loaded. " + describeError(error);
   }
+}
+
+/** Bring a message into view and make it stand out for a moment (a mention we were sent to). */
+function flash(view, seq) {
+  view.flashSeq = null;
+  const li = view.bySeq.get(seq);
+  if (!li) return;
+  li.scrollIntoView({ block: "center" });
+  li.classList.remove("flash");
+  void li.offsetWidth; // restart the animation
+  li.classList.add("flash");
 }
 
 /** After a reconnect that could not replay what was missed: load the newest page again. */
@@ -529,12 +837,14 @@ async function reloadView() {
     for (const [seq, li] of view.bySeq) {
       li.remove();
       view.bySeq.delete(seq);
+      view.messages.delete(seq);
     }
     view.hasMore = page.has_more;
     view.oldest = page.messages.length ? page.messages[0].seq : null;
     addMessages(page.messages, { live: false });
     renderHistoryStatus();
     if (wasAtBottom) scrollToBottom();
+    markReadSoon();
   } catch (error) {
     if (view === ui.view) notify("Could not reload the messages: " + describeError(error));
   }
@@ -592,29 +902,377 @@ function scrollToBottom() {
   $("jump").hidden = true;
 }
 
+// Messages -------------------------------------------------------------------------------------
+
+const reactionKey = (seq, reaction) => `${seq} ${reaction}`;
+
+function pendingSeqs(view) {
+  const seqs = new Set([...view.pendingEdits.keys(), ...view.pendingDeletes]);
+  for (const key of view.pendingReactions.keys()) seqs.add(Number(key.split(" ")[0]));
+  return seqs;
+}
+
+/** May we edit or delete this message? Our own, or anyone's as a moderator. */
+function mayChange(message) {
+  return !message.deleted_at && (message.author === ui.user || ui.moderator);
+}
+
+/** The text with the mentioned names (`@name`) marked; all of it as text nodes. */
+function textWithMentions(text, mentions) {
+  const names = [...new Set(mentions ?? [])].filter(Boolean).sort((a, b) => b.length - a.length);
+  if (!names.length) return [text];
+  const parts = [];
+  let rest = 0;
+  for (let i = text.indexOf("@"); i !== -1; i = text.indexOf("@", i + 1)) {
+    const name = names.find((n) => text.startsWith(n, i + 1));
+    if (!name) continue;
+    if (i > rest) parts.push(text.slice(rest, i));
+    parts.push(el("span", { class: name === ui.user ? "mention mention-me" : "mention", "data-user": name }, "@" + name));
+    rest = i + 1 + name.length;
+    i = rest - 1;
+  }
+  if (rest < text.length) parts.push(text.slice(rest));
+  return parts;
+}
+
 function messageItem(message) {
-  const sentAt = new Date(message.sent_at);
-  const li = el(
-    "li",
-    {
-      class: "message",
-      "data-seq": message.seq,
-      "data-author": message.author,
-      "data-status": "sent",
-      "data-own": message.author === ui.user ? "true" : null,
-      "data-time": sentAt.getTime() || 0,
-    },
-    avatar(message.author),
-    el("div", { class: "message-body" },
-      el("p", { class: "message-meta" },
-        el("span", { class: "author" }, message.author),
-        " ",
-        el("time", { datetime: message.sent_at, title: fullTime(message.sent_at) }, clockTime(message.sent_at)),
-      ),
-      el("p", { class: "message-text" }, message.text),
-    ),
-  );
+  const li = el("li", { class: "message" });
+  fillMessage(li, message);
   return li;
+}
+
+/** (Re)draw one message from the view's state: text or tombstone, edit mark, reactions, actions. */
+function fillMessage(li, message) {
+  const view = ui.view;
+  const sentAt = new Date(message.sent_at);
+  const deleted = Boolean(message.deleted_at);
+  const own = message.author === ui.user;
+  const session = currentSession();
+  const closed = Boolean(session?.closed);
+  const pendingEdit = view?.pendingEdits.get(message.seq) ?? null;
+  const deleting = Boolean(view?.pendingDeletes.has(message.seq));
+  const editing = !deleted && view?.editing?.seq === message.seq;
+  const connected = ui.chat?.connected;
+  const attrs = {
+    "data-seq": message.seq,
+    "data-author": message.author,
+    "data-status": "sent",
+    "data-own": own ? "true" : null,
+    "data-time": sentAt.getTime() || 0,
+    "data-deleted": deleted ? "true" : null,
+    "data-edited": !deleted && message.edited_at ? "true" : null,
+    "data-mentions-me": !deleted && (message.mentions ?? []).includes(ui.user) ? "true" : null,
+    "data-pending-edit": pendingEdit ? (connected ? "sending" : "queued") : null,
+    "data-pending-delete": deleting ? (connected ? "sending" : "queued") : null,
+  };
+  for (const name of ["data-own", "data-deleted", "data-edited", "data-mentions-me", "data-pending-edit", "data-pending-delete"]) li.removeAttribute(name);
+  for (const [name, value] of Object.entries(attrs)) if (value !== null) li.setAttribute(name, String(value));
+
+  const meta = el("p", { class: "message-meta" },
+    el("span", { class: "author" }, message.author),
+    " ",
+    el("time", { datetime: message.sent_at, title: fullTime(message.sent_at) }, clockTime(message.sent_at)),
+    !deleted && (message.edited_at || pendingEdit)
+      ? el("span", { class: "edited", title: message.edited_at ? `Edited ${fullTime(message.edited_at)}` : "Edit not saved yet" }, "(edited)")
+      : null,
+  );
+  let text;
+  if (deleted) text = el("p", { class: "message-text tombstone" }, "Message deleted");
+  else if (editing) text = editorFor(message);
+  else text = el("p", { class: "message-text" }, textWithMentions(pendingEdit ? pendingEdit.text : message.text, message.mentions));
+
+  let state = null;
+  if (pendingEdit || deleting) {
+    const what = deleting ? "Deleting" : "Saving the edit";
+    state = el("p", { class: "message-state" }, connected ? `${what}…` : `${what} when the connection is back…`);
+  }
+  const body = el("div", { class: "message-body" }, meta, text, deleted ? null : reactionsRow(message, closed), state);
+  const children = [avatar(message.author), body];
+  if (!deleted && !editing && !deleting) {
+    const actions = actionsFor(message, closed);
+    if (actions) children.push(actions);
+  }
+  const hadFocus = li.contains(document.activeElement) ? document.activeElement : null;
+  const focusKey = hadFocus?.dataset.focusKey;
+  const selection = hadFocus?.tagName === "TEXTAREA" ? [hadFocus.selectionStart, hadFocus.selectionEnd] : null;
+  li.replaceChildren(...children);
+  if (focusKey) li.querySelector(`[data-focus-key="${CSS.escape(focusKey)}"]`)?.focus();
+  if (editing) {
+    const area = li.querySelector("textarea");
+    if (area && (selection || view.editing.focus)) {
+      view.editing.focus = false;
+      area.focus();
+      const [from, to] = selection ?? [area.value.length, area.value.length];
+      area.setSelectionRange(from, to);
+    }
+  }
+}
+
+function refreshMessage(seq) {
+  const view = ui.view;
+  const li = view?.bySeq.get(seq);
+  const message = view?.messages.get(seq);
+  if (li && message) fillMessage(li, message);
+}
+
+function reactionsRow(message, closed) {
+  const view = ui.view;
+  const entries = Object.entries(message.reactions ?? {}).filter(([, users]) => users.length);
+  if (!entries.length) return null;
+  return el(
+    "div",
+    { class: "reactions", role: "group", "aria-label": "Reactions" },
+    entries.map(([reaction, users]) => {
+      const mine = users.includes(ui.user);
+      const pending = view?.pendingReactions.has(reactionKey(message.seq, reaction));
+      const who = listOfNames(users.map((u) => (u === ui.user ? "you" : u)));
+      const chip = el(
+        "button",
+        {
+          type: "button",
+          class: "reaction-chip",
+          "data-reaction": reaction,
+          "data-count": users.length,
+          "data-pending": pending ? "true" : null,
+          "data-focus-key": `chip ${reaction}`,
+          "aria-pressed": mine ? "true" : "false",
+          title: `${who} reacted with ${reaction}` + (pending ? (ui.chat.connected ? " (sending…)" : " (waiting for the connection)") : ""),
+          disabled: closed ? true : null,
+        },
+        el("span", { class: "reaction-emoji" }, reaction),
+        el("span", { class: "reaction-count" }, String(users.length)),
+      );
+      chip.addEventListener("click", () => toggleReaction(message.seq, reaction));
+      return chip;
+    }),
+  );
+}
+
+function actionsFor(message, closed) {
+  const view = ui.view;
+  const buttons = [];
+  if (!closed) {
+    const react = el("button", { type: "button", class: "action", "aria-label": "Add reaction", title: "Add reaction", "aria-expanded": view.picker === message.seq ? "true" : "false", "data-focus-key": "react" }, "React");
+    react.addEventListener("click", (event) => {
+      event.stopPropagation();
+      view.picker = view.picker === message.seq ? null : message.seq;
+      refreshMessage(message.seq);
+      if (view.picker !== null) view.bySeq.get(message.seq)?.querySelector(".reaction-picker button")?.focus();
+    });
+    buttons.push(react);
+  }
+  if (mayChange(message)) {
+    const others = message.author !== ui.user;
+    if (!closed) {
+      const edit = el("button", { type: "button", class: "action", "aria-label": others ? `Edit ${message.author}'s message` : "Edit message", title: others ? "Edit (moderator)" : "Edit", "data-focus-key": "edit" }, "Edit");
+      edit.addEventListener("click", () => startEdit(message.seq));
+      buttons.push(edit);
+    }
+    const armed = view.armedDelete?.seq === message.seq;
+    const del = el(
+      "button",
+      { type: "button", class: armed ? "action danger" : "action", "aria-label": armed ? "Confirm delete" : others ? `Delete ${message.author}'s message` : "Delete message", title: others ? "Delete (moderator)" : "Delete", "data-focus-key": "delete" },
+      armed ? "Confirm delete" : "Delete",
+    );
+    del.addEventListener("click", () => onDeleteClick(message.seq));
+    buttons.push(del);
+  }
+  if (!buttons.length) return null;
+  const bar = el("div", { class: "message-actions", role: "group", "aria-label": "Message actions" }, buttons);
+  if (view.picker === message.seq) bar.append(pickerFor(message));
+  return bar;
+}
+
+function pickerFor(message) {
+  const picker = el(
+    "div",
+    { class: "reaction-picker", role: "group", "aria-label": "Pick a reaction" },
+    COMMON_REACTIONS.map((reaction) => {
+      const mine = (message.reactions?.[reaction] ?? []).includes(ui.user);
+      const button = el("button", { type: "button", class: "pick", "aria-label": `React with ${reaction}`, "aria-pressed": mine ? "true" : "false", "data-reaction": reaction }, reaction);
+      button.addEventListener("click", () => {
+        ui.view.picker = null;
+        toggleReaction(message.seq, reaction);
+      });
+      return button;
+    }),
+  );
+  picker.addEventListener("keydown", (event) => {
+    if (event.key === "Escape") {
+      event.stopPropagation();
+      ui.view.picker = null;
+      refreshMessage(message.seq);
+      ui.view.bySeq.get(message.seq)?.querySelector('[data-focus-key="react"]')?.focus();
+    }
+  });
+  return picker;
+}
+
+function closePicker() {
+  const view = ui.view;
+  if (view?.picker == null) return;
+  const seq = view.picker;
+  view.picker = null;
+  refreshMessage(seq);
+}
+
+/** Give or take back a reaction: shown at once, sent with an explicit `on` (a resend sets, never toggles). */
+async function toggleReaction(seq, reaction) {
+  const view = ui.view;
+  const message = view?.messages.get(seq);
+  if (!message || message.deleted_at) return;
+  const on = !(message.reactions?.[reaction] ?? []).includes(ui.user);
+  const key = reactionKey(seq, reaction);
+  const token = {};
+  view.pendingReactions.set(key, token);
+  applyReaction(message, { reaction, user: ui.user, on });
+  refreshMessage(seq);
+  try {
+    const reply = await ui.chat.react(view.sessionId, seq, reaction, on);
+    if (view.pendingReactions.get(key) !== token) return; // a later toggle decides
+    view.pendingReactions.delete(key);
+    applyReaction(message, reply);
+    refreshMessage(seq);
+  } catch (error) {
+    if (view.pendingReactions.get(key) !== token) return;
+    view.pendingReactions.delete(key);
+    applyReaction(message, { reaction, user: ui.user, on: !on });
+    refreshMessage(seq);
+    notify("The reaction was not saved. " + describeError(error));
+  }
+}
+
+// Editing ----------------------------------------------------------------------------------------
+
+function startEdit(seq) {
+  const view = ui.view;
+  const message = view.messages.get(seq);
+  if (!message || !mayChange(message)) return;
+  const previous = view.editing?.seq;
+  view.editing = { seq, draft: view.pendingEdits.get(seq)?.text ?? message.text, focus: true };
+  view.picker = null;
+  if (previous !== undefined && previous !== seq) refreshMessage(previous);
+  refreshMessage(seq);
+}
+
+function editorFor(message) {
+  const view = ui.view;
+  const area = el("textarea", { class: "edit-input", rows: "2", "aria-label": "Edit message text", maxlength: String(ui.chat.limits?.max_text_chars ?? 8000) });
+  area.value = view.editing.draft;
+  const save = el("button", { type: "submit", class: "primary small" }, "Save");
+  const cancel = el("button", { type: "button", class: "small" }, "Cancel");
+  const form = el("form", { class: "edit-form", "aria-label": "Edit message" }, area, el("p", { class: "edit-buttons" }, save, cancel, el("span", { class: "muted edit-hint" }, "Enter saves · Escape cancels")));
+  const sizeIt = () => {
+    area.style.height = "auto";
+    area.style.height = Math.min(area.scrollHeight + 2, 240) + "px";
+  };
+  requestAnimationFrame(sizeIt);
+  area.addEventListener("input", () => {
+    view.editing.draft = area.value;
+    save.disabled = !area.value.trim();
+    sizeIt();
+  });
+  area.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+      event.preventDefault();
+      form.requestSubmit();
+    } else if (event.key === "Escape") {
+      event.preventDefault();
+      event.stopPropagation();
+      cancelEdit();
+    }
+  });
+  cancel.addEventListener("click", cancelEdit);
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    saveEdit(message.seq, area.value);
+  });
+  return form;
+}
+
+function cancelEdit() {
+  const view = ui.view;
+  const seq = view?.editing?.seq;
+  if (seq === undefined) return;
+  view.editing = null;
+  refreshMessage(seq);
+  focusComposer();
+}
+
+/** Back to the message box once an inline edit is done (unless the session is closed). */
+function focusComposer() {
+  const input = $("message-input");
+  if (!input.disabled) input.focus();
+}
+
+async function saveEdit(seq, text) {
+  const view = ui.view;
+  const message = view.messages.get(seq);
+  view.editing = null;
+  const shown = view.pendingEdits.get(seq)?.text ?? message.text;
+  if (!text.trim() || text === shown) {
+    refreshMessage(seq);
+    focusComposer();
+    return;
+  }
+  const token = {};
+  view.pendingEdits.set(seq, { text, token });
+  refreshMessage(seq);
+  focusComposer();
+  try {
+    const edited = await ui.chat.editMessage(view.sessionId, seq, text, { mentions: mentionsIn(text) });
+    if (view.pendingEdits.get(seq)?.token !== token) return;
+    view.pendingEdits.delete(seq);
+    if (!view.messages.get(seq)?.deleted_at) view.messages.set(seq, { ...edited, reactions: view.messages.get(seq)?.reactions ?? edited.reactions });
+    refreshMessage(seq);
+  } catch (error) {
+    if (view.pendingEdits.get(seq)?.token !== token) return;
+    view.pendingEdits.delete(seq);
+    refreshMessage(seq);
+    notify("The edit was not saved. " + describeError(error));
+  }
+}
+
+// Deleting ---------------------------------------------------------------------------------------
+
+function onDeleteClick(seq) {
+  const view = ui.view;
+  if (view.armedDelete?.seq !== seq) {
+    const before = view.armedDelete?.seq;
+    clearTimeout(view.armedDelete?.timer);
+    view.armedDelete = {
+      seq,
+      timer: setTimeout(() => {
+        if (view.armedDelete?.seq === seq) {
+          view.armedDelete = null;
+          refreshMessage(seq);
+        }
+      }, 4000),
+    };
+    if (before !== undefined) refreshMessage(before);
+    refreshMessage(seq);
+    view.bySeq.get(seq)?.querySelector('[data-focus-key="delete"]')?.focus();
+    return;
+  }
+  clearTimeout(view.armedDelete.timer);
+  view.armedDelete = null;
+  deleteMessage(seq);
+}
+
+async function deleteMessage(seq) {
+  const view = ui.view;
+  view.pendingDeletes.add(seq);
+  refreshMessage(seq);
+  try {
+    const tombstone = await ui.chat.deleteMessage(view.sessionId, seq);
+    view.pendingDeletes.delete(seq);
+    view.pendingEdits.delete(seq);
+    if (view === ui.view) onMessageChanged(tombstone);
+  } catch (error) {
+    view.pendingDeletes.delete(seq);
+    refreshMessage(seq);
+    notify("The message was not deleted. " + describeError(error));
+  }
 }
 
 function addMessages(messages, { live, own = false }) {
@@ -623,6 +1281,7 @@ function addMessages(messages, { live, own = false }) {
   const list = $("messages");
   for (const message of messages) {
     if (view.bySeq.has(message.seq)) continue;
+    view.messages.set(message.seq, message);
     let li;
     const pending = message.client_msg_id ? view.pending.get(message.client_msg_id) : null;
     if (pending && message.author === ui.user) {
@@ -645,6 +1304,7 @@ function addMessages(messages, { live, own = false }) {
     if (li.nextElementSibling) regroup(li.nextElementSibling);
   }
   if (view.oldest === null && view.bySeq.size) view.oldest = Math.min(...view.bySeq.keys());
+  if (!live) placeDivider(view);
   if (!view.hasMore) renderHistoryStatus();
   if (stick) scrollToBottom();
   else if (live && messages.length) $("jump").hidden = false;
@@ -652,6 +1312,7 @@ function addMessages(messages, { live, own = false }) {
 
 /** Consecutive messages of one author within a few minutes share one header. */
 function regroup(li) {
+  if (!li.classList.contains("message")) return;
   const prev = li.previousElementSibling;
   const continued =
     prev && prev.dataset.author === li.dataset.author && Math.abs(Number(li.dataset.time) - Number(prev.dataset.time)) < GROUP_WITHIN_MS;
@@ -700,17 +1361,18 @@ function discardPending(pending) {
 function sendText(text) {
   const view = ui.view;
   const clientMsgId = randomId();
+  const mentions = mentionsIn(text);
   const li = el(
     "li",
     { class: "message pending", "data-status": "sending", "data-own": "true", "data-author": ui.user, "data-client-msg-id": clientMsgId, "data-time": Date.now() },
     avatar(ui.user),
     el("div", { class: "message-body" },
       el("p", { class: "message-meta" }, el("span", { class: "author" }, ui.user)),
-      el("p", { class: "message-text" }, text),
+      el("p", { class: "message-text" }, textWithMentions(text, mentions)),
       el("p", { class: "message-state", "aria-live": "polite" }),
     ),
   );
-  const pending = { li, text, clientMsgId, sessionId: view.sessionId, status: "sending" };
+  const pending = { li, text, mentions, clientMsgId, sessionId: view.sessionId, status: "sending" };
   view.pending.set(clientMsgId, pending);
   $("messages").append(li);
   regroup(li);
@@ -723,13 +1385,141 @@ function sendText(text) {
 async function sendPending(pending) {
   setPendingStatus(pending, ui.chat.connected ? "sending" : "queued");
   try {
-    const message = await ui.chat.send(pending.sessionId, pending.text, { clientMsgId: pending.clientMsgId });
+    const options = { clientMsgId: pending.clientMsgId };
+    if (pending.mentions.length) options.mentions = pending.mentions;
+    const message = await ui.chat.send(pending.sessionId, pending.text, options);
     // Normally the subscription has shown it already (as our own message).
     if (ui.view?.sessionId === pending.sessionId && ui.view.pending.has(pending.clientMsgId)) addMessages([message], { live: true, own: true });
   } catch (error) {
     if (ui.view?.sessionId === pending.sessionId && ui.view.pending.get(pending.clientMsgId) === pending) setPendingStatus(pending, "failed", error);
     else notify(`A message was not sent: ${describeError(error)}`);
   }
+}
+
+// Mentions: @-completion from the people around, and the names a text mentions ---------------
+
+/** People we could mention: who is here, who wrote in the open session, who started a session. */
+function mentionCandidates() {
+  const names = new Set(ui.presence);
+  for (const message of ui.view?.messages.values() ?? []) names.add(message.author);
+  for (const item of ui.sessions.values()) names.add(item.session.created_by);
+  names.delete(ui.user);
+  return [...names].filter(Boolean);
+}
+
+/**
+ * The user names `text` mentions: `@name` at the start or after a space, for the
+ * people we know (longest first, so names with spaces work), else the word after
+ * the `@` (trailing punctuation dropped). Ourselves left out; at most 20.
+ */
+function mentionsIn(text) {
+  const known = mentionCandidates().sort((a, b) => b.length - a.length);
+  const found = [];
+  for (const match of text.matchAll(/(^|[\s(\[{"'“‘])@/gu)) {
+    const start = match.index + match[0].length;
+    let name = known.find((n) => text.startsWith(n, start) && !/[\p{L}\p{N}_-]/u.test(text[start + n.length] ?? ""));
+    if (!name) {
+      const word = /^[^\s@]+/u.exec(text.slice(start))?.[0]?.replace(/[.,;:!?)\]}'"”’…]+$/u, "");
+      if (word && validName(word)) name = word;
+    }
+    if (name && name !== ui.user && !found.includes(name)) found.push(name);
+    if (found.length >= MAX_MENTIONS) break;
+  }
+  return found;
+}
+
+function updateMentions() {
+  const input = $("message-input");
+  const caret = input.selectionStart;
+  if (caret !== input.selectionEnd || input.disabled) return closeMentions();
+  const before = input.value.slice(0, caret);
+  const match = /(^|[\s(\[{"'“‘])@([^\s@]{0,64})$/u.exec(before);
+  if (!match) return closeMentions();
+  const query = match[2];
+  const lower = query.toLocaleLowerCase();
+  const options = mentionCandidates()
+    .filter((name) => name.toLocaleLowerCase().startsWith(lower))
+    .sort((a, b) => (ui.presence.includes(b) - ui.presence.includes(a)) || a.localeCompare(b))
+    .slice(0, 8);
+  if (!options.length) return closeMentions();
+  const active = ui.mention && options.includes(ui.mention.options[ui.mention.active]) ? options.indexOf(ui.mention.options[ui.mention.active]) : 0;
+  ui.mention = { start: caret - query.length - 1, query, options, active };
+  renderMentions();
+}
+
+function renderMentions() {
+  const list = $("mention-list");
+  const input = $("message-input");
+  const state = ui.mention;
+  if (!state) {
+    list.hidden = true;
+    list.replaceChildren();
+    input.removeAttribute("aria-activedescendant");
+    return;
+  }
+  list.replaceChildren(
+    ...state.options.map((name, index) => {
+      const option = el(
+        "li",
+        { role: "option", id: `mention-option-${index}`, class: "mention-option", "data-user": name, "aria-selected": index === state.active ? "true" : "false" },
+        avatar(name, "small"),
+        el("span", { class: "mention-name" }, name),
+        ui.presence.includes(name) ? el("span", { class: "muted here" }, "here now") : null,
+      );
+      option.addEventListener("mousedown", (event) => {
+        event.preventDefault(); // keep the focus in the message box
+        pickMention(index);
+      });
+      return option;
+    }),
+  );
+  list.hidden = false;
+  input.setAttribute("aria-activedescendant", `mention-option-${state.active}`);
+}
+
+function closeMentions() {
+  if (!ui.mention && $("mention-list").hidden) return;
+  ui.mention = null;
+  renderMentions();
+}
+
+function pickMention(index = ui.mention?.active ?? 0) {
+  const state = ui.mention;
+  if (!state) return;
+  const name = state.options[index];
+  const input = $("message-input");
+  const end = state.start + 1 + state.query.length;
+  const after = input.value.slice(end);
+  const insert = `@${name}` + (after.startsWith(" ") ? "" : " ");
+  input.value = input.value.slice(0, state.start) + insert + after;
+  const caret = state.start + insert.length;
+  input.setSelectionRange(caret, caret);
+  ui.mention = null;
+  renderMentions();
+  autosize();
+  updateCharCount();
+  input.focus();
+}
+
+/** Keys for the completion list; true if the key was taken. */
+function mentionKey(event) {
+  const state = ui.mention;
+  if (!state) return false;
+  if (event.key === "ArrowDown" || event.key === "ArrowUp") {
+    const step = event.key === "ArrowDown" ? 1 : -1;
+    state.active = (state.active + step + state.options.length) % state.options.length;
+    renderMentions();
+    return true;
+  }
+  if ((event.key === "Enter" && !event.shiftKey) || event.key === "Tab") {
+    pickMention();
+    return true;
+  }
+  if (event.key === "Escape") {
+    closeMentions();
+    return true;
+  }
+  return false;
 }
 
 // Composer -------------------------------------------------------------------------------------
@@ -753,6 +1543,7 @@ function submitComposer() {
   const text = input.value;
   if (!ui.view || !text.trim() || input.disabled) return;
   input.value = "";
+  closeMentions();
   autosize();
   updateCharCount();
   sendText(text);
@@ -761,9 +1552,10 @@ function submitComposer() {
 function onComposerInput() {
   autosize();
   updateCharCount();
+  updateMentions();
   const now = Date.now();
   if (ui.view && $("message-input").value.trim() && now - ui.lastTypingSent > TYPING_SEND_EVERY_MS) {
-    const session = ui.sessions.get(ui.view.sessionId)?.session;
+    const session = currentSession();
     if (session && !session.closed && ui.chat.typing(ui.view.sessionId)) ui.lastTypingSent = now;
   }
 }
@@ -793,6 +1585,20 @@ async function onCloseSession() {
     await ui.chat.closeSession(sessionId);
   } catch (error) {
     if (error.code !== "conflict") notify(describeError(error));
+  }
+}
+
+async function onReopenSession() {
+  const button = $("reopen-session");
+  const sessionId = ui.view.sessionId;
+  button.disabled = true;
+  try {
+    await ui.chat.reopenSession(sessionId);
+    if (ui.view?.sessionId === sessionId) $("message-input").focus();
+  } catch (error) {
+    if (error.code !== "conflict") notify("The session was not reopened. " + describeError(error));
+  } finally {
+    button.disabled = false;
   }
 }
 
@@ -835,7 +1641,7 @@ function wireEvents() {
       const session = await ui.chat.createSession(ui.doc, ui.section, { title: title || null });
       input.value = "";
       if (gen === ui.sectionGen) {
-        if (!ui.sessions.has(session.session_id)) onSessionCreated(session, { own: true });
+        if (!ui.sessions.has(session.session_id)) onSessionCreated(ui.sub?.sessions.get(session.session_id) ?? session);
         openSession(session.session_id);
       }
     } catch (error) {
@@ -847,6 +1653,10 @@ function wireEvents() {
 
   const input = $("message-input");
   input.addEventListener("keydown", (event) => {
+    if (!event.isComposing && mentionKey(event)) {
+      event.preventDefault();
+      return;
+    }
     if (event.key === "Enter" && !event.shiftKey && !event.isComposing && !event.altKey && !event.ctrlKey && !event.metaKey) {
       event.preventDefault();
       submitComposer();
@@ -855,6 +1665,8 @@ function wireEvents() {
     }
   });
   input.addEventListener("input", onComposerInput);
+  input.addEventListener("click", updateMentions);
+  input.addEventListener("blur", () => setTimeout(() => document.activeElement !== input && closeMentions(), 0));
   $("composer").addEventListener("submit", (event) => {
     event.preventDefault();
     submitComposer();
@@ -875,7 +1687,20 @@ function wireEvents() {
     (current ?? $("new-session-title")).focus();
   });
   $("close-session").addEventListener("click", onCloseSession);
+  $("reopen-session").addEventListener("click", onReopenSession);
   $("retry-now").addEventListener("click", () => ui.chat?.reconnectNow());
+
+  // A reaction picker closes on a click elsewhere.
+  document.addEventListener("click", (event) => {
+    if (ui.view?.picker != null && !event.target.closest?.(".message-actions")) closePicker();
+  });
+  // Reading: when the page comes back into view, what is open there has been read.
+  document.addEventListener("visibilitychange", () => {
+    if (!ui.chat) return;
+    renderSessions();
+    markReadSoon();
+  });
+  window.addEventListener("focus", () => ui.view && markReadSoon());
 }
 
 main();

@@ -1,4 +1,4 @@
-// sectionchat.js: a client for the sectionchat wire protocol (version 1).
+// sectionchat.js: a client for the sectionchat wire protocol (version 1, revision 1.1).
 //
 // An ES module with no dependencies, for the browser page and for editors that
 // embed section chats. It owns one WebSocket and keeps it alive: requests are
@@ -7,12 +7,19 @@
 // `since_offset` + `epoch`, and replays what was missed, so callbacks see each
 // stored event once and in order. Messages are sent with a `client_msg_id`, so
 // one typed while offline (or in flight when the socket dropped) is delivered
-// exactly once after the reconnect.
+// exactly once after the reconnect. The writes of revision 1.1 (edits, deletes,
+// reactions with an explicit `on`, read markers, session updates) are
+// idempotent on the server, so they wait in the same outbox and are resent the
+// same way; several of one kind queued for the same target while offline
+// collapse into the last one (one edit, one reaction state, the highest read
+// marker), so what goes out when the connection is back is sent once.
 //
 //   import { SectionChat } from "/static/sectionchat.js";
 //   const chat = new SectionChat(undefined, { name: "alice" });
 //   const sub = await chat.subscribe("spec-7", "intro", { onMessage(m) { ... } });
 //   await chat.send(sessionId, "Hello");
+//
+// Types for editors and bundlers: sectionchat.d.ts, next to this file.
 
 export const PROTOCOL = 1;
 export const SUBPROTOCOL = "sectionchat.v1";
@@ -37,7 +44,28 @@ const DEFAULTS = Object.freeze({
 
 // Requests that may be sent again if the connection dropped before the reply:
 // reads, and writes that carry their own idempotency key (added by the helpers).
-const RETRY_SAFE = new Set(["get_session", "list_sessions", "history", "ping", "send_message", "create_session"]);
+// The 1.1 writes are retry-safe by their nature: an edit sets a text, a delete
+// leaves a tombstone, `react` with an explicit `on` sets a state, `mark_read`
+// only moves forward, `update_session` sets fields; a repeat changes nothing.
+// Not `close_session`/`reopen_session`: a repeat of one that landed is `conflict`.
+const RETRY_SAFE = new Set([
+  "get_session",
+  "list_sessions",
+  "history",
+  "ping",
+  "send_message",
+  "create_session",
+  "edit_message",
+  "delete_message",
+  "react",
+  "mark_read",
+  "update_session",
+  "watch_document",
+  "unwatch_document",
+]);
+
+/** Reactions the page offers in its picker (any string of 1–32 characters is valid). */
+export const COMMON_REACTIONS = Object.freeze(["👍", "❤️", "😄", "🎉", "😮", "👀"]);
 
 // Errors, in words a user understands. The server's `message` adds detail.
 const PLAIN = {
@@ -70,6 +98,14 @@ export class ChatError extends Error {
 export function describeError(error) {
   if (!(error instanceof ChatError)) return "Something went wrong: " + String(error?.message ?? error);
   const plain = PLAIN[error.code] ?? `The server refused that (${error.code}).`;
+  if (error.code === "conflict") {
+    if (/deleted/.test(error.message)) return "That message has been deleted.";
+    if (/not closed/.test(error.message)) return "This session is already open.";
+  }
+  if (error.code === "forbidden" && /author|creator/.test(error.message)) {
+    return "Only its author (or a moderator) may change that.";
+  }
+  if (error.code === "too_large" && /reaction/.test(error.message)) return "That message already has as many different reactions as it can take.";
   if (error.code === "too_large") {
     const found = /(\d+) characters; the limit is (\d+)/.exec(error.message);
     if (found) {
@@ -136,11 +172,59 @@ const HANDLER_NAMES = {
   onSessionCreated: "session_created",
   onMessage: "message",
   onSessionClosed: "session_closed",
+  onMessageEdited: "message_edited",
+  onMessageDeleted: "message_deleted",
+  onReaction: "reaction",
+  onSessionUpdated: "session_updated",
+  onSessionReopened: "session_reopened",
+  onRead: "read",
+  onUnread: "unread",
   onPresence: "presence",
   onTyping: "typing",
   onRecovered: "recovered",
+  onDocumentDeleted: "document_deleted",
   onError: "error",
 };
+
+const WATCH_HANDLER_NAMES = {
+  onDocument: "document",
+  onSectionSummary: "section_summary",
+  onDocumentDeleted: "document_deleted",
+  onError: "error",
+};
+
+/** The later of two protocol timestamps (they sort as strings); null-safe. */
+function later(a, b) {
+  if (!a) return b ?? null;
+  if (!b) return a;
+  return b > a ? b : a;
+}
+
+/**
+ * Apply a `reaction` event (or reply) to a Message in place; true if it changed.
+ * Idempotent: applying the same event twice (a replay, a retried request) changes nothing.
+ */
+export function applyReaction(message, { reaction, user, on }) {
+  if (!message || message.deleted_at) return false;
+  const reactions = (message.reactions ??= {});
+  const users = reactions[reaction] ?? [];
+  const has = users.includes(user);
+  if (on === false) {
+    if (!has) return false;
+    const left = users.filter((u) => u !== user);
+    if (left.length) reactions[reaction] = left;
+    else delete reactions[reaction];
+    return true;
+  }
+  if (has) return false;
+  reactions[reaction] = [...users, user];
+  return true;
+}
+
+/** Whether `message` is a tombstone (deleted: text "", `deleted_at` set). */
+export function isDeleted(message) {
+  return Boolean(message?.deleted_at);
+}
 
 /**
  * One section a client follows. Its state (`sessions`, `presence`, `offset`,
@@ -154,8 +238,11 @@ export class Subscription extends Emitter {
     this.documentId = documentId;
     this.sectionId = sectionId;
     this.key = sectionKey(documentId, sectionId);
-    this.sessions = new Map(); // session_id -> Session (last_seq and closed kept current)
+    this.sessions = new Map(); // session_id -> Session (last_seq, closed, title, last_activity_at kept current)
     this.presence = new Set(); // users viewing the section
+    this.read = new Map(); // session_id -> our read marker (last seq read), revision 1.1
+    this.unread = new Map(); // session_id -> our unread count, revision 1.1
+    this.readState = false; // true once the server has sent read/unread (a 1.1 server)
     this.epoch = null;
     this.offset = 0;
     this.active = true;
@@ -180,8 +267,62 @@ export class Subscription extends Emitter {
     return [...this.sessions.values()].reverse();
   }
 
+  /** Sessions, latest `last_activity_at` first (as `list_sessions` with `order: "activity"`). */
+  get sessionsByActivity() {
+    const at = (s) => s.last_activity_at ?? s.created_at;
+    return [...this.sessions.values()].sort((a, b) => (at(a) < at(b) ? 1 : at(a) > at(b) ? -1 : a.session_id < b.session_id ? -1 : 1));
+  }
+
+  /** Our unread count in a session (0 when unknown). */
+  unreadOf(sessionId) {
+    return this.unread.get(sessionId) ?? 0;
+  }
+
+  /** Our read marker in a session: the last seq we have read (0 when never marked). */
+  readOf(sessionId) {
+    return this.read.get(sessionId) ?? 0;
+  }
+
   unsubscribe() {
     return this.chat.unsubscribe(this);
+  }
+}
+
+/**
+ * A document a client watches (`watch_document`): the summary of each of its
+ * sections, kept current by `section_summary` events and re-watched after a
+ * reconnect. Listen with `on(type, fn)` or the handlers given to `watchDocument`.
+ */
+export class DocumentWatch extends Emitter {
+  constructor(chat, documentId) {
+    super();
+    this.chat = chat;
+    this.documentId = documentId;
+    this.sections = new Map(); // section_id -> SectionSummary, in the document's section order
+    this.active = true;
+    this.watching = false; // true between a `document` reply and the next drop
+    this._answered = false; // a `document` reply has come (later ones are after a reconnect)
+    this.ready = new Promise((resolve, reject) => {
+      this._resolveReady = resolve;
+      this._rejectReady = reject;
+    });
+    this.ready.catch(() => {});
+  }
+
+  attach(handlers = {}) {
+    for (const [name, type] of Object.entries(WATCH_HANDLER_NAMES)) {
+      if (typeof handlers[name] === "function") this.on(type, handlers[name]);
+    }
+    return this;
+  }
+
+  /** The section summaries, in the document's section order. */
+  get sectionList() {
+    return [...this.sections.values()];
+  }
+
+  unwatch() {
+    return this.chat.unwatchDocument(this.documentId);
   }
 }
 
@@ -195,11 +336,13 @@ export class SectionChat extends Emitter {
     this.welcome = null;
     this.user = null;
     this.limits = null;
+    this.roles = []; // from the welcome (1.1 server): ["moderator"] for a moderator
     this.nextRetryAt = null; // when a reconnect attempt is due (ms since epoch)
     this._entries = new Map(); // request id -> entry, waiting or in flight, in id order
     this._fireAndForget = new Map(); // request id -> {type, at} (typing: no reply unless an error)
     this._subs = new Map(); // sectionKey -> Subscription
     this._sessionIndex = new Map(); // session_id -> Subscription
+    this._watches = new Map(); // document_id -> DocumentWatch
     this._lastId = 0;
     this._socket = null;
     this._welcomed = false;
@@ -260,7 +403,12 @@ export class SectionChat extends Emitter {
     const error = new ChatError("closed", PLAIN.closed);
     for (const sub of this._subs.values()) {
       sub.active = false;
+      clearTimeout(sub._unreadTimer);
       sub._rejectReady(error);
+    }
+    for (const watch of this._watches.values()) {
+      watch.active = false;
+      watch._rejectReady(error);
     }
     for (const entry of this._entries.values()) this._finish(entry, null, error);
     for (const waiter of this._waiters.splice(0)) waiter.reject(error);
@@ -275,6 +423,11 @@ export class SectionChat extends Emitter {
 
   get connected() {
     return this.state === "connected";
+  }
+
+  /** Whether the welcome named us a moderator (token mode, `roles` claim). */
+  get isModerator() {
+    return this.roles.includes("moderator");
   }
 
   _socketUrl() {
@@ -330,6 +483,7 @@ export class SectionChat extends Emitter {
     clearTimeout(this._pumpTimer);
     this._pumpTimer = null;
     for (const sub of this._subs.values()) sub.subscribed = false;
+    for (const watch of this._watches.values()) watch.watching = false;
     // Requests in flight: resend the safe ones after the reconnect, fail the others.
     for (const entry of [...this._entries.values()]) {
       if (entry.internal) {
@@ -393,6 +547,7 @@ export class SectionChat extends Emitter {
     this.welcome = frame;
     this.user = frame.user;
     this.limits = frame.limits ?? null;
+    this.roles = Array.isArray(frame.roles) ? frame.roles.filter((r) => typeof r === "string") : [];
     const recovering = this._attempt > 0 || this._downSince !== null;
     this._attempt = 0;
     this._downSince = null;
@@ -403,8 +558,9 @@ export class SectionChat extends Emitter {
     // a burst of queued messages after a reconnect is paced, never refused.
     this._budget = rate > 0 ? { rate: rate * 0.9, capacity: Math.max(1, Math.floor(rate * 0.8)), tokens: 0, at: Date.now() } : null;
     if (this._budget) this._budget.tokens = this._budget.capacity;
-    // Subscriptions first, then what waited: the server answers in order.
+    // Subscriptions (and watches) first, then what waited: the server answers in order.
     for (const sub of this._subs.values()) this._sendSubscribe(sub);
+    for (const watch of this._watches.values()) this._sendWatch(watch);
     this._pump();
     clearInterval(this._pingTimer);
     if (this.options.pingInterval > 0) {
@@ -426,15 +582,43 @@ export class SectionChat extends Emitter {
    * Send a request; resolves with its reply frame, rejects with a ChatError.
    * While disconnected the request waits and goes out after the reconnect.
    * `retry`: may it be sent again if the socket drops before the reply?
-   * (default: reads, and writes with an idempotency key / client_msg_id).
+   * (default: reads, writes with an idempotency key / client_msg_id, and the
+   * idempotent writes of revision 1.1).
+   * `coalesce`: a key; a request with the same key that is still waiting (not
+   * yet sent) is replaced by this one, and both promises get this one's reply.
+   * `merge(oldFields, newFields)` may combine their fields (e.g. the higher seq).
    */
-  request(type, fields = {}, { timeout = this.options.requestTimeout, retry = RETRY_SAFE.has(type) } = {}) {
+  request(type, fields = {}, { timeout = this.options.requestTimeout, retry = RETRY_SAFE.has(type), coalesce = null, merge = null } = {}) {
     if (this.state === "closed") return Promise.reject(new ChatError("closed", PLAIN.closed));
     if (this.state === "idle") this.connect().catch(() => {});
     return new Promise((resolve, reject) => {
-      this._newEntry(type, fields, { resolve, reject, timeout, retry });
+      let waiting = null;
+      if (coalesce !== null) {
+        for (const entry of this._entries.values()) {
+          if (entry.coalesce === coalesce && !entry.sent && !entry.internal) waiting = entry;
+        }
+      }
+      if (waiting) {
+        // The older one never left: only the newer goes out, and answers both.
+        this._entries.delete(waiting.id);
+        clearTimeout(waiting.timer);
+        if (merge) fields = merge(waiting.fields, fields);
+        const before = { resolve: waiting.resolve, reject: waiting.reject };
+        const after = { resolve, reject };
+        resolve = (reply) => (before.resolve(reply), after.resolve(reply));
+        reject = (error) => (before.reject(error), after.reject(error));
+      }
+      const entry = this._newEntry(type, fields, { resolve, reject, timeout, retry, coalesce });
+      entry.fields = fields;
       this._pump();
     });
+  }
+
+  /** How many requests wait to be sent or answered (the outbox), internal ones aside. */
+  get pendingRequests() {
+    let count = 0;
+    for (const entry of this._entries.values()) if (!entry.internal) count += 1;
+    return count;
   }
 
   /** Take one request's worth of the rate budget; false if there is none left just now. */
@@ -545,26 +729,116 @@ export class SectionChat extends Emitter {
     return (await this.request("get_session", { session_id: sessionId })).session;
   }
 
-  /** Sessions of a section (or of the whole document), oldest first (every page of at most 1,000). */
-  async listSessions(documentId, sectionId = null) {
-    let fields = { document_id: documentId };
-    if (sectionId != null) fields.section_id = sectionId;
+  /**
+   * Sessions of a section (or of the whole document, `sectionId` null), following
+   * every page. Options: `closed` (true/false: only closed/open ones), `order`
+   * ("created", oldest first, the default; "activity", latest activity first),
+   * `limit` (at most this many in all), `cursor` (start after a page's `nextCursor`).
+   */
+  async listSessions(documentId, sectionId = null, { closed = null, order = null, limit = null, cursor = null } = {}) {
     const sessions = [];
+    if (limit != null && limit <= 0) return sessions;
+    let next = cursor;
     for (;;) {
-      const reply = await this.request("list_sessions", fields);
-      sessions.push(...reply.sessions);
-      if (reply.next_cursor == null) return sessions;
-      fields = { ...fields, cursor: reply.next_cursor };
+      const pageLimit = limit == null ? null : Math.min(1000, limit - sessions.length);
+      const page = await this.listSessionsPage(documentId, { sectionId, closed, order, limit: pageLimit, cursor: next });
+      sessions.push(...page.sessions);
+      next = page.nextCursor;
+      if (next == null || (limit != null && sessions.length >= limit)) return sessions;
     }
+  }
+
+  /**
+   * One page of `list_sessions`: `{sessions, read, unread, nextCursor}` (`read`
+   * and `unread` map each listed session id to our marker and unread count).
+   */
+  async listSessionsPage(documentId, { sectionId = null, closed = null, order = null, limit = null, cursor = null } = {}) {
+    const fields = { document_id: documentId };
+    if (sectionId != null) fields.section_id = sectionId;
+    if (closed != null) fields.closed = Boolean(closed);
+    if (order != null) fields.order = order;
+    if (limit != null) fields.limit = limit;
+    if (cursor != null) fields.cursor = cursor;
+    const reply = await this.request("list_sessions", fields);
+    // (The subscriptions this listing covers have taken its read state already: _applyOwn.)
+    return { sessions: reply.sessions, read: reply.read ?? {}, unread: reply.unread ?? {}, nextCursor: reply.next_cursor ?? null };
   }
 
   /**
    * Send a message; resolves with the stored Message. The `clientMsgId` makes
    * it exactly-once: resending after a drop returns the original message.
+   * `mentions`: user names the message mentions (each gets a `mentioned` event).
    */
-  async send(sessionId, text, { clientMsgId = randomId(), timeout = this.options.sendTimeout } = {}) {
+  async send(sessionId, text, { clientMsgId = randomId(), timeout = this.options.sendTimeout, mentions = null } = {}) {
     const fields = { session_id: sessionId, text, client_msg_id: clientMsgId };
+    if (mentions != null) fields.mentions = [...mentions];
     return (await this.request("send_message", fields, { retry: true, timeout })).message;
+  }
+
+  /**
+   * Edit a message (yours, or anyone's as a moderator); resolves with the edited
+   * Message. `mentions`, when given, replace the message's (absent: kept).
+   * Made offline, it waits in the outbox; a later edit of the same message
+   * queued before it left replaces it.
+   */
+  async editMessage(sessionId, seq, text, { mentions = null } = {}) {
+    const fields = { session_id: sessionId, seq, text };
+    if (mentions != null) fields.mentions = [...mentions];
+    const reply = await this.request("edit_message", fields, { coalesce: `edit ${sessionId} ${seq}` });
+    return reply.message;
+  }
+
+  /** Delete a message (yours, or anyone's as a moderator); resolves with the tombstone. */
+  async deleteMessage(sessionId, seq) {
+    const reply = await this.request("delete_message", { session_id: sessionId, seq }, { coalesce: `delete ${sessionId} ${seq}` });
+    return reply.message;
+  }
+
+  /**
+   * Give (`on` true, the default) or take back (`on` false) a reaction; resolves
+   * with the `reaction` reply `{session_id, seq, reaction, user, on, at}`. `on`
+   * is always sent explicitly, so a resend after a drop sets the same state
+   * instead of toggling again; toggles queued while offline collapse into the last.
+   */
+  async react(sessionId, seq, reaction, on = true) {
+    const fields = { session_id: sessionId, seq, reaction, on: Boolean(on) };
+    return this._plain(await this.request("react", fields, { coalesce: `react ${sessionId} ${seq} ${reaction}` }));
+  }
+
+  /**
+   * Mark a session read up to `seq` (its `last_seq` to mark everything); resolves
+   * with `{session_id, seq}`, the marker now (never lower than before). Our other
+   * connections get a `read` event. Marks queued while offline collapse into the highest.
+   */
+  async markRead(sessionId, seq) {
+    const reply = await this.request(
+      "mark_read",
+      { session_id: sessionId, seq },
+      { coalesce: `read ${sessionId}`, merge: (older, newer) => ({ ...newer, seq: Math.max(older.seq, newer.seq) }) },
+    );
+    return { session_id: reply.session_id, seq: reply.seq };
+  }
+
+  /**
+   * Change a session's `title` and/or `metadata` (its creator, or a moderator).
+   * A field left out is unchanged; `null` clears it. Resolves with the Session.
+   */
+  async updateSession(sessionId, changes = {}) {
+    const fields = { session_id: sessionId };
+    if ("title" in changes) fields.title = changes.title;
+    if ("metadata" in changes) fields.metadata = changes.metadata;
+    return (await this.request("update_session", fields)).session;
+  }
+
+  /** Reopen a closed session (`conflict` if it is open); resolves with the Session. */
+  async reopenSession(sessionId) {
+    return (await this.request("reopen_session", { session_id: sessionId }, { retry: false })).session;
+  }
+
+  /** A reply frame without its `type` and `reply_to`. */
+  _plain(reply) {
+    const { type: _type, reply_to: _replyTo, ...rest } = reply;
+    return rest;
   }
 
   /** A page of history: `{messages (ascending seq), has_more}`; newest page without a cursor. */
@@ -610,8 +884,16 @@ export class SectionChat extends Emitter {
    *   onSessionCreated(session, {own, replay}), onMessage(message, {own, replay, session}),
    *   onSessionClosed(session, {own, replay}), onPresence({joined, left, present}),
    *   onTyping({session_id, user}), onRecovered({missed}), onError(ChatError)
+   * Revision 1.1:
+   *   onMessageEdited(message, {own, replay, session}), onMessageDeleted(tombstone, {own, replay, session}),
+   *   onReaction({session_id, seq, reaction, user, on, at}, {own, replay, session}),
+   *   onSessionUpdated(session, {own, replay}), onSessionReopened(session, {own, replay}),
+   *   onRead({session_id, seq}, {own}), onUnread({session_id, unread, read}),
+   *   onDocumentDeleted({document_id})
    * Each stored event reaches the handlers once, in order, including our own
    * actions (`own: true`) and events replayed after a reconnect (`replay: true`).
+   * (Edits, deletes and reactions are idempotent to apply: a replay of one
+   * already applied leaves what you show as it is; see `applyReaction`.)
    */
   subscribe(documentId, sectionId, handlers = {}) {
     if (this.state === "closed") return Promise.reject(new ChatError("closed", PLAIN.closed));
@@ -633,6 +915,7 @@ export class SectionChat extends Emitter {
   async unsubscribe(sub) {
     if (!sub.active) return;
     sub.active = false;
+    clearTimeout(sub._unreadTimer);
     this._subs.delete(sub.key);
     for (const [sessionId, owner] of this._sessionIndex) if (owner === sub) this._sessionIndex.delete(sessionId);
     sub._rejectReady(new ChatError("closed", "unsubscribed"));
@@ -688,10 +971,13 @@ export class SectionChat extends Emitter {
     sub.subscribed = true;
     if (!first && reply.recovered) {
       for (const event of reply.events) this._applyStored(sub, event, { own: false, replay: true });
-      // The reply's session list is the server's truth after the replay.
+      // The reply's session list is the server's truth after the replay (updated in
+      // place, so that objects handed to callbacks stay current).
       for (const session of reply.sessions) this._indexSession(sub, session);
       sub.epoch = reply.epoch;
       sub.offset = reply.offset;
+      // Read markers are not events (not recovered): the reply's maps are the truth.
+      this._replaceReadState(sub, reply, { emit: true });
       this._replacePresence(sub, reply.presence);
       sub._emit("recovered", { missed: reply.events.length });
     } else {
@@ -700,6 +986,7 @@ export class SectionChat extends Emitter {
       for (const [sessionId, owner] of this._sessionIndex) if (owner === sub) this._sessionIndex.delete(sessionId);
       sub.sessions = new Map();
       for (const session of reply.sessions) this._indexSession(sub, session);
+      this._replaceReadState(sub, reply, { emit: false });
       sub.presence = new Set(reply.presence);
       sub._emit("snapshot", { sessions: [...sub.sessions.values()], presence: [...sub.presence], reconnect: !first });
     }
@@ -707,8 +994,206 @@ export class SectionChat extends Emitter {
   }
 
   _indexSession(sub, session) {
-    sub.sessions.set(session.session_id, { ...session });
+    const known = sub.sessions.get(session.session_id);
+    if (known) {
+      const lastActivity = later(known.last_activity_at, session.last_activity_at);
+      Object.assign(known, session, { last_seq: Math.max(known.last_seq, session.last_seq) });
+      if (lastActivity) known.last_activity_at = lastActivity;
+    } else {
+      sub.sessions.set(session.session_id, { ...session });
+    }
     this._sessionIndex.set(session.session_id, sub);
+  }
+
+  // Read state (revision 1.1) ----------------------------------------------------
+
+  /** Take `read`/`unread` from a `subscribed` reply: the server's truth for that moment. */
+  _replaceReadState(sub, reply, { emit }) {
+    if (!reply.read && !reply.unread) return; // a 1.0 server
+    sub.readState = true;
+    const read = new Map(Object.entries(reply.read ?? {}));
+    const unread = new Map(Object.entries(reply.unread ?? {}));
+    for (const sessionId of sub.sessions.keys()) {
+      if (!read.has(sessionId)) read.set(sessionId, sub.read.get(sessionId) ?? 0);
+      if (!unread.has(sessionId)) unread.set(sessionId, sub.unread.get(sessionId) ?? 0);
+    }
+    const before = { read: sub.read, unread: sub.unread };
+    sub.read = read;
+    sub.unread = unread;
+    if (!emit) return;
+    for (const sessionId of sub.sessions.keys()) {
+      if (before.read.get(sessionId) !== read.get(sessionId) || before.unread.get(sessionId) !== unread.get(sessionId)) {
+        sub._emit("unread", { session_id: sessionId, unread: unread.get(sessionId), read: read.get(sessionId) });
+      }
+    }
+  }
+
+  /** A `sessions` reply carries read state too: refresh the subscriptions it covers. */
+  _noteReadState(reply) {
+    if (!reply.unread) return;
+    for (const session of reply.sessions ?? []) {
+      const sub = this._sessionIndex.get(session.session_id);
+      if (!sub?.readState) continue;
+      const id = session.session_id;
+      const read = Math.max(sub.readOf(id), reply.read?.[id] ?? 0);
+      const unread = reply.unread[id];
+      // Only if the listing is not older than what we know (it may cross a live message).
+      if (typeof unread === "number" && session.last_seq >= (sub.sessions.get(id)?.last_seq ?? 0)) this._setUnread(sub, id, unread, read);
+    }
+  }
+
+  _setUnread(sub, sessionId, unread, read = sub.readOf(sessionId)) {
+    const count = Math.max(0, unread);
+    if (sub.unread.get(sessionId) === count && sub.read.get(sessionId) === read) return;
+    sub.unread.set(sessionId, count);
+    sub.read.set(sessionId, read);
+    sub._emit("unread", { session_id: sessionId, unread: count, read });
+  }
+
+  /** Our marker moved to `seq` (our mark_read, our other tab's `read`, our own message). */
+  _moveRead(sub, sessionId, seq) {
+    if (!sub.readState) return;
+    const session = sub.sessions.get(sessionId);
+    const read = Math.max(sub.readOf(sessionId), seq);
+    if (!session || read >= session.last_seq) {
+      this._setUnread(sub, sessionId, 0, read);
+      return;
+    }
+    // Messages after the marker that we cannot count here: ask the server (once, soon).
+    this._setUnread(sub, sessionId, Math.min(sub.unreadOf(sessionId), session.last_seq - read), read);
+    clearTimeout(sub._unreadTimer);
+    sub._unreadTimer = setTimeout(() => {
+      if (!sub.active) return;
+      this.listSessions(sub.documentId, sub.sectionId).catch(() => {}); // _noteReadState applies it
+    }, 250);
+  }
+
+  /** A message we had not seen arrived in a subscribed section: count it. */
+  _countMessage(sub, message) {
+    if (!sub.readState) return;
+    const id = message.session_id;
+    if (message.author === this.user) {
+      // Sending moves the sender's marker to their message.
+      this._setUnread(sub, id, 0, Math.max(sub.readOf(id), message.seq));
+    } else if (!message.deleted_at && message.seq > sub.readOf(id)) {
+      this._setUnread(sub, id, sub.unreadOf(id) + 1);
+    }
+  }
+
+  _uncountDeleted(sub, tombstone) {
+    if (!sub.readState) return;
+    const id = tombstone.session_id;
+    if (tombstone.author !== this.user && tombstone.seq > sub.readOf(id) && sub.unreadOf(id) > 0) this._setUnread(sub, id, sub.unreadOf(id) - 1);
+  }
+
+  // Document watches (revision 1.1) ------------------------------------------------
+
+  /**
+   * Watch a document: resolves with a DocumentWatch once the server has answered
+   * with every section's summary (`onDocument` has run by then). Handlers:
+   *   onDocument({document_id, sections, reconnect})  the full list: first, and after each reconnect
+   *   onSectionSummary(summary)  one section changed (coalesced by the server, ≤ 1 s);
+   *       `sessions: 0` means the section is no longer listed
+   *   onDocumentDeleted({document_id}), onError(ChatError)  the watch has ended
+   */
+  watchDocument(documentId, handlers = {}) {
+    if (this.state === "closed") return Promise.reject(new ChatError("closed", PLAIN.closed));
+    let watch = this._watches.get(documentId);
+    if (!watch) {
+      // An unwatch of the same document still waiting to go out would undo this watch: drop it.
+      for (const entry of [...this._entries.values()]) {
+        if (entry.coalesce === `unwatch ${documentId}` && !entry.sent) this._finish(entry, { type: "unwatched", document_id: documentId }, null);
+      }
+      watch = new DocumentWatch(this, documentId);
+      this._watches.set(documentId, watch);
+      watch.attach(handlers);
+      if (this.state === "idle") this.connect().catch(() => {});
+      else if (this._welcomed) this._sendWatch(watch);
+    } else {
+      watch.attach(handlers);
+    }
+    return watch.ready.then(() => watch);
+  }
+
+  /** Stop watching a document (resolves once the server has said `unwatched`, or at once offline). */
+  async unwatchDocument(documentId) {
+    const watch = this._watches.get(documentId);
+    if (!watch) return;
+    watch.active = false;
+    this._watches.delete(documentId);
+    watch._rejectReady(new ChatError("closed", "unwatched"));
+    if (this._welcomed) {
+      await this.request("unwatch_document", { document_id: documentId }, { retry: false, coalesce: `unwatch ${documentId}` }).catch(() => {});
+    }
+  }
+
+  _sendWatch(watch) {
+    const entry = this._newEntry("watch_document", { document_id: watch.documentId }, {
+      timeout: this.options.requestTimeout,
+      retry: false,
+      resolve: (reply) => this._onWatched(watch, reply),
+      reject: (error) => this._onWatchFailed(watch, error),
+    });
+    entry.internal = true;
+    this._takeToken();
+    this._transmit(entry);
+  }
+
+  _onWatched(watch, reply) {
+    if (!watch.active) return;
+    const first = !watch._answered;
+    watch._answered = true;
+    watch.watching = true;
+    watch.sections = new Map(reply.sections.map((summary) => [summary.section_id, summary]));
+    watch._emit("document", { document_id: watch.documentId, sections: watch.sectionList, reconnect: !first });
+    watch._resolveReady(watch);
+  }
+
+  _onWatchFailed(watch, error) {
+    if (!watch.active) return;
+    if (error.code === "timeout" && this._socket) {
+      this._drop(this._socket, 4000, "no answer to watch_document");
+      return;
+    }
+    if (error.temporary) {
+      setTimeout(() => watch.active && this._welcomed && !watch.watching && this._sendWatch(watch), 1000);
+      return;
+    }
+    watch.active = false;
+    this._watches.delete(watch.documentId);
+    watch._rejectReady(error);
+    watch._emit("error", error);
+  }
+
+  _onSectionSummary(frame) {
+    const watch = this._watches.get(frame.document_id);
+    if (!watch?.watching) return;
+    const summary = frame.summary;
+    if (summary.sessions === 0) watch.sections.delete(summary.section_id);
+    else watch.sections.set(summary.section_id, summary);
+    watch._emit("section_summary", summary);
+  }
+
+  _onDocumentDeleted(frame) {
+    const documentId = frame.document_id;
+    const error = new ChatError("closed", "document deleted");
+    for (const sub of [...this._subs.values()]) {
+      if (sub.documentId !== documentId) continue;
+      sub.active = false;
+      clearTimeout(sub._unreadTimer);
+      this._subs.delete(sub.key);
+      for (const [sessionId, owner] of this._sessionIndex) if (owner === sub) this._sessionIndex.delete(sessionId);
+      sub._rejectReady(error);
+      sub._emit("document_deleted", { document_id: documentId });
+    }
+    const watch = this._watches.get(documentId);
+    if (watch) {
+      watch.active = false;
+      this._watches.delete(documentId);
+      watch._rejectReady(error);
+      watch._emit("document_deleted", { document_id: documentId });
+    }
+    this._emit("document_deleted", { document_id: documentId });
   }
 
   _replacePresence(sub, users) {
@@ -727,12 +1212,33 @@ export class SectionChat extends Emitter {
         break;
       }
       case "message":
-      case "session_closed": {
-        const sessionId = frame.type === "message" ? frame.message.session_id : frame.session.session_id;
+      case "message_edited":
+      case "message_deleted":
+      case "reaction":
+      case "session_closed":
+      case "session_updated":
+      case "session_reopened": {
+        const sessionId = frame.message?.session_id ?? frame.session?.session_id ?? frame.session_id;
         const sub = this._sessionIndex.get(sessionId);
         if (sub?.subscribed) this._applyStored(sub, frame, { own: false, replay: false });
         break;
       }
+      case "read": {
+        const sub = this._sessionIndex.get(frame.session_id);
+        if (!sub?.subscribed) break;
+        this._moveRead(sub, frame.session_id, frame.seq);
+        sub._emit("read", { session_id: frame.session_id, seq: frame.seq }, { own: false });
+        break;
+      }
+      case "mentioned":
+        this._emit("mentioned", { document_id: frame.document_id, section_id: frame.section_id, message: frame.message });
+        break;
+      case "section_summary":
+        this._onSectionSummary(frame);
+        break;
+      case "document_deleted":
+        this._onDocumentDeleted(frame);
+        break;
       case "presence": {
         const sub = this._subs.get(sectionKey(frame.document_id, frame.section_id));
         if (!sub?.subscribed) break;
@@ -757,9 +1263,34 @@ export class SectionChat extends Emitter {
   /** Our own writes come back as replies, not events: show them to the subscription too. */
   _applyOwn(reply) {
     let sub = null;
-    if (reply.type === "session_created") sub = this._subs.get(sectionKey(reply.session.document_id, reply.session.section_id));
-    else if (reply.type === "message_ack") sub = this._sessionIndex.get(reply.message.session_id);
-    else if (reply.type === "session_closed") sub = this._sessionIndex.get(reply.session.session_id);
+    switch (reply.type) {
+      case "session_created":
+        sub = this._subs.get(sectionKey(reply.session.document_id, reply.session.section_id));
+        break;
+      case "message_ack":
+      case "message_edited":
+      case "message_deleted":
+        sub = this._sessionIndex.get(reply.message.session_id);
+        break;
+      case "session_closed":
+      case "session_updated":
+      case "session_reopened":
+        sub = this._sessionIndex.get(reply.session.session_id);
+        break;
+      case "reaction":
+        sub = this._sessionIndex.get(reply.session_id);
+        break;
+      case "read_marked":
+        sub = this._sessionIndex.get(reply.session_id);
+        if (sub?.active && sub.epoch !== null) {
+          this._moveRead(sub, reply.session_id, reply.seq);
+          sub._emit("read", { session_id: reply.session_id, seq: reply.seq }, { own: true });
+        }
+        return;
+      case "sessions":
+        this._noteReadState(reply);
+        return;
+    }
     if (sub?.active && sub.epoch !== null) this._applyStored(sub, reply, { own: true, replay: false });
   }
 
@@ -771,6 +1302,10 @@ export class SectionChat extends Emitter {
         const session = event.session;
         if (sub.sessions.has(session.session_id)) return;
         this._indexSession(sub, session);
+        if (sub.readState) {
+          sub.read.set(session.session_id, 0);
+          sub.unread.set(session.session_id, 0);
+        }
         sub._emit("session_created", sub.sessions.get(session.session_id), how);
         return;
       }
@@ -780,16 +1315,56 @@ export class SectionChat extends Emitter {
         const session = sub.sessions.get(message.session_id);
         if (!session || message.seq <= session.last_seq) return; // seen already
         session.last_seq = message.seq;
+        this._touch(session, message.sent_at);
+        this._countMessage(sub, message);
         sub._emit("message", message, { ...how, own: how.own || message.author === this.user, session });
         return;
       }
-      case "session_closed": {
+      case "message_edited":
+      case "message_deleted": {
+        const message = event.message;
+        const session = sub.sessions.get(message.session_id);
+        if (!session) return;
+        if (message.seq > session.last_seq) session.last_seq = message.seq; // a replay may carry it first
+        // A replayed edit of a message deleted since is served as the tombstone.
+        const deleted = event.type === "message_deleted" || Boolean(message.deleted_at);
+        this._touch(session, deleted ? message.deleted_at : message.edited_at);
+        if (event.type === "message_deleted") this._uncountDeleted(sub, message);
+        // `own`: the reply to our own request (a moderator may change someone else's message).
+        sub._emit(deleted ? "message_deleted" : "message_edited", message, { ...how, session });
+        return;
+      }
+      case "reaction": {
+        const session = sub.sessions.get(event.session_id);
+        if (!session) return;
+        this._touch(session, event.at);
+        const { session_id, seq, reaction, user, on, at } = event;
+        sub._emit("reaction", { session_id, seq, reaction, user, on, at }, { ...how, own: how.own || user === this.user, session });
+        return;
+      }
+      case "session_closed":
+      case "session_reopened": {
         const session = sub.sessions.get(event.session.session_id);
-        if (!session || session.closed) return;
-        session.closed = true;
-        sub._emit("session_closed", session, how);
+        const closing = event.type === "session_closed";
+        if (!session || session.closed === closing) return; // seen already (our own reply, then its replay)
+        this._indexSession(sub, { ...event.session, closed: closing });
+        sub._emit(event.type, session, how);
+        return;
+      }
+      case "session_updated": {
+        const session = sub.sessions.get(event.session.session_id);
+        if (!session) return;
+        // Title and metadata from the event; closed and last_seq as we know them (they have their own events).
+        const { closed: _closed, last_seq: _lastSeq, ...changed } = event.session;
+        this._indexSession(sub, { ...session, ...changed });
+        sub._emit("session_updated", session, how);
         return;
       }
     }
+  }
+
+  /** A session's `last_activity_at` moves to `at` if that is later (it never goes back). */
+  _touch(session, at) {
+    if (at) session.last_activity_at = later(session.last_activity_at, at);
   }
 }
