@@ -10,9 +10,15 @@
                 ...
 
 Requests return the protocol's own Structs (`protocol.messages`): `Session`,
-`Message`, `HistoryPage`, `Subscribed`. Events are `SessionCreated`,
-`MessageEvent`, `SessionClosed`, `Presence`, `TypingEvent`, and this module's
-`Resync` (the section must be reloaded: its events could not be recovered).
+`Message`, `HistoryPage`, `Subscribed`, `ReactionEvent`, `DocumentSummary`
+(and this module's `SessionListing`, a list of sessions with read state).
+A section's events are the stored `SessionCreated`, `MessageEvent`,
+`SessionClosed`, `MessageEdited`, `MessageDeleted`, `ReactionEvent`,
+`SessionUpdated`, `SessionReopened`, and `Presence`, `TypingEvent`, `ReadEvent`
+(this user read a session on another connection), and this module's `Resync`
+(the section must be reloaded: its events could not be recovered). Mentions of
+this user arrive on `chat.mentions()`; a watched document's `SectionSummaryEvent`s
+on what `chat.watch_document()` returns.
 
 The client reconnects by itself (exponential backoff with jitter) when the
 connection drops, resubscribes every section with the last offset it saw, and
@@ -28,9 +34,10 @@ Exceptions, all importable from this module::
     │   ├── BadRequest           bad_request: a missing, mistyped or out-of-bounds field
     │   ├── UnknownType          unknown_type: a request type the server does not know
     │   ├── NotFound             not_found: unknown session
-    │   ├── Forbidden            forbidden: the token does not grant the document
-    │   ├── Conflict             conflict: the session is closed
-    │   ├── TooLarge             too_large: text over max_text_chars (or a frame over max_frame_bytes)
+    │   ├── Forbidden            forbidden: the token does not grant the document, or not yours to change
+    │   ├── Conflict             conflict: the session is closed (open, to reopen), or the message deleted
+    │   ├── TooLarge             too_large: text over max_text_chars, metadata over 4,096 bytes, a 21st
+    │   │                        reaction (or a frame over max_frame_bytes)
     │   ├── RateLimited          rate_limited (temporary; retried until the deadline)
     │   ├── Unavailable          unavailable (temporary; retried until the deadline)
     │   └── Internal             internal: a server bug, with a trace id in the message
@@ -54,9 +61,9 @@ import logging
 import random
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Union, get_args
+from typing import Any, Generic, Literal, Self, TypeVar, Union, get_args
 from urllib.parse import quote
 
 import msgspec
@@ -68,14 +75,23 @@ from websockets.protocol import State
 from protocol import errors
 from protocol.codec import JSON_SUBPROTOCOL, MSGPACK_SUBPROTOCOL
 from protocol.messages import (
+    DocumentSummary,
     Error,
     HistoryPage,
     Limits,
+    Mentioned,
     Message,
     MessageAck,
+    MessageDeleted,
+    MessageEdited,
     MessageEvent,
     Pong,
     Presence,
+    ReactionEvent,
+    ReadEvent,
+    ReadMarked,
+    SectionSummary,
+    SectionSummaryEvent,
     ServerFrame,
     ServerMessage,
     Session,
@@ -83,6 +99,8 @@ from protocol.messages import (
     SessionCreated,
     SessionInfo,
     SessionList,
+    SessionReopened,
+    SessionUpdated,
     StoredEvent,
     Subscribed,
     TypingEvent,
@@ -94,20 +112,34 @@ __all__ = [
     "connect",
     "ChatClient",
     "Subscription",
+    "DocumentWatch",
+    "MentionFeed",
     "Backoff",
     "RetryInfo",
+    "UNSET",
     # events and objects
     "Event",
     "Resync",
     "Session",
+    "SessionListing",
     "Message",
     "HistoryPage",
     "Subscribed",
+    "DocumentSummary",
+    "SectionSummary",
     "SessionCreated",
     "MessageEvent",
     "SessionClosed",
+    "MessageEdited",
+    "MessageDeleted",
+    "ReactionEvent",
+    "SessionUpdated",
+    "SessionReopened",
     "Presence",
     "TypingEvent",
+    "ReadEvent",
+    "Mentioned",
+    "SectionSummaryEvent",
     "Welcome",
     "Limits",
     # exceptions
@@ -138,6 +170,9 @@ NO_RECONNECT_CLOSE_CODES = frozenset({1008, 1009})
 REJECTED_STATUSES = frozenset({400, 401, 403})
 # How many of this client's own writes it remembers, to keep them out of recovered events.
 OWN_WRITES_REMEMBERED = 10_000
+
+# `update_session(title=UNSET)`: leave the field as it is (None clears it), as in protocol.messages.
+UNSET = msgspec.UNSET
 
 
 # Exceptions -----------------------------------------------------------------
@@ -274,8 +309,117 @@ class Resync(msgspec.Struct, frozen=True):
     snapshot: Subscribed
 
 
-Event = Union[StoredEvent, Presence, TypingEvent, Resync]
+Event = Union[StoredEvent, Presence, TypingEvent, ReadEvent, Resync]
 STORED_EVENTS = get_args(StoredEvent)
+
+
+class SessionListing(list[Session]):
+    """What `list_sessions` returns: the sessions (it is a list of them), and the user's read state.
+
+    `read` maps each listed session's id to the user's last read seq (0 when
+    never marked), `unread` to the count of messages after it that are neither
+    the user's own nor deleted. `next_cursor` is the cursor of the next page
+    when one page was asked for (`limit` or `cursor`) and more follow, else None.
+    """
+
+    def __init__(
+        self,
+        sessions: Iterable[Session] = (),
+        *,
+        read: dict[str, int] | None = None,
+        unread: dict[str, int] | None = None,
+        next_cursor: str | None = None,
+    ):
+        super().__init__(sessions)
+        self.read: dict[str, int] = dict(read or {})
+        self.unread: dict[str, int] = dict(unread or {})
+        self.next_cursor = next_cursor
+
+    def __repr__(self) -> str:
+        state = f"read={self.read!r}, unread={self.unread!r}, next_cursor={self.next_cursor!r}"
+        return f"SessionListing({list.__repr__(self)}, {state})"
+
+
+def _emptied(section_id: str) -> SectionSummary:
+    """The last summary of a section that has no session left (as the server sends when one moves out)."""
+    return SectionSummary(
+        section_id=section_id, sessions=0, open_sessions=0, messages=0, last_activity_at=None, unread=0, mentions=0
+    )
+
+
+# Which stored events are this client's own writes ---------------------------------
+#
+# A write's reply and the stored event it caused carry the same object, so an
+# event is recognised by a key computed alike from both (`_own_key`). A write
+# retried after a drop may find its first attempt stored: the retry's reply is
+# then the "repeat that changes nothing" answer, which for a reaction carries
+# another `at` and for a close or reopen is a conflict, so its exact key can
+# miss the stored event. Such a write also leaves a looser key (`_loose_key`),
+# matched once against the events recovered by the resubscription that follows.
+
+OwnKey = tuple[Any, ...]
+
+
+def _metadata_key(metadata: dict[str, Any] | None) -> bytes:
+    return msgspec.json.encode(metadata, order="sorted")
+
+
+def _own_key(frame: ServerFrame) -> OwnKey | None:
+    """What identifies a stored event, computed alike from the reply to the write that stored it."""
+    match frame:
+        case SessionCreated(session=session):
+            return ("session_created", session.session_id)
+        case MessageEvent(message=message) | MessageAck(message=message):
+            return ("message", message.message_id)
+        case SessionClosed(session=session):
+            return ("session_closed", session.session_id, session.last_activity_at)
+        case SessionReopened(session=session):
+            return ("session_reopened", session.session_id, session.last_activity_at)
+        case SessionUpdated(session=session):
+            key = (session.title, _metadata_key(session.metadata))
+            return ("session_updated", session.session_id, session.last_activity_at, *key)
+        case MessageEdited(message=message):
+            # After a delete, edits are served with the tombstone, which keeps the last `edited_at`.
+            return ("message_edited", message.message_id, message.edited_at)
+        case MessageDeleted(message=message):
+            return ("message_deleted", message.message_id)  # a message is deleted once
+        case ReactionEvent():
+            return ("reaction", frame.session_id, frame.seq, frame.reaction, frame.user, frame.on, frame.at)
+        case ReadMarked() | ReadEvent():
+            return ("read", frame.session_id, frame.seq)  # a user's marker reaches a seq once
+    return None
+
+
+def _loose_key(frame: ServerFrame) -> OwnKey | None:
+    """What a write retried after a drop shares with the event its first attempt may have stored."""
+    match frame:
+        case SessionClosed(session=session):
+            return ("session_closed", session.session_id)
+        case SessionReopened(session=session):
+            return ("session_reopened", session.session_id)
+        case SessionUpdated(session=session):
+            return ("session_updated", session.session_id, session.title, _metadata_key(session.metadata))
+        case MessageEdited(message=message):
+            return ("message_edited", message.message_id, message.text, tuple(message.mentions))
+        case ReactionEvent():
+            return ("reaction", frame.session_id, frame.seq, frame.reaction, frame.user, frame.on)
+    return None
+
+
+def _session_of(frame: ServerFrame) -> str | None:
+    """The session a write or an event concerns."""
+    match frame:
+        case SessionCreated(session=session) | SessionClosed(session=session) | SessionUpdated(session=session):
+            return session.session_id
+        case SessionReopened(session=session):
+            return session.session_id
+        case MessageEvent(message=message) | MessageAck(message=message) | MessageEdited(message=message):
+            return message.session_id
+        case MessageDeleted(message=message):
+            return message.session_id
+        case ReactionEvent() | ReadMarked() | ReadEvent() | TypingEvent():
+            return frame.session_id
+    return None
 
 
 # Options ----------------------------------------------------------------------
@@ -306,6 +450,31 @@ class RetryInfo:
 
 
 # Internals --------------------------------------------------------------------
+
+
+class _Null:
+    """A field sent as JSON null (request fields that are None are left out of the frame)."""
+
+    def __repr__(self) -> str:
+        return "null"
+
+
+_NULL = _Null()
+
+
+def _nullable(value: Any) -> Any:
+    """A request field where None means null and UNSET means absent."""
+    if value is msgspec.UNSET:
+        return None
+    return _NULL if value is None else value
+
+
+def _names(mentions: Iterable[str] | None) -> list[str] | None:
+    if mentions is None:
+        return None
+    if isinstance(mentions, str):
+        raise TypeError("mentions is a list of user names, not one string")
+    return list(mentions)
 
 
 class _Dropped(Exception):
@@ -359,36 +528,104 @@ SectionKey = tuple[str, str]
 class _Section:
     """A subscribed section, shared by every Subscription to it."""
 
-    def __init__(self, key: SectionKey, epoch: str, position: int, presence: list[str]):
+    def __init__(self, key: SectionKey, epoch: str, position: int, presence: list[str], read: dict[str, int]):
         self.key = key
         self.epoch = epoch
         self.position = position  # the last offset delivered or known: where recovery resumes
         self.presence: set[str] = set(presence)
+        self.read: dict[str, int] = dict(read)  # session_id -> this user's read marker, as last heard
         self.subscriptions: list[Subscription] = []
         # After a reconnect: the `subscribed` reply and the live events behind it,
         # held until this client's own retried writes are settled.
         self.resume: tuple[Subscribed, list[ServerFrame]] | None = None
 
+    def note_read(self, read: dict[str, int]) -> None:
+        """Markers only move forward: a reply that raced a later mark_read does not take it back."""
+        for session_id, seq in read.items():
+            if seq > self.read.get(session_id, -1):
+                self.read[session_id] = seq
 
-class Subscription:
+
+T = TypeVar("T")
+
+
+class _Feed(Generic[T]):
+    """Items pushed by the client, taken as an async iterator; also an async context manager."""
+
+    def __init__(self) -> None:
+        self._queue: deque[T] = deque()
+        self._arrival = asyncio.Event()
+        self._done = False
+        self._error: BaseException | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self._done
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> T:
+        while True:
+            if self._queue:
+                return self._queue.popleft()
+            if self._done:
+                if self._error is not None:
+                    raise self._error
+                raise StopAsyncIteration
+            self._arrival.clear()
+            await self._arrival.wait()
+
+    async def next(self, timeout: float | None = None) -> T:
+        """The next item, waiting up to `timeout` seconds (TimeoutError after that)."""
+        async with asyncio.timeout(timeout):
+            return await self.__anext__()
+
+    def pending(self) -> list[T]:
+        """The items already received and not yet taken, removed from the queue."""
+        items = list(self._queue)
+        self._queue.clear()
+        return items
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        self._finish(None)
+
+    def _push(self, item: T) -> None:
+        if not self._done:
+            self._queue.append(item)
+            self._arrival.set()
+
+    def _finish(self, error: BaseException | None) -> None:
+        if not self._done:
+            self._done = True
+            self._error = error
+            self._arrival.set()
+
+
+class Subscription(_Feed[Event]):
     """The events of one section, as an async iterator; also an async context manager.
 
     `snapshot` is the latest `subscribed` reply (sessions, presence, epoch,
-    offset); it is replaced on every resubscription. `presence` is the set of
-    users present, kept current by `Presence` events. `offset` is the offset
-    of the last stored event yielded (or of the snapshot).
+    offset, read, unread); it is replaced on every resubscription. `presence` is
+    the set of users present, kept current by `Presence` events. `read` is this
+    user's read marker per session, kept current by `ReadEvent`s and this
+    client's own `mark_read`. `offset` is the offset of the last stored event
+    yielded (or of the snapshot).
     """
 
     def __init__(self, client: ChatClient, section: _Section, snapshot: Subscribed, offset: int):
+        super().__init__()
         self._client = client
         self._section = section
         self.snapshot = snapshot
         self.document_id, self.section_id = section.key
         self._last = offset
-        self._queue: deque[Event] = deque()
-        self._arrival = asyncio.Event()
-        self._done = False
-        self._error: BaseException | None = None
         self.resubscriptions = 0  # how often the client resubscribed after a reconnect
         self.recovered_events = 0  # stored events that came through recovery
 
@@ -405,39 +642,12 @@ class Subscription:
         return set(self._section.presence)
 
     @property
-    def closed(self) -> bool:
-        return self._done
-
-    def __aiter__(self) -> Subscription:
-        return self
-
-    async def __anext__(self) -> Event:
-        while True:
-            if self._queue:
-                return self._queue.popleft()
-            if self._done:
-                if self._error is not None:
-                    raise self._error
-                raise StopAsyncIteration
-            self._arrival.clear()
-            await self._arrival.wait()
+    def read(self) -> dict[str, int]:
+        return dict(self._section.read)
 
     async def next(self, timeout: float | None = None) -> Event:
         """The next event, waiting up to `timeout` seconds (TimeoutError after that)."""
-        async with asyncio.timeout(timeout):
-            return await self.__anext__()
-
-    def pending(self) -> list[Event]:
-        """The events already received and not yet taken, removed from the queue."""
-        events = list(self._queue)
-        self._queue.clear()
-        return events
-
-    async def __aenter__(self) -> Subscription:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.unsubscribe()
+        return await super().next(timeout)
 
     async def unsubscribe(self) -> None:
         """Stop receiving this section's events; the iterator ends once its queue is empty."""
@@ -458,40 +668,123 @@ class Subscription:
             self.recovered_events += 1
         self._push(event)
 
-    def _push(self, event: Event) -> None:
-        if not self._done:
-            self._queue.append(event)
-            self._arrival.set()
-
     def _reset(self, resync: Resync) -> None:
         self.snapshot = resync.snapshot
         self._last = resync.snapshot.offset
         self._push(resync)
 
-    def _finish(self, error: BaseException | None) -> None:
+
+class _Watched:
+    """A watched document, shared by every DocumentWatch of it."""
+
+    def __init__(self, document_id: str):
+        self.document_id = document_id
+        self.sections: dict[str, SectionSummary] = {}
+        self.watches: list[DocumentWatch] = []
+
+    def refresh(self, reply: DocumentSummary, tell: list[DocumentWatch]) -> None:
+        """Take a fresh `document` reply; tell `tell` of every section that differs from what they knew."""
+        fresh = {summary.section_id: summary for summary in reply.sections}
+        changed = [summary for section_id, summary in fresh.items() if self.sections.get(section_id) != summary]
+        changed += [_emptied(section_id) for section_id in self.sections if section_id not in fresh]
+        self.sections = fresh
+        for watch in tell:
+            for summary in changed:
+                watch._push(SectionSummaryEvent(document_id=self.document_id, summary=summary))
+
+    def changed(self, event: SectionSummaryEvent) -> None:
+        summary = event.summary
+        if summary.sessions:
+            self.sections[summary.section_id] = summary
+        else:
+            self.sections.pop(summary.section_id, None)  # its last session moved out: no longer listed
+        for watch in self.watches:
+            watch._push(event)
+
+
+class DocumentWatch(_Feed[SectionSummaryEvent]):
+    """A watched document: its `section_summary` events, as an async iterator; also an async context manager.
+
+    `summary` is the `document` reply (every section of the document that has
+    a session, with this user's unread and mention counts); it is replaced when
+    the client watches again after a reconnect. `sections` maps each listed
+    section's id to its latest summary, kept current by the events. After a
+    reconnect, every section whose summary changed while away (or that lost its
+    last session: `sessions == 0`) is yielded as a `SectionSummaryEvent`.
+    """
+
+    def __init__(self, client: ChatClient, watched: _Watched, summary: DocumentSummary):
+        super().__init__()
+        self._client = client
+        self._watched = watched
+        self.document_id = watched.document_id
+        self.summary = summary
+        self.rewatches = 0  # how often the client watched again after a reconnect
+
+    @property
+    def sections(self) -> dict[str, SectionSummary]:
+        return dict(self._watched.sections)
+
+    async def next(self, timeout: float | None = None) -> SectionSummaryEvent:
+        """The next summary, waiting up to `timeout` seconds (TimeoutError after that)."""
+        return await super().next(timeout)
+
+    async def unwatch(self) -> None:
+        """Stop receiving the document's summaries; the iterator ends once its queue is empty."""
         if not self._done:
-            self._done = True
-            self._error = error
-            self._arrival.set()
+            self._finish(None)
+            await self._client._drop_watch(self)
+
+    aclose = unwatch
 
 
-class _SubscribeCall:
-    """What `ChatClient.subscribe` returns: await it, or use it with `async with`."""
+class MentionFeed(_Feed[Mentioned]):
+    """`Mentioned` events for this user, from any document it may use, as an async iterator.
 
-    def __init__(self, open: Callable[[], Awaitable[Subscription]]):
+    Made by `chat.mentions()`; every feed gets every mention received from its
+    creation until it is closed (`close()`, `await aclose()`, or the client
+    closing). Mentions are not stored events: those made while the client was
+    disconnected are not recovered (they count in `SectionSummary.mentions`).
+    """
+
+    def __init__(self, client: ChatClient):
+        super().__init__()
+        self._client = client
+
+    async def next(self, timeout: float | None = None) -> Mentioned:
+        """The next mention, waiting up to `timeout` seconds (TimeoutError after that)."""
+        return await super().next(timeout)
+
+    def close(self) -> None:
+        if not self._done:
+            self._finish(None)
+        if self in self._client._mention_feeds:
+            self._client._mention_feeds.remove(self)
+
+    async def aclose(self) -> None:
+        self.close()
+
+
+F = TypeVar("F", bound=_Feed[Any])
+
+
+class _Opening(Generic[F]):
+    """What `subscribe` and `watch_document` return: await it, or use it with `async with`."""
+
+    def __init__(self, open: Callable[[], Awaitable[F]]):
         self._open = open
-        self._subscription: Subscription | None = None
+        self._feed: F | None = None
 
-    def __await__(self) -> Generator[Any, None, Subscription]:
+    def __await__(self) -> Generator[Any, None, F]:
         return self._open().__await__()
 
-    async def __aenter__(self) -> Subscription:
-        self._subscription = await self._open()
-        return self._subscription
+    async def __aenter__(self) -> F:
+        self._feed = await self._open()
+        return self._feed
 
     async def __aexit__(self, *exc_info: object) -> None:
-        if self._subscription is not None:
-            await self._subscription.unsubscribe()
+        if self._feed is not None:
+            await self._feed.aclose()
 
 
 # The client -------------------------------------------------------------------
@@ -580,9 +873,13 @@ class ChatClient:
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
         self._sections: dict[SectionKey, _Section] = {}
+        self._watched: dict[str, _Watched] = {}
+        self._mention_feeds: list[MentionFeed] = []
         self._session_keys: dict[str, SectionKey] = {}
-        # This client's own writes, to keep them out of recovered events.
-        self._own: OrderedDict[tuple[str, str], None] = OrderedDict()
+        # This client's own writes, to keep them out of recovered events (see _own_key).
+        self._own: OrderedDict[OwnKey, None] = OrderedDict()
+        # Loose keys of writes retried after a drop, for the resubscription that follows (see _loose_key).
+        self._loose: list[tuple[SectionKey, OwnKey]] = []
         self._sending: dict[tuple[str, str], int] = {}  # (session_id, client_msg_id) of sends under way
         # Writes that were in flight at a drop and are being retried.
         self._replaying: set[_Op] = set()
@@ -628,10 +925,7 @@ class ChatClient:
         self._connection = None
         closed = ClientClosed("the client is closed")
         self._fail_pending(closed)
-        for section in list(self._sections.values()):
-            for subscription in section.subscriptions:
-                subscription._finish(None)
-        self._sections.clear()
+        self._finish_feeds(None)
         self._notify()
 
     close = aclose
@@ -656,6 +950,12 @@ class ChatClient:
     def limits(self) -> Limits:
         assert self.welcome is not None, "not connected yet"
         return self.welcome.limits
+
+    @property
+    def roles(self) -> list[str]:
+        """The token's roles, from the welcome (["moderator"] for a moderator; [] in open mode)."""
+        assert self.welcome is not None, "not connected yet"
+        return list(self.welcome.roles)
 
     @property
     def in_flight(self) -> int:
@@ -683,20 +983,26 @@ class ChatClient:
         *,
         title: str | None = None,
         idempotency_key: str | None = None,
+        metadata: dict[str, Any] | None = None,
         timeout: float | None = None,
     ) -> Session:
-        """Create a session in a section. With an `idempotency_key`, a retry returns the same session."""
+        """Create a session in a section. With an `idempotency_key`, a retry returns the same session.
+
+        `metadata` is an opaque JSON object (at most 4,096 bytes as JSON) stored
+        with the session, e.g. where an editor anchors it.
+        """
         fields = {
             "document_id": document_id,
             "section_id": section_id,
             "title": title,
             "idempotency_key": idempotency_key,
+            "metadata": metadata,
         }
         op = _Op("create_session", retry=idempotency_key is not None, write=True)
         reply = await self._call(fields, op, timeout=timeout)
         assert isinstance(reply, SessionCreated)
         self._note_session(reply.session)
-        self._remember_own(("session_created", reply.session.session_id))
+        self._wrote(reply, op)
         return reply.session
 
     async def get_session(self, session_id: str, *, timeout: float | None = None) -> Session:
@@ -708,44 +1014,174 @@ class ChatClient:
         return reply.session
 
     async def list_sessions(
-        self, document_id: str, section_id: str | None = None, *, timeout: float | None = None
-    ) -> list[Session]:
-        """The sessions of a document (or of one of its sections), oldest first.
+        self,
+        document_id: str,
+        section_id: str | None = None,
+        *,
+        closed: bool | None = None,
+        order: Literal["created", "activity"] | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+        timeout: float | None = None,
+    ) -> SessionListing:
+        """The sessions of a document (or of one of its sections), with this user's read state.
 
-        The server answers in pages of at most 1,000; this follows `next_cursor`
-        to the last page (`timeout` applies to each page).
+        `closed` lists only closed (True) or open (False) sessions; `order` is
+        "created" (the default: oldest first) or "activity" (latest
+        `last_activity_at` first). Without `limit` and `cursor` this follows
+        `next_cursor` to the last page (`timeout` applies to each page); with
+        either, it returns that one page, and its `next_cursor` (None on the last
+        page) is passed back as `cursor`, with the same other arguments, for the next.
         """
-        fields: dict[str, Any] = {"type": "list_sessions", "document_id": document_id, "section_id": section_id}
-        sessions: list[Session] = []
+        fields: dict[str, Any] = {
+            "type": "list_sessions",
+            "document_id": document_id,
+            "section_id": section_id,
+            "closed": closed,
+            "order": order,
+            "limit": limit,
+            "cursor": cursor,
+        }
+        listing = SessionListing()
         while True:
             reply = await self._call(fields, _read_op("list_sessions"), timeout=timeout)
             assert isinstance(reply, SessionList)
-            for session in reply.sessions:
-                self._note_session(session)
-            sessions.extend(reply.sessions)
-            if reply.next_cursor is None:
-                return sessions
+            self._note_sessions(reply.sessions)
+            listing.extend(reply.sessions)
+            listing.read.update(reply.read)
+            listing.unread.update(reply.unread)
+            listing.next_cursor = reply.next_cursor
+            if reply.next_cursor is None or limit is not None or cursor is not None:
+                return listing
             fields = {**fields, "cursor": reply.next_cursor}
 
     async def send_message(
-        self, session_id: str, text: str, *, client_msg_id: str | None = None, timeout: float | None = None
+        self,
+        session_id: str,
+        text: str,
+        *,
+        client_msg_id: str | None = None,
+        mentions: Sequence[str] | None = None,
+        timeout: float | None = None,
     ) -> Message:
-        """Send a message; it is stored exactly once however often it has to be retried."""
+        """Send a message; it is stored exactly once however often it has to be retried.
+
+        `mentions` names users (at most 20) who get a `mentioned` event.
+        """
         if client_msg_id is None:
             client_msg_id = str(uuid.uuid4())
-        fields = {"type": "send_message", "session_id": session_id, "text": text, "client_msg_id": client_msg_id}
+        fields = {
+            "type": "send_message",
+            "session_id": session_id,
+            "text": text,
+            "client_msg_id": client_msg_id,
+            "mentions": _names(mentions),
+        }
         sending = (session_id, client_msg_id)
         self._sending[sending] = self._sending.get(sending, 0) + 1
+        op = _Op("send_message", retry=True, write=True)
         try:
-            reply = await self._call(fields, _Op("send_message", retry=True, write=True), timeout=timeout)
+            reply = await self._call(fields, op, timeout=timeout)
         finally:
             if self._sending[sending] <= 1:
                 del self._sending[sending]
             else:
                 self._sending[sending] -= 1
         assert isinstance(reply, MessageAck)
-        self._remember_own(("message", reply.message.message_id))
+        self._wrote(reply, op)
+        self._note_marker(session_id, reply.message.seq)  # sending moves the sender's read marker to it
         return reply.message
+
+    async def edit_message(
+        self,
+        session_id: str,
+        seq: int,
+        text: str,
+        mentions: Sequence[str] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Message:
+        """Change a message's text (and, when given, replace its mentions); returns the edited message.
+
+        Only its author (or a moderator) may. Editing to the text and mentions it
+        has already changes nothing, so an edit in flight when the connection
+        drops is retried and takes effect once.
+        """
+        fields = {
+            "type": "edit_message",
+            "session_id": session_id,
+            "seq": seq,
+            "text": text,
+            "mentions": _names(mentions),
+        }
+        op = _Op("edit_message", retry=True, write=True)
+        reply = await self._call(fields, op, timeout=timeout)
+        assert isinstance(reply, MessageEdited)
+        self._wrote(reply, op)
+        return reply.message
+
+    async def delete_message(self, session_id: str, seq: int, *, timeout: float | None = None) -> Message:
+        """Delete a message; returns its tombstone (text "", no mentions or reactions, `deleted_at` set).
+
+        Deleting a deleted message returns the tombstone again, so a delete in
+        flight when the connection drops is retried.
+        """
+        op = _Op("delete_message", retry=True, write=True)
+        reply = await self._call({"session_id": session_id, "seq": seq}, op, timeout=timeout)
+        assert isinstance(reply, MessageDeleted)
+        self._wrote(reply, op)
+        return reply.message
+
+    async def react(
+        self, session_id: str, seq: int, reaction: str, on: bool = True, *, timeout: float | None = None
+    ) -> ReactionEvent:
+        """Give (`on=True`) or take back (`on=False`) a reaction to a message; returns the server's `reaction` reply.
+
+        `on` is always sent, so repeating the request changes nothing: a reaction
+        in flight when the connection drops is retried and takes effect once.
+        """
+        fields = {"session_id": session_id, "seq": seq, "reaction": reaction, "on": on}
+        op = _Op("react", retry=True, write=True)
+        reply = await self._call(fields, op, timeout=timeout)
+        assert isinstance(reply, ReactionEvent)
+        self._wrote(reply, op)
+        return reply
+
+    async def mark_read(self, session_id: str, seq: int, *, timeout: float | None = None) -> int:
+        """Mark a session read up to `seq` (0 to its `last_seq`); returns this user's marker after it.
+
+        A marker only moves forward: at or below the current one nothing changes
+        and the current (higher) marker is returned.
+        """
+        op = _Op("mark_read", retry=True, write=True)
+        reply = await self._call({"session_id": session_id, "seq": seq}, op, timeout=timeout)
+        assert isinstance(reply, ReadMarked)
+        if reply.seq == seq:
+            self._wrote(reply, op)  # this call may have moved the marker: its `read` event is ours
+        self._note_marker(session_id, reply.seq)
+        return reply.seq
+
+    async def update_session(
+        self,
+        session_id: str,
+        *,
+        title: str | None | msgspec.UnsetType = UNSET,
+        metadata: dict[str, Any] | None | msgspec.UnsetType = UNSET,
+        timeout: float | None = None,
+    ) -> Session:
+        """Change a session's title and/or metadata (UNSET, the default: unchanged; None: cleared).
+
+        Only its creator (or a moderator) may; it works on closed sessions too.
+        Setting what is already there changes nothing, so an update in flight
+        when the connection drops is retried and takes effect once.
+        """
+        fields = {"session_id": session_id, "title": _nullable(title), "metadata": _nullable(metadata)}
+        op = _Op("update_session", retry=True, write=True)
+        reply = await self._call(fields, op, timeout=timeout)
+        assert isinstance(reply, SessionUpdated)
+        self._note_session(reply.session)
+        self._wrote(reply, op)
+        return reply.session
 
     async def history(
         self,
@@ -781,29 +1217,41 @@ class ChatClient:
     async def close_session(self, session_id: str, *, timeout: float | None = None) -> Session:
         """Close a session; returns it, closed.
 
-        Closing is idempotent in effect, so a close in flight when the connection
-        drops is retried; if the retry finds the session already closed (by that
-        first attempt, or by someone else meanwhile), the closed session is
-        returned rather than `Conflict`.
+        Closing a closed session is `Conflict`. A close in flight when the
+        connection drops is retried; if the retry finds the session already
+        closed (by that first attempt, or by someone else meanwhile), the closed
+        session is returned rather than `Conflict`.
         """
-        op = _Op("close_session", retry=True, write=True)
+        return await self._open_or_close(session_id, "close_session", closed=True, timeout=timeout)
+
+    async def reopen_session(self, session_id: str, *, timeout: float | None = None) -> Session:
+        """Reopen a closed session; returns it, open.
+
+        Reopening an open session is `Conflict`. As with `close_session`, a
+        reopen in flight when the connection drops is retried, and if the retry
+        finds the session open (reopened by that first attempt, or by someone
+        else meanwhile), the open session is returned rather than `Conflict`.
+        """
+        return await self._open_or_close(session_id, "reopen_session", closed=False, timeout=timeout)
+
+    async def _open_or_close(self, session_id: str, type: str, *, closed: bool, timeout: float | None) -> Session:
+        op = _Op(type, retry=True, write=True)
         try:
             try:
                 reply = await self._call(
-                    {"type": "close_session", "session_id": session_id}, op, timeout=timeout, settle_on_conflict=False
+                    {"type": type, "session_id": session_id}, op, timeout=timeout, settle_on_conflict=False
                 )
             except Conflict:
                 if not op.resent:
                     raise
                 session = await self.get_session(session_id, timeout=timeout)
-                if not session.closed:
+                if session.closed != closed:
                     raise
-            else:
-                assert isinstance(reply, SessionClosed)
-                session = reply.session
-            self._note_session(session)
-            self._remember_own(("session_closed", session.session_id))
-            return session
+                reply = SessionClosed(session=session) if closed else SessionReopened(session=session)
+            assert isinstance(reply, (SessionClosed, SessionReopened))
+            self._note_session(reply.session)
+            self._wrote(reply, op)
+            return reply.session
         finally:
             self._settled(op)
 
@@ -834,7 +1282,7 @@ class ChatClient:
         since_offset: int | None = None,
         epoch: str | None = None,
         timeout: float | None = None,
-    ) -> _SubscribeCall:
+    ) -> _Opening[Subscription]:
         """Subscribe to a section's events: `async with chat.subscribe(...) as events` or `await`.
 
         Without `since_offset` the subscription starts at the snapshot
@@ -842,7 +1290,40 @@ class ChatClient:
         the events after it are recovered first; if they cannot be, the first
         event is a `Resync`.
         """
-        return _SubscribeCall(lambda: self._subscribe(document_id, section_id, since_offset, epoch, timeout))
+        return _Opening(lambda: self._subscribe(document_id, section_id, since_offset, epoch, timeout))
+
+    def watch_document(self, document_id: str, *, timeout: float | None = None) -> _Opening[DocumentWatch]:
+        """Watch a document's section summaries: `async with chat.watch_document(doc) as watch` or `await`.
+
+        `watch.summary` is the server's `document` reply (a `DocumentSummary`:
+        every section that has a session, with this user's unread and mention
+        counts); iterating the watch yields a `SectionSummaryEvent` whenever a
+        section's summary changes for this user (the server coalesces them per
+        section over at most a second). Watching survives reconnects. A watched
+        document counts against the welcome's `max_subscriptions`.
+        """
+        return _Opening(lambda: self._watch(document_id, timeout))
+
+    async def unwatch_document(self, document_id: str, *, timeout: float | None = None) -> None:
+        """Stop watching a document: every DocumentWatch of it ends (once its queue is empty)."""
+        watched = self._watched.pop(document_id, None)
+        if watched is not None:
+            for watch in watched.watches:
+                watch._finish(None)
+            watched.watches.clear()
+        await self._tell_unwatched(document_id, timeout)
+
+    def mentions(self) -> MentionFeed:
+        """A feed of the `Mentioned` events this user receives from now on (`async for mention in feed`).
+
+        The server sends a mention to every connection of the mentioned user that
+        may use the document, subscribed to its section or not, so mentions come
+        here, not on subscriptions. End it with `feed.close()` (or `async with`).
+        """
+        self._check_usable()
+        feed = MentionFeed(self)
+        self._mention_feeds.append(feed)
+        return feed
 
     async def request(
         self, type: str, *, safe: bool = False, timeout: float | None = None, **fields: Any
@@ -867,11 +1348,13 @@ class ChatClient:
             self._note_sessions(reply.sessions)
             section = self._sections.get(key)
             if section is None:
-                section = self._sections[key] = _Section(key, reply.epoch, reply.offset, reply.presence)
+                section = _Section(key, reply.epoch, reply.offset, reply.presence, reply.read)
+                self._sections[key] = section
             elif section.resume is None:
                 section.epoch = reply.epoch
                 section.position = max(section.position, reply.offset)
                 section.presence = set(reply.presence)
+                section.note_read(reply.read)
             start = reply.offset if since_offset is None or not reply.recovered else since_offset
             subscription = Subscription(self, section, reply, start)
             section.subscriptions.append(subscription)
@@ -916,6 +1399,51 @@ class ChatClient:
                 await self._call(fields, _read_op("unsubscribe"), timeout=self._open_timeout, wait=False)
             except ClientError as error:
                 logger.debug("unsubscribe from %s failed: %s", key, error)
+
+    # Watched documents and mentions ----------------------------------------------
+
+    async def _watch(self, document_id: str, timeout: float | None) -> DocumentWatch:
+        created: list[DocumentWatch] = []
+
+        def on_reply(reply: DocumentSummary) -> None:
+            # Runs in the reader: the summaries that follow the reply are relative to it.
+            watched = self._watched.get(document_id)
+            if watched is None:
+                watched = self._watched[document_id] = _Watched(document_id)
+            # The server now measures changes from this reply: tell the other watches what it moved.
+            watched.refresh(reply, watched.watches)
+            watch = DocumentWatch(self, watched, reply)
+            watched.watches.append(watch)
+            created.append(watch)
+
+        fields = {"type": "watch_document", "document_id": document_id}
+        try:
+            await self._call(fields, _read_op("watch_document"), timeout=timeout, on_reply=on_reply)
+        except BaseException:
+            for watch in created:
+                await watch.unwatch()
+            raise
+        return created[-1]
+
+    async def _drop_watch(self, watch: DocumentWatch) -> None:
+        watched = self._watched.get(watch.document_id)
+        if watched is None or watch not in watched.watches:
+            return
+        watched.watches.remove(watch)
+        if watched.watches:
+            return
+        del self._watched[watch.document_id]
+        await self._tell_unwatched(watch.document_id, self._open_timeout)
+
+    async def _tell_unwatched(self, document_id: str, timeout: float | None) -> None:
+        """Tell the server, if connected (a new connection watches nothing until told to)."""
+        if self._connection is None:
+            return
+        fields = {"type": "unwatch_document", "document_id": document_id}
+        try:
+            await self._call(fields, _read_op("unwatch_document"), timeout=timeout, wait=False)
+        except ClientError as error:
+            logger.debug("unwatch_document %r failed: %s", document_id, error)
 
     # Requests, internals ------------------------------------------------------------
 
@@ -1016,7 +1544,7 @@ class ChatClient:
         """One try on one connection: send, then wait for the reply (raises _Dropped)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[ServerFrame] = loop.create_future()
-        frames = [{key: value for key, value in fields.items() if value is not None}]
+        frames = [{key: None if value is _NULL else value for key, value in fields.items() if value is not None}]
         if confirm:
             frames.append({"type": "ping"})
         ids = []
@@ -1232,11 +1760,22 @@ class ChatClient:
         if self._failure is None:
             self._failure = error
         self._fail_pending(error)
+        self._finish_feeds(error)
+        self._notify()
+
+    def _finish_feeds(self, error: ClientError | None) -> None:
+        """End every subscription, watch and mention feed (raising `error` once drained, if given)."""
         for section in self._sections.values():
             for subscription in section.subscriptions:
                 subscription._finish(error)
         self._sections.clear()
-        self._notify()
+        for watched in self._watched.values():
+            for watch in watched.watches:
+                watch._finish(error)
+        self._watched.clear()
+        for feed in self._mention_feeds:
+            feed._finish(error)
+        self._mention_feeds.clear()
 
     def _fail_pending(self, error: BaseException) -> None:
         for pending in self._pending.values():
@@ -1266,21 +1805,19 @@ class ChatClient:
                     return
             pending.future.set_result(frame)
             return
-        if isinstance(frame, (SessionCreated, SessionClosed)) and frame.offset is not None:
-            # Known at once, so that the session's messages find their section even while held.
-            self._note_session(frame.session)
-            key: SectionKey | None = (frame.session.document_id, frame.session.section_id)
-        elif isinstance(frame, (MessageEvent, TypingEvent)):
-            session_id = frame.message.session_id if isinstance(frame, MessageEvent) else frame.session_id
-            key = self._session_keys.get(session_id)
-        elif isinstance(frame, Presence):
-            key = (frame.document_id, frame.section_id)
-        elif isinstance(frame, Error):
+        if isinstance(frame, Mentioned):
+            for feed in self._mention_feeds:
+                feed._push(frame)
+            return
+        if isinstance(frame, SectionSummaryEvent):
+            watched = self._watched.get(frame.document_id)
+            if watched is not None:
+                watched.changed(frame)
+            return
+        if isinstance(frame, Error):
             logger.warning("the server reported an error for no request: %s: %s", frame.code, frame.message)
             return
-        else:
-            logger.debug("ignoring an unexpected %s frame", type(frame).__name__)
-            return
+        key = self._section_of_event(frame)
         section = self._sections.get(key) if key is not None else None
         if section is None:
             return
@@ -1289,36 +1826,75 @@ class ChatClient:
         else:
             self._deliver(section, frame)
 
-    def _deliver(self, section: _Section, frame: ServerFrame, *, recovered: bool = False) -> None:
+    def _section_of_event(self, frame: ServerFrame) -> SectionKey | None:
+        """The section a pushed event belongs to (None: not a section's event, or a session not known here)."""
+        if isinstance(frame, (SessionCreated, SessionClosed, SessionUpdated, SessionReopened)):
+            if frame.offset is None:
+                return None
+            # Known at once, so that the session's messages find their section even while held.
+            self._note_session(frame.session)
+            return (frame.session.document_id, frame.session.section_id)
+        if isinstance(frame, Presence):
+            return (frame.document_id, frame.section_id)
+        session_id = _session_of(frame)
+        if session_id is None:
+            logger.debug("ignoring an unexpected %s frame", type(frame).__name__)
+            return None
+        return self._session_keys.get(session_id)
+
+    def _deliver(
+        self,
+        section: _Section,
+        frame: ServerFrame,
+        *,
+        recovered: bool = False,
+        replayed: bool = False,
+        own: frozenset[int] = frozenset(),
+    ) -> None:
+        """Hand an event to the section's subscriptions.
+
+        The server never sends a connection the events of its own writes, so
+        only events that come with a resubscription (`replayed`: recovered, or
+        held behind it) can be this client's: those of writes made on an
+        earlier connection. `own` are offsets known to be such writes.
+        """
         if isinstance(frame, STORED_EVENTS):
             if frame.offset is None:
                 return
-            if isinstance(frame, SessionCreated):
+            if isinstance(frame, (SessionCreated, SessionClosed, SessionUpdated, SessionReopened)):
                 self._note_session(frame.session)
             section.position = max(section.position, frame.offset)
-            if self._is_own(frame):
+            if frame.offset in own or (self._is_own(frame) if replayed else self._being_sent(frame)):
                 return
             for subscription in section.subscriptions:
                 subscription._push_stored(frame, recovered=recovered)
-        elif isinstance(frame, Presence):
+            return
+        event: Event
+        if isinstance(frame, Presence):
             section.presence.difference_update(frame.left)
             section.presence.update(frame.joined)
-            for subscription in section.subscriptions:
-                subscription._push(frame)
+            event = frame
+        elif isinstance(frame, ReadEvent):
+            section.note_read({frame.session_id: frame.seq})
+            if replayed and _own_key(frame) in self._own:
+                return  # this client's own mark_read, retried on a new connection after the first one landed
+            event = frame
         elif isinstance(frame, TypingEvent):
-            for subscription in section.subscriptions:
-                subscription._push(frame)
+            event = frame
+        else:
+            return
+        for subscription in section.subscriptions:
+            subscription._push(event)
 
     def _is_own(self, event: StoredEvent) -> bool:
-        if isinstance(event, SessionCreated):
-            return ("session_created", event.session.session_id) in self._own
-        if isinstance(event, SessionClosed):
-            return ("session_closed", event.session.session_id) in self._own
+        """Whether a recovered event is of one of this client's writes."""
+        return _own_key(event) in self._own or self._being_sent(event)
+
+    def _being_sent(self, event: StoredEvent) -> bool:
+        """A message of a send still in progress (its first attempt, made on an earlier connection, was stored)."""
         if not isinstance(event, MessageEvent):
             return False
         message = event.message
-        if ("message", message.message_id) in self._own:
-            return True
         welcome = self.welcome
         return (
             welcome is not None
@@ -1327,11 +1903,49 @@ class ChatClient:
             and (message.session_id, message.client_msg_id) in self._sending
         )
 
-    def _remember_own(self, key: tuple[str, str]) -> None:
-        self._own[key] = None
-        self._own.move_to_end(key)
-        while len(self._own) > OWN_WRITES_REMEMBERED:
-            self._own.popitem(last=False)
+    def _wrote(self, reply: ServerFrame, op: _Op) -> None:
+        """Remember a write's result as this client's own, so that its event is not yielded to it."""
+        key = _own_key(reply)
+        if key is not None:
+            self._own[key] = None
+            self._own.move_to_end(key)
+            while len(self._own) > OWN_WRITES_REMEMBERED:
+                self._own.popitem(last=False)
+        if not op.resent or self._resumer is None or self._resumer.done():
+            return  # no resubscription is waiting for this write: its events are known by their exact key
+        loose, session_id = _loose_key(reply), _session_of(reply)
+        section = self._session_keys.get(session_id) if session_id is not None else None
+        if loose is not None and section is not None:
+            self._loose.append((section, loose))
+
+    def _own_among(self, key: SectionKey, events: list[ServerFrame]) -> frozenset[int]:
+        """The offsets of `events` that are the first attempts of this client's retried writes in the section.
+
+        Each retried write claims at most one event: none if an event is
+        already known to be its own (the retry stored it, or the exact key
+        matched), else the first one that matches its loose key.
+        """
+        wanted = [loose for section, loose in self._loose if section == key]
+        if not wanted:
+            return frozenset()
+        self._loose = [(section, loose) for section, loose in self._loose if section != key]
+        stored = [event for event in events if isinstance(event, STORED_EVENTS) and event.offset is not None]
+        claimed: set[int] = set()
+        for loose in wanted:
+            matching = [event for event in stored if _loose_key(event) == loose]
+            if any(self._is_own(event) for event in matching):
+                continue
+            for event in matching:
+                if event.offset not in claimed:
+                    claimed.add(event.offset)
+                    break
+        return frozenset(claimed)
+
+    def _note_marker(self, session_id: str, seq: int) -> None:
+        key = self._session_keys.get(session_id)
+        section = self._sections.get(key) if key is not None else None
+        if section is not None:
+            section.note_read({session_id: seq})
 
     def _note_session(self, session: Session) -> None:
         self._session_keys[session.session_id] = (session.document_id, session.section_id)
@@ -1343,14 +1957,20 @@ class ChatClient:
     # Recovery -----------------------------------------------------------------
 
     async def _resume(self, connection: _Connection) -> None:
-        """After a reconnect: resubscribe every section, then deliver what was missed."""
+        """After a reconnect: resubscribe every section and watch every document again, then deliver what was missed."""
         try:
             sections = list(self._sections.values())
-            if not sections:
+            watched = list(self._watched.values())
+            if not sections and not watched:
+                self._loose.clear()
                 return
             results = await asyncio.gather(
-                *(self._resubscribe(connection, section) for section in sections), return_exceptions=True
+                *(self._resubscribe(connection, section) for section in sections),
+                *(self._rewatch(connection, document) for document in watched),
+                return_exceptions=True,
             )
+            for document, result in zip(watched, results[len(sections) :], strict=True):
+                self._rewatched(document, result)
             # Writes in flight at the drop are being retried; once they are
             # answered, their results are known to be ours and stay out of the
             # recovered events. The server answers a connection's requests in
@@ -1364,7 +1984,7 @@ class ChatClient:
                         await self._replay_changed.wait()
                 except TimeoutError:
                     break
-            for section, result in zip(sections, results, strict=True):
+            for section, result in zip(sections, results[: len(sections)], strict=True):
                 if isinstance(result, asyncio.CancelledError):
                     raise result
                 if isinstance(result, BaseException):
@@ -1377,6 +1997,7 @@ class ChatClient:
                     self._background(
                         self._call(fields, _read_op("unsubscribe"), timeout=self._open_timeout, wait=False)
                     )
+            self._loose.clear()  # each was for the events just released
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -1396,7 +2017,39 @@ class ChatClient:
             self._note_sessions(reply.sessions)
             section.resume = (reply, [])
 
-        op = _read_op("subscribe")
+        await self._resume_call(connection, fields, _read_op("subscribe"), on_reply)
+
+    async def _rewatch(self, connection: _Connection, watched: _Watched) -> None:
+        def on_reply(reply: DocumentSummary) -> None:
+            # What changed while away comes as events, before the live ones that follow the reply.
+            watched.refresh(reply, watched.watches)
+            for watch in watched.watches:
+                watch.summary = reply
+                watch.rewatches += 1
+
+        fields = {"type": "watch_document", "document_id": watched.document_id}
+        await self._resume_call(connection, fields, _read_op("watch_document"), on_reply)
+
+    def _rewatched(self, watched: _Watched, result: BaseException | None) -> None:
+        if isinstance(result, asyncio.CancelledError):
+            raise result
+        if isinstance(result, _Dropped):
+            return  # the next connection watches again
+        if self._watched.get(watched.document_id) is not watched:
+            if watched.document_id not in self._watched:
+                # Unwatched while watching again: tell the server too.
+                self._background(self._tell_unwatched(watched.document_id, self._open_timeout))
+            return
+        if isinstance(result, BaseException):
+            logger.warning("watching %r again failed: %s", watched.document_id, result)
+            del self._watched[watched.document_id]
+            for watch in watched.watches:
+                watch._finish(result)
+
+    async def _resume_call(
+        self, connection: _Connection, fields: dict[str, Any], op: _Op, on_reply: Callable[[Any], None]
+    ) -> None:
+        """A request of the resumption, on this connection only, retrying temporary errors within the deadline."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.request_timeout
         failures = 0
@@ -1404,7 +2057,7 @@ class ChatClient:
             frame = await self._attempt(connection, fields, op, deadline, on_reply, False)
             if not isinstance(frame, Error):
                 return
-            error = error_from_frame(frame, "subscribe")
+            error = error_from_frame(frame, op.type)
             delay = self.backoff.delay(failures)
             failures += 1
             if not error.temporary or loop.time() + delay > deadline:
@@ -1420,13 +2073,14 @@ class ChatClient:
         self._note_sessions(reply.sessions)
         for subscription in section.subscriptions:
             subscription.resubscriptions += 1
+        own = self._own_among(section.key, [*(reply.events if reply.recovered else []), *held])
         if reply.recovered:
             before = section.presence
             section.epoch = reply.epoch
             for subscription in section.subscriptions:
                 subscription.snapshot = reply
             for event in reply.events:
-                self._deliver(section, event, recovered=True)
+                self._deliver(section, event, recovered=True, replayed=True, own=own)
             section.position = max(section.position, reply.offset)
             section.presence = set(reply.presence)
             joined, left = sorted(section.presence - before), sorted(before - section.presence)
@@ -1434,16 +2088,24 @@ class ChatClient:
                 presence = Presence(document_id=section.key[0], section_id=section.key[1], joined=joined, left=left)
                 for subscription in section.subscriptions:
                     subscription._push(presence)
+            # Read markers are not recovered: what this user read elsewhere while away comes as `read` events.
+            for session_id, seq in reply.read.items():
+                if seq > section.read.get(session_id, 0):
+                    read = ReadEvent(session_id=session_id, seq=seq)
+                    for subscription in section.subscriptions:
+                        subscription._push(read)
+            section.note_read(reply.read)
         else:
             reason = "epoch_changed" if reply.epoch != section.epoch else "window_exceeded"
             logger.info("section %s could not be recovered (%s): resync", section.key, reason)
             section.epoch, section.position = reply.epoch, reply.offset
             section.presence = set(reply.presence)
+            section.read = dict(reply.read)
             resync = Resync(section.key[0], section.key[1], reason, reply)
             for subscription in section.subscriptions:
                 subscription._reset(resync)
         for frame in held:
-            self._deliver(section, frame)
+            self._deliver(section, frame, replayed=True, own=own)
 
     def _section_failed(self, section: _Section, error: BaseException) -> None:
         if isinstance(error, _Dropped):
