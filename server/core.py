@@ -159,6 +159,9 @@ class Target(Protocol):
 
     def put_read(self, session_id: str, user: str, seq: int) -> None: ...
 
+    def put_reaction_time(self, session_id: str, seq: int, reaction: str, user: str, at: str | None) -> None:
+        """When the user gave the reaction (None: they took it back)."""
+
 
 def apply(target: Target, record: StoredRecord) -> None:
     """Make a stored record part of the state. The one place that knows what each record kind changes."""
@@ -182,6 +185,9 @@ def apply(target: Target, record: StoredRecord) -> None:
             assert at is not None, record
             target.put_session(msgspec.structs.replace(session, last_activity_at=_later(session.last_activity_at, at)))
             target.change_message(record.offset, message)
+            if isinstance(record, ReactionRecord):
+                given = record.at if record.on else None
+                target.put_reaction_time(message.session_id, message.seq, record.reaction, record.user, given)
         case (
             SessionClosedRecord(session=session)
             | SessionUpdatedRecord(session=session)
@@ -206,6 +212,7 @@ class SessionState:
 
     __slots__ = (
         "session", "offsets", "by_client_msg_id", "latest", "tombstones", "own", "naming", "deleted", "last_sent_by",
+        "reacted_at",
     )  # fmt: skip
 
     def __init__(self, session: Session):
@@ -218,6 +225,7 @@ class SessionState:
         self.naming: dict[str, array[int]] = {}  # user -> seqs of others' messages not deleted that mention them
         self.deleted = array("I")  # seqs of deleted messages, ascending
         self.last_sent_by: dict[str, int] = {}  # user -> seq of their latest message (it marks what they read)
+        self.reacted_at: dict[tuple[int, str, str], str] = {}  # (seq, reaction, user) -> when it was given
 
     def latest_offset(self, seq: int) -> int:
         return self.latest.get(seq) or self.offsets[seq - 1]
@@ -288,6 +296,7 @@ class SessionSnapshot(msgspec.Struct, array_like=True, gc=False):
     own: list[tuple[str, bytes]] = []  # SessionState.own, each array("I") as bytes
     naming: list[tuple[str, bytes]] = []
     last_sent_by: list[tuple[str, int]] = []
+    reacted_at: list[tuple[int, str, str, str]] = []  # (seq, reaction, user, at)
 
 
 class SectionSnapshot(msgspec.Struct, array_like=True, gc=False):
@@ -301,7 +310,7 @@ class SectionSnapshot(msgspec.Struct, array_like=True, gc=False):
 
 # A state kept by an earlier version lacks what a load needs now (the unread
 # tallies): it is passed over, and the section is replayed from its records.
-SNAPSHOT_VERSION = 2
+SNAPSHOT_VERSION = 3
 
 
 class OutdatedState(Exception):
@@ -376,6 +385,13 @@ class Stream:
         markers = self.reads.setdefault(session_id, {})
         markers[user] = max(markers.get(user, 0), seq)
 
+    def put_reaction_time(self, session_id: str, seq: int, reaction: str, user: str, at: str | None) -> None:
+        reacted = self.sessions[session_id].reacted_at
+        if at is None:
+            reacted.pop((seq, reaction, user), None)
+        else:
+            reacted[(seq, reaction, user)] = at
+
     def offset_of_client_msg(self, session_id: str, client_msg_id: str) -> int | None:
         """Where the message sent with this client_msg_id is stored as it is now (edited, deleted), if one was."""
         state = self.state_of(session_id)
@@ -437,6 +453,7 @@ class Stream:
                 [(user, seqs.tobytes()) for user, seqs in state.own.items()],
                 [(user, seqs.tobytes()) for user, seqs in state.naming.items()],
                 list(state.last_sent_by.items()),
+                [(*key, at) for key, at in state.reacted_at.items()],
             )
             for state in self.sessions.values()
         ]
@@ -464,6 +481,7 @@ class Stream:
             state.own = {user: array("I", seqs) for user, seqs in kept.own}
             state.naming = {user: array("I", seqs) for user, seqs in kept.naming}
             state.last_sent_by = dict(kept.last_sent_by)
+            state.reacted_at = {(seq, reaction, user): at for seq, reaction, user, at in kept.reacted_at}
         for session_id, user, seq in snapshot.reads:
             self.reads.setdefault(session_id, {})[user] = seq
         self.idempotency = {(user, key): session_id for user, key, session_id in snapshot.idempotency}
@@ -482,6 +500,7 @@ class Draft:
         self._by_client_msg_id: dict[tuple[str, str], Message] = {}
         self._idempotency: dict[tuple[str, str], str] = {}
         self._reads: dict[tuple[str, str], int] = {}
+        self._reacted_at: dict[tuple[str, int, str, str], str | None] = {}
 
     def apply(self, record: StoredRecord) -> None:
         apply(self, record)
@@ -507,6 +526,16 @@ class Draft:
 
     def put_read(self, session_id: str, user: str, seq: int) -> None:
         self._reads[(session_id, user)] = max(self.marked(session_id, user), seq)
+
+    def put_reaction_time(self, session_id: str, seq: int, reaction: str, user: str, at: str | None) -> None:
+        self._reacted_at[(session_id, seq, reaction, user)] = at
+
+    def reacted_at(self, session_id: str, seq: int, reaction: str, user: str) -> str | None:
+        """When the user gave this reaction, if they give it."""
+        key = (session_id, seq, reaction, user)
+        if key in self._reacted_at:
+            return self._reacted_at[key]
+        return self._stream.state_of(session_id).reacted_at.get((seq, reaction, user))
 
     def marked(self, session_id: str, user: str) -> int:
         """The seq the user last marked read in the session (a read stream's draft)."""
@@ -698,7 +727,9 @@ class Rules:
     def react(self, user: str, request: React, draft: Draft) -> Plan:
         session, message = draft.session(request.session_id), draft.message_at(request.session_id, request.seq)
         users = message.reactions.get(request.reaction, [])
-        at = self.now()
+        repeat = (user in users) == request.on  # reacting as you already are: the reply of the reaction stored
+        given = draft.reacted_at(request.session_id, request.seq, request.reaction, user) if repeat else None
+        at = given or self.now()
         reply = ReactionEvent(
             session_id=message.session_id,
             seq=message.seq,
@@ -708,8 +739,8 @@ class Rules:
             at=at,
             reply_to=request.id,
         )
-        if (user in users) == request.on:
-            return Plan([], reply)  # reacting as you already are
+        if repeat:
+            return Plan([], reply)
         _check_open(session, message)
         reactions = dict(message.reactions)
         if request.on:

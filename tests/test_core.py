@@ -513,7 +513,9 @@ def test_reactions_toggle_per_user_in_order_and_repeats_store_nothing():
         stream, [react(rules, sid, 1, user="bob"), react(rules, sid, 1, user="carol"), react(rules, sid, 1, user="bob")]
     )
     assert [len(d.records) for d in decided] == [1, 1, 0]
-    assert decided[2].reply.on is True and decided[2].reply.user == "bob"  # the same reply as the first
+    assert decided[2].reply == decided[0].reply  # the same reply as the first, its `at` too
+    [later] = store(stream, [react(rules, sid, 1, user="bob")])
+    assert later.records == [] and later.reply.at == decided[0].reply.at
     assert stream.current_message(sid, 1).reactions == {"👍": ["bob", "carol"]}
     store(stream, [react(rules, sid, 1, user="bob", on=False), react(rules, sid, 1, user="carol", on=False)])
     assert stream.current_message(sid, 1).reactions == {}  # a reaction nobody gives is absent
@@ -691,6 +693,7 @@ def test_tallies_and_markers_survive_a_snapshot_and_an_old_one_is_refused():
     store(stream, [send(rules, sid, "b", user="bob"), delete(rules, sid, 1)])
     reads = Stream(reads_key(KEY), 10)
     store(reads, [mark(rules, stream, sid, 1, user="carol")])
+    [given] = store(stream, [react(rules, sid, 2, user="carol")])
     for original in (stream, reads):
         restored = Stream(original.key, 10)
         restored.restore(original.offset, original.snapshot())
@@ -699,6 +702,9 @@ def test_tallies_and_markers_survive_a_snapshot_and_an_old_one_is_refused():
     state.restore(stream.offset, stream.snapshot())
     kept = state.state_of(sid)
     assert (kept.unread("carol", 0), kept.unread_mentions("bob", 0), kept.read_marker("bob", 0)) == (1, 0, 2)
+    state.remember(given.records[0].offset, given.records[0].message)  # as the chat reads it for a write
+    [repeat] = decide(Draft(state), [react(rules, sid, 2, user="carol")])[0]
+    assert repeat.records == [] and repeat.reply.at == given.reply.at
     old = msgspec.msgpack.encode([[], [], [], 1])
     with pytest.raises(OutdatedState):
         Stream(KEY, 10).restore(3, old)
