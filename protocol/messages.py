@@ -71,6 +71,8 @@ def check_json_object(value: Any, path: str = "metadata", depth: int = 0) -> Non
             raise ValueError(f"`{path}` is not a finite number")
     else:
         raise ValueError(f"`{path}` holds a value JSON does not have ({type(value).__name__})")
+
+
 MAX_REACTIONS = 20  # distinct reactions on one message
 
 
