@@ -82,7 +82,7 @@ class Subscriptions:
         self._summarize = summarize
         self._watching: dict[Peer, set[str]] = {}  # documents each connection watches
         self._watchers: dict[str, set[Peer]] = {}
-        self._sent: dict[tuple[Peer, SectionKey], SectionSummary] = {}  # what each watcher was last sent
+        self._sent: dict[Peer, dict[SectionKey, SectionSummary]] = {}  # what each watcher was last sent
         self._changed: dict[str, set[SectionKey]] = {}  # sections whose summaries are due, per document
         self._summary_flush: dict[str, asyncio.TimerHandle] = {}
 
@@ -108,7 +108,7 @@ class Subscriptions:
         self._watching.setdefault(peer, set()).add(document_id)
         self._watchers.setdefault(document_id, set()).add(peer)
         for summary in summaries:
-            self._sent[(peer, SectionKey(document_id, summary.section_id))] = summary
+            self._sent.setdefault(peer, {})[SectionKey(document_id, summary.section_id)] = summary
 
     def unwatch(self, peer: Peer, document_id: str) -> None:
         watched = self._watching.get(peer)
@@ -125,8 +125,11 @@ class Subscriptions:
             if flush is not None:
                 flush.cancel()
             self._changed.pop(document_id, None)
-        for key in [key for (watcher, key) in self._sent if watcher is peer and key.document_id == document_id]:
-            del self._sent[(peer, key)]
+        sent = self._sent.get(peer, {})
+        for key in [key for key in sent if key.document_id == document_id]:
+            del sent[key]
+        if not sent:
+            self._sent.pop(peer, None)
 
     def watched(self, document_id: str) -> bool:
         return document_id in self._watchers
@@ -152,9 +155,9 @@ class Subscriptions:
                 summary = self._summarize(key, user)
                 if summary is None:
                     continue
-                due = [peer for peer in peers if self._sent.get((peer, key)) != summary]  # others: nothing changed
+                due = [peer for peer in peers if self._sent.get(peer, {}).get(key) != summary]  # others: no change
                 for peer in due:
-                    self._sent[(peer, key)] = summary
+                    self._sent.setdefault(peer, {})[key] = summary
                 _deliver(due, SectionSummaryEvent(document_id=document_id, summary=summary))
 
     def subscribe(self, peer: Peer, audience: Audience) -> None:
