@@ -4,9 +4,15 @@
 # (compression off, 64 KiB frames) that, for each text frame, decodes the JSON
 # into a typed msgspec Struct and encodes a reply of the same shape and field
 # types as sectionchat's (`session_created` {session} or `message_ack`
-# {message}, with `reply_to`) — and does nothing else: no validation beyond
-# msgspec's types, no storage, no locks, no uuid4, no clock. Whatever
-# sectionchat costs beyond this is its own work.
+# {message}, with `reply_to`; revision 1.1's `message_edited` {message} and
+# `reaction` {session_id, seq, reaction, user, on, at}) — and does nothing
+# else: no validation beyond msgspec's types, no storage, no locks, no uuid4,
+# no clock. Whatever sectionchat costs beyond this is its own work.
+#
+# The 1.0 replies keep the 1.0 shapes (a Session of 8 fields, a Message of 7)
+# so that the 1.0 ratios stay comparable with those recorded before 1.1
+# (sectionchat's now carry 10 and 11 fields, about 60 bytes more per reply);
+# `message_edited` carries the 1.1 Message, as sectionchat's does.
 #
 #     python -m bench.echo_server --port 0
 
@@ -46,6 +52,20 @@ class SendMessage(Request, tag="send_message"):
     client_msg_id: str | None = None
 
 
+class EditMessage(Request, tag="edit_message"):
+    session_id: str
+    seq: int
+    text: str
+    mentions: list[str] | None = None
+
+
+class React(Request, tag="react"):
+    session_id: str
+    seq: int
+    reaction: str
+    on: bool = True
+
+
 class Ping(Request, tag="ping"):
     pass
 
@@ -74,6 +94,22 @@ class Message(msgspec.Struct):
     sent_at: str
 
 
+class EditedMessage(msgspec.Struct):
+    """Revision 1.1's Message (protocol/messages.py), as an edit's reply carries it."""
+
+    session_id: str
+    seq: int
+    message_id: str
+    author: str
+    text: str
+    client_msg_id: str | None
+    sent_at: str
+    mentions: list[str]
+    edited_at: str | None
+    deleted_at: str | None
+    reactions: dict[str, list[str]]
+
+
 class Frame(msgspec.Struct, tag_field="type", kw_only=True, omit_defaults=True):
     reply_to: str | int | None = None
 
@@ -100,6 +136,19 @@ class MessageAck(Frame, tag="message_ack"):
     message: Message
 
 
+class MessageEdited(Frame, tag="message_edited"):
+    message: EditedMessage
+
+
+class Reaction(Frame, tag="reaction"):
+    session_id: str
+    seq: int
+    reaction: str
+    user: str
+    on: bool
+    at: str
+
+
 class Pong(Frame, tag="pong"):
     pass
 
@@ -110,7 +159,7 @@ class Error(Frame, tag="error"):
     temporary: bool
 
 
-decode = msgspec.json.Decoder(CreateSession | SendMessage | Ping).decode
+decode = msgspec.json.Decoder(CreateSession | SendMessage | EditMessage | React | Ping).decode
 encode = msgspec.json.Encoder().encode
 
 # Same length and character set as a uuid4 and an RFC 3339 time, without the cost.
@@ -177,6 +226,31 @@ async def handle(websocket: ServerConnection) -> None:
                             sent_at=TIMESTAMP,
                         )
                         reply = MessageAck(message=message, reply_to=request.id)
+                    case EditMessage():
+                        edited = EditedMessage(
+                            session_id=request.session_id,
+                            seq=request.seq,
+                            message_id=fake_uuid(),
+                            author=user,
+                            text=request.text,
+                            client_msg_id=None,
+                            sent_at=TIMESTAMP,
+                            mentions=request.mentions or [],
+                            edited_at=TIMESTAMP,
+                            deleted_at=None,
+                            reactions={},
+                        )
+                        reply = MessageEdited(message=edited, reply_to=request.id)
+                    case React():
+                        reply = Reaction(
+                            session_id=request.session_id,
+                            seq=request.seq,
+                            reaction=request.reaction,
+                            user=user,
+                            on=request.on,
+                            at=TIMESTAMP,
+                            reply_to=request.id,
+                        )
                     case _:
                         reply = Pong(reply_to=request.id)
             await websocket.send(encode(reply), text=True)

@@ -6,6 +6,14 @@
 # next to the server it measures. A run is warm-up then a measured window;
 # only replies that arrive inside the window count. A reply that is not the
 # expected one (an `error`, a wrong `reply_to`) fails the run.
+#
+# Revision 1.1's writes (`edit_message`, `react`) target seq 1 of a session
+# each client sets up before the clock starts (a session and one message), and
+# must store something every time: an edit that leaves the text as it is, or a
+# reaction given twice, stores nothing. So these requests come in two pre-built
+# variants (edit text A / B; react on / off), picked by the request id's parity
+# in the hot loop: `suffixes[request_id & 1]`, one tuple index per request, the
+# same for every operation (the 1.0 operations' two variants are the same bytes).
 
 from __future__ import annotations
 
@@ -22,7 +30,18 @@ SECTIONS = 10  # by default client i works in section "section-{i % SECTIONS}"
 TEXT = "benchmark message: the quick brown fox jumps over the lazy dog 0123456789"
 TITLE = "bench session"
 
-EXPECTED = {"create_session": "session_created", "send_message": "message_ack"}
+# Edits alternate between two texts of TEXT's length, both unlike TEXT, so the first edit changes it too.
+EDIT_TEXTS = tuple(TEXT.replace("message", f"edit #{variant}") for variant in "AB")
+REACTION = "\N{THUMBS UP SIGN}"
+
+EXPECTED = {
+    "create_session": "session_created",
+    "send_message": "message_ack",
+    "edit_message": "message_edited",
+    "react": "reaction",
+}
+NEEDS_SESSION = frozenset({"send_message", "edit_message", "react"})  # a session per client before the clock starts
+NEEDS_MESSAGE = frozenset({"edit_message", "react"})  # ... and one message in it, seq 1, which they target
 
 
 class Reply(msgspec.Struct):
@@ -85,16 +104,32 @@ class BenchClientError(Exception):
 
 
 def request_prefix(operation: str, index: int, sections: int, session_id: str | None) -> tuple[bytes, bytes]:
-    """Request bytes around the id: prefix + str(id) + suffix is one JSON object."""
+    """Request bytes around the id: prefix + str(id) + suffix is one JSON object (the first variant)."""
+    prefix, suffixes = request_variants(operation, index, sections, session_id)
+    return prefix, suffixes[1]
+
+
+def request_variants(
+    operation: str, index: int, sections: int, session_id: str | None
+) -> tuple[bytes, tuple[bytes, bytes]]:
+    """(prefix, (suffix for even ids, suffix for odd ids)): prefix + str(id) + suffixes[id & 1] is one JSON object.
+
+    Ids count from 1, so the first request is the odd variant: an edit to text A,
+    a reaction given (`on: true`); the next takes it back to B / `on: false`.
+    The 1.0 operations have one variant, twice.
+    """
     if operation == "create_session":
-        body = msgspec.json.encode(
-            {"document_id": DOCUMENT_ID, "section_id": f"section-{index % sections}", "title": TITLE}
-        )
+        bodies = [{"document_id": DOCUMENT_ID, "section_id": f"section-{index % sections}", "title": TITLE}] * 2
     elif operation == "send_message":
-        body = msgspec.json.encode({"session_id": session_id, "text": TEXT})
+        bodies = [{"session_id": session_id, "text": TEXT}] * 2
+    elif operation == "edit_message":
+        bodies = [{"session_id": session_id, "seq": 1, "text": text} for text in reversed(EDIT_TEXTS)]
+    elif operation == "react":
+        bodies = [{"session_id": session_id, "seq": 1, "reaction": REACTION, "on": on} for on in (False, True)]
     else:
         raise ValueError(f"unknown operation {operation!r}")
-    return b'{"type":"' + operation.encode() + b'","id":', b"," + body[1:]
+    even, odd = (b"," + msgspec.json.encode(body)[1:] for body in bodies)
+    return b'{"type":"' + operation.encode() + b'","id":', (even, odd)
 
 
 async def open_client(url: str, index: int) -> ClientConnection:
@@ -121,11 +156,22 @@ async def create_one_session(websocket: ClientConnection, index: int, sections: 
     return reply.session.session_id
 
 
+async def send_one_message(websocket: ClientConnection, index: int, session_id: str) -> None:
+    """The message at seq 1 that a client's edits and reactions target."""
+    prefix, suffix = request_prefix("send_message", index, 1, session_id)
+    await websocket.send(prefix + b"0" + suffix, text=True)
+    data = await websocket.recv(decode=False)
+    reply = decode_reply(data)
+    if reply.type != "message_ack" or reply.reply_to != 0:
+        problem = decode_problem(data)
+        raise BenchClientError(f"client {index}: send_message failed: {problem.type} {problem.code} {problem.message}")
+
+
 async def run_client(
     websocket: ClientConnection,
     index: int,
     prefix: bytes,
-    suffix: bytes,
+    suffixes: tuple[bytes, bytes],
     expected: str,
     window_start: float,
     window_end: float,
@@ -141,7 +187,7 @@ async def run_client(
         started = clock()
         if started >= window_end:
             return
-        await send(prefix + str(request_id).encode() + suffix, text=True)
+        await send(prefix + str(request_id).encode() + suffixes[request_id & 1], text=True)
         data = await recv(decode=False)
         done = clock()
         reply = decode_reply(data)
@@ -164,10 +210,17 @@ async def run_worker(spec: WorkerSpec, ready) -> WorkerResult:
     websockets = await asyncio.gather(*(open_client(spec.url, index) for index in spec.clients))
     try:
         session_ids: list[str | None] = [None] * len(spec.clients)
-        if spec.operation == "send_message":
+        if spec.operation in NEEDS_SESSION:
             session_ids = list(
                 await asyncio.gather(
                     *(create_one_session(ws, i, spec.sections) for ws, i in zip(websockets, spec.clients, strict=True))
+                )
+            )
+        if spec.operation in NEEDS_MESSAGE:
+            await asyncio.gather(
+                *(
+                    send_one_message(ws, i, session_id)  # type: ignore[arg-type]
+                    for ws, i, session_id in zip(websockets, spec.clients, session_ids, strict=True)
                 )
             )
         expected = EXPECTED[spec.operation]
@@ -188,7 +241,7 @@ async def run_worker(spec: WorkerSpec, ready) -> WorkerResult:
                 run_client(
                     ws,
                     index,
-                    *request_prefix(spec.operation, index, spec.sections, session_id),
+                    *request_variants(spec.operation, index, spec.sections, session_id),
                     expected,
                     window_start,
                     window_end,

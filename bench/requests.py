@@ -1,10 +1,13 @@
 # Request-rate benchmark: create_session and send_message round trips per second,
 # sectionchat (durable file storage) against the raw websockets + msgspec echo
 # baseline, alternating runs, each server its own process, the load generated
-# by separate worker processes.
+# by separate worker processes. Revision 1.1's edit_message and react on request
+# (--operations react,edit_message): each client edits / reacts to seq 1 of its
+# own session, alternating text A/B and on/off so that every request is a stored write.
 #
 #     .venv/bin/python -m bench.requests                   # the documented default
 #     .venv/bin/python -m bench.requests --clients 1,10,50,200 --json out.json
+#     .venv/bin/python -m bench.requests --operations react,edit_message
 #
 # Rules kept here: runs alternate (sectionchat, echo, sectionchat, echo, …) so
 # that drift on a shared machine hits both alike; every sectionchat run gets a
@@ -43,8 +46,10 @@ from bench.harness import (
     scratch_dir,
 )
 from bench.loadgen import DOCUMENT_ID, SECTIONS, WorkerResult, WorkerSpec, worker_main
+from bench.runs import fmt_source, source_state
 
-OPERATIONS = ("create_session", "send_message")
+OPERATIONS = ("create_session", "send_message")  # the default: revision 1.0's writes
+ALL_OPERATIONS = OPERATIONS + ("edit_message", "react")  # revision 1.1's, on request
 TARGETS = ("sectionchat", "echo")
 BUSY_CORES = 0.25  # other work above this during a window makes a run "busy"
 
@@ -65,6 +70,7 @@ class Run:
     other_cpu: float | None  # cores busy with anything else on the machine during the window
     steal_cpu: float | None  # cores taken by the hypervisor (virtual machines)
     attempts: int = 1  # > 1 when earlier attempts ran on a busy machine and were retried
+    source: dict | None = None  # commit and `git status --short server protocol` just before the server started
 
 
 @dataclass
@@ -99,16 +105,19 @@ def parse_clients(text: str) -> list[int]:
 
 def parse_operations(text: str) -> list[str]:
     names = [part.strip() for part in text.split(",") if part.strip()]
-    unknown = [name for name in names if name not in OPERATIONS]
+    unknown = [name for name in names if name not in ALL_OPERATIONS]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"operations are {', '.join(OPERATIONS)}; not {', '.join(unknown) or text!r}")
+        raise argparse.ArgumentTypeError(
+            f"operations are {', '.join(ALL_OPERATIONS)}; not {', '.join(unknown) or text!r}"
+        )
     return names
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench.requests",
-        description="create_session / send_message round trips per second: sectionchat (durable) vs raw websockets+msgspec echo",
+        description="create_session / send_message (and 1.1's edit_message / react) round trips per second: "
+        "sectionchat (durable) vs raw websockets+msgspec echo",
     )
     parser.add_argument("--runs", type=int, default=5, help="runs per server, alternating (default 5)")
     parser.add_argument(
@@ -125,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--operations",
         type=parse_operations,
         default=list(OPERATIONS),
-        help="comma-separated (default create_session,send_message)",
+        help="comma-separated, of create_session, send_message, edit_message, react (default create_session,send_message)",
     )
     parser.add_argument(
         "--sections",
@@ -159,6 +168,7 @@ def run_once(args: argparse.Namespace, operation: str, clients: int, target: str
     scratch = scratch_dir(args.data_root)
     server = ServerProcess.sectionchat(scratch) if target == "sectionchat" else ServerProcess.echo(scratch)
     workers: list = []
+    source = source_state()
     try:
         server.start()
         procs = max(1, min(args.procs, clients))
@@ -232,6 +242,7 @@ def run_once(args: argparse.Namespace, operation: str, clients: int, target: str
         loadgen_cpu=loadgen_cpu,
         other_cpu=other_cpu,
         steal_cpu=steal_cpu,
+        source=source,
     )
 
 
@@ -361,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
         f"client i in section-(i % {args.sections}); data under {root} ({fs or 'unknown fs'})"
     )
     began = time.monotonic()
+    source_at_start = source_state()
+    say(f"  server source: {fmt_source(source_at_start)}")
     summaries: list[Summary] = []
     for operation in args.operations:
         for clients in args.clients:
@@ -384,11 +397,15 @@ def main(argv: list[str] | None = None) -> int:
                     summary.discarded.extend(attempt for attempt in attempts if attempt is not run)
             summaries.append(summary)
     elapsed = time.monotonic() - began
+    source_at_end = source_state()
+    sources = sorted({fmt_source(run.source) for s in summaries for t in TARGETS for run in s.runs[t] if run.source})
     print(table(summaries))
     print(
         f"\nRuns per server: {args.runs}, alternating; rate = replies received inside the {args.seconds:g} s window. "
         f"ratio = sectionchat median / echo median; pair min–max over (run i, run i) pairs. "
-        f"Total {elapsed:.0f} s."
+        f"Total {elapsed:.0f} s. Server source: {'; '.join(sources) or fmt_source(source_at_end)}"
+        + (" (it changed during the invocation)" if len(sources) > 1 else "")
+        + "."
     )
     busy, total, retried = busy_runs(summaries)
     if retried:
@@ -404,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         document = {
             "benchmark": "requests",
             "machine": describe_machine(),
+            "source": {"start": source_at_start, "end": source_at_end},
             "settings": {
                 "runs": args.runs,
                 "clients": args.clients,

@@ -156,7 +156,7 @@ def describe_machine() -> dict[str, object]:
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
         )
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "server", "protocol"],
+            ["git", "--no-optional-locks", "status", "--porcelain", "--", "server", "protocol"],
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -173,6 +173,36 @@ def describe_machine() -> dict[str, object]:
         "websockets": websockets.__version__,
         "msgspec": msgspec.__version__,
     }
+
+
+def source_state() -> dict[str, object]:
+    """The commit and the uncommitted changes under server/ and protocol/ (`git status --short`), now.
+
+    Other people edit the server while benchmarks run: each run records what its
+    server process was started from (the files as they were just before it started).
+    `--no-optional-locks`: git status never takes the index lock from someone committing.
+    """
+    try:
+        head = subprocess.run(["git", "log", "-1", "--format=%h"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        status = subprocess.run(
+            ["git", "--no-optional-locks", "status", "--short", "--", "server", "protocol"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "status": None}
+    return {"commit": head.stdout.strip() or None, "status": status.stdout.splitlines()}
+
+
+def fmt_source(source: dict[str, object]) -> str:
+    """'f94a6d7' or 'f94a6d7 + M server/chat.py, …'."""
+    text = str(source.get("commit"))
+    changed = source.get("status") or []
+    if changed:
+        text += " + " + ", ".join(str(line).strip() for line in changed)  # type: ignore[union-attr]
+    return text
 
 
 @functools.cache
