@@ -293,11 +293,10 @@ class Chat:
         return section_summary(section.stream, reads.stream.reads, user)
 
     async def _summary_later(self, key: SectionKey) -> None:
+        """Load the section and its read markers, then have its summary sent to the watchers."""
         try:
-            owner = section_of_reads(key) or key
-            await self.sections.loaded(owner)
-            await self._marked(owner)
-            key = owner
+            await self.sections.loaded(key)
+            await self._marked(key)
         except StorageError as error:
             logger.warning("cannot load read markers for a summary: %s", error)
             return
@@ -458,7 +457,7 @@ class Chat:
             sections = [] if section is None else [section]
             if section is None and self.subscriptions.watched(key.document_id):
                 # A section of a watched document that this node has not loaded (new, say): load it for the summary.
-                self.background.spawn(self._summary_later(key))
+                self.background.spawn(self._summary_later(section_of_reads(key) or key))
         for section in sections:
             if section.loaded and not section.sync_scheduled and (offset is None or offset > section.stream.offset):
                 section.sync_scheduled = True

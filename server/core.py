@@ -288,7 +288,7 @@ class SessionSnapshot(msgspec.Struct, array_like=True, gc=False):
     offsets: bytes  # SessionState.offsets
     client_msg_ids: list[str]
     client_msg_seqs: bytes  # array("I"), the seq of each of client_msg_ids
-    last_sent_at: str | None  # written by 1.0 (now in session.last_activity_at)
+    last_sent_at: str | None  # used by version 1 only (now session.last_activity_at); its place is kept
     # New in 1.1 (trailing defaults: a state kept before then still decodes).
     changed_seqs: bytes = b""  # array("I"): SessionState.latest
     changed_offsets: bytes = b""
@@ -467,12 +467,7 @@ class Stream:
         if snapshot.version < SNAPSHOT_VERSION:
             raise OutdatedState(f"a state of version {snapshot.version}, not {SNAPSHOT_VERSION}")
         for kept in snapshot.sessions:
-            session = kept.session
-            if kept.last_sent_at is not None:  # a state kept by 1.0
-                session = msgspec.structs.replace(
-                    session, last_activity_at=_later(session.last_activity_at, kept.last_sent_at)
-                )
-            state = self.sessions[session.session_id] = SessionState(session)
+            state = self.sessions[kept.session.session_id] = SessionState(kept.session)
             state.offsets.frombytes(kept.offsets)
             state.by_client_msg_id = dict(zip(kept.client_msg_ids, array("I", kept.client_msg_seqs), strict=True))
             state.latest = dict(zip(array("I", kept.changed_seqs), array("I", kept.changed_offsets), strict=True))

@@ -84,9 +84,6 @@ StoredRecord = Union[
     SessionReopenedRecord,
     ReadRecord,
 ]
-# The records that carry a message, and those that carry a session.
-MessageChange = Union[MessageRecord, MessageEditedRecord, MessageDeletedRecord, ReactionRecord]
-SessionChange = Union[SessionCreatedRecord, SessionClosedRecord, SessionUpdatedRecord, SessionReopenedRecord]
 
 
 def session_id_of(record: StoredRecord) -> str:
