@@ -37,7 +37,7 @@ import msgspec
 from websockets.asyncio.client import connect as ws_connect
 
 from bench import wsclient
-from bench.runs import run_with_loop
+from bench.runs import abort_quietly, run_with_loop
 
 MARKER = b"@@"
 PHASES = {"w": "warmup", "p": "paced", "b": "burst"}
@@ -234,10 +234,7 @@ def subscriber_main(spec: SubscriberSpec, barrier, results, published) -> None:
     try:
         result = run_with_loop(run_subscribers(spec, lambda: barrier.wait(timeout=180), published), spec.event_loop)
     except BaseException as error:  # noqa: BLE001 - reported to the driver
-        try:
-            barrier.abort()
-        except Exception:  # noqa: BLE001
-            pass
+        abort_quietly(barrier)
         result = SubscriberResult(error=f"{type(error).__name__}: {error}")
     results.put(("subscribers", result))
 
@@ -458,8 +455,5 @@ def publisher_main(spec: PublisherSpec, barrier, results, published) -> None:
     except BaseException as error:  # noqa: BLE001
         result = PublisherResult(error=f"{type(error).__name__}: {error}")
     if result.error:
-        try:
-            barrier.abort()
-        except Exception:  # noqa: BLE001
-            pass
+        abort_quietly(barrier)
     results.put(("publisher", result))

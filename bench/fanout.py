@@ -372,12 +372,7 @@ def describe(run: FanoutRun) -> str:
         text += f"  closed {run.closed}"
     if run.paced_late_ms > 50:
         text += f"  publisher {run.paced_late_ms:.0f} ms behind"
-    if run.other_cpu is not None:
-        text += f"  other {run.other_cpu:.2f} cores"
-        if run.steal_cpu and run.steal_cpu >= 0.005:
-            text += f", steal {run.steal_cpu:.2f}"
-        if R.is_busy(run.other_cpu, run.steal_cpu):
-            text += "  (machine busy)"
+    text += R.fmt_load(run.other_cpu, run.steal_cpu, R.is_busy(run.other_cpu, run.steal_cpu))
     return text
 
 

@@ -25,6 +25,8 @@ from typing import Any
 import msgspec
 from websockets.asyncio.client import ClientConnection, connect
 
+from bench.runs import abort_quietly
+
 DOCUMENT_ID = "bench-doc"
 SECTIONS = 10  # by default client i works in section "section-{i % SECTIONS}"
 TEXT = "benchmark message: the quick brown fox jumps over the lazy dog 0123456789"
@@ -264,9 +266,6 @@ def worker_main(spec: WorkerSpec, barrier, results) -> None:
     try:
         result = asyncio.run(run_worker(spec, lambda: barrier.wait(timeout=120)))
     except BaseException as error:  # noqa: BLE001 - reported to the driver, which fails the run
-        try:
-            barrier.abort()
-        except Exception:  # noqa: BLE001
-            pass
+        abort_quietly(barrier)
         result = WorkerResult(error=f"{type(error).__name__}: {error}")
     results.put(result)

@@ -46,7 +46,7 @@ from bench.harness import (
     scratch_dir,
 )
 from bench.loadgen import DOCUMENT_ID, SECTIONS, WorkerResult, WorkerSpec, worker_main
-from bench.runs import fmt_source, source_state
+from bench.runs import fmt_load, fmt_source, source_state
 
 OPERATIONS = ("create_session", "send_message")  # the default: revision 1.0's writes
 ALL_OPERATIONS = OPERATIONS + ("edit_message", "react")  # revision 1.1's, on request
@@ -261,12 +261,7 @@ def describe(run: Run) -> str:
         f"{run.rate:>9,.0f}/s  p50 {run.p50_ms:6.1f} ms  p99 {run.p99_ms:6.1f} ms"
         f"  server CPU {cpu:>4}  loadgen CPU {run.loadgen_cpu * 100:3.0f}%"
     )
-    if run.other_cpu is not None:
-        text += f"  other {run.other_cpu:.2f} cores"
-        if run.steal_cpu and run.steal_cpu >= 0.005:
-            text += f", steal {run.steal_cpu:.2f}"
-        if is_busy(run):
-            text += "  (machine busy)"
+    text += fmt_load(run.other_cpu, run.steal_cpu, is_busy(run))
     return text
 
 

@@ -60,6 +60,24 @@ def is_busy(other: float | None, steal: float | None) -> bool:
     return disturbance(other, steal) > BUSY_CORES
 
 
+def fmt_load(other: float | None, steal: float | None, busy: bool) -> str:
+    """The end of a run's line: what else the machine was doing while it ran."""
+    if other is None:
+        return ""
+    text = f"  other {other:.2f} cores"
+    if steal and steal >= 0.005:
+        text += f", steal {steal:.2f}"
+    return text + ("  (machine busy)" if busy else "")
+
+
+def abort_quietly(barrier) -> None:
+    """Break a multiprocessing barrier so that the others stop waiting (a worker failed)."""
+    try:
+        barrier.abort()
+    except Exception:  # noqa: BLE001 - already broken, or the manager has gone
+        pass
+
+
 def retry_quietest(run_once: Callable[[], object], busy_of: Callable[[object], float], retries: int, say) -> tuple:
     """Run, and repeat up to `retries` times while the run was disturbed; keep the quietest attempt.
 

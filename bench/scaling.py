@@ -291,12 +291,7 @@ def describe(run: ScalingRun) -> str:
         f"{run.rate:>8,.0f} acks/s  p50 {run.p50_ms:6.1f} ms  p99 {run.p99_ms:6.1f} ms"
         f"  nodes CPU {nodes_cpu:>5}  redis CPU {redis_cpu:>4}  loadgen CPU {run.loadgen_cpu * 100:3.0f}%"
     )
-    if run.other_cpu is not None:
-        text += f"  other {run.other_cpu:.2f} cores"
-        if run.steal_cpu and run.steal_cpu >= 0.005:
-            text += f", steal {run.steal_cpu:.2f}"
-        if R.is_busy(run.other_cpu, run.steal_cpu):
-            text += "  (machine busy)"
+    text += R.fmt_load(run.other_cpu, run.steal_cpu, R.is_busy(run.other_cpu, run.steal_cpu))
     return text
 
 

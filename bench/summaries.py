@@ -219,10 +219,7 @@ def watcher_main(spec: WatcherSpec, barrier, results, final, set_up) -> None:
     try:
         result = R.run_with_loop(run_watchers(spec, lambda: barrier.wait(timeout=180), final, set_up), spec.event_loop)
     except BaseException as error:  # noqa: BLE001 - reported to the driver
-        try:
-            barrier.abort()
-        except Exception:  # noqa: BLE001
-            pass
+        R.abort_quietly(barrier)
         result = WatcherResult(error=f"{type(error).__name__}: {error}")
     results.put(("watchers", result))
 
@@ -363,10 +360,7 @@ def publisher_main(spec: PublisherSpec, barrier, results, final, set_up) -> None
     except BaseException as error:  # noqa: BLE001
         result = PublisherResult(error=f"{type(error).__name__}: {error}")
     if result.error:
-        try:
-            barrier.abort()
-        except Exception:  # noqa: BLE001
-            pass
+        R.abort_quietly(barrier)
     results.put(("publisher", result))
 
 
@@ -644,12 +638,7 @@ def describe(run: SummaryRun) -> str:
         text += f"  closed {run.closed}"
     if run.publisher_late_ms > 50:
         text += f"  publisher {run.publisher_late_ms:.0f} ms behind"
-    if run.other_cpu is not None:
-        text += f"  other {run.other_cpu:.2f} cores"
-        if run.steal_cpu and run.steal_cpu >= 0.005:
-            text += f", steal {run.steal_cpu:.2f}"
-        if R.is_busy(run.other_cpu, run.steal_cpu):
-            text += "  (machine busy)"
+    text += R.fmt_load(run.other_cpu, run.steal_cpu, R.is_busy(run.other_cpu, run.steal_cpu))
     return text
 
 
