@@ -169,20 +169,10 @@ def describe_machine() -> dict[str, object]:
     import msgspec
     import websockets
 
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
-        )
-        dirty = subprocess.run(
-            ["git", "--no-optional-locks", "status", "--porcelain", "--", "server", "protocol"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        commit = head.stdout.strip() + (" + uncommitted server changes" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        commit = None
+    source = source_state()
+    commit = source["commit"]
+    if commit is not None and source["status"]:
+        commit = f"{commit} + uncommitted server changes"
     return {
         "commit": commit,
         "python": platform.python_version(),
