@@ -82,10 +82,15 @@ from .storage.base import (
 
 
 class Plan(NamedTuple):
-    """What a write decides: the records to store (none: nothing to write) and the reply."""
+    """What a write decides: the records to store (none: nothing to write) and the reply.
+
+    `erase`: offsets of earlier records whose message text storage must drop when
+    it stores these (a delete's earlier versions of the message).
+    """
 
     records: list[StoredRecord]
     reply: ServerFrame
+    erase: Sequence[int] = ()
 
 
 # What a durable record announces: a section event, or a reader's `read` (to their own connections).
@@ -211,7 +216,7 @@ class SessionState:
     """
 
     __slots__ = (
-        "session", "offsets", "by_client_msg_id", "latest", "tombstones", "own", "naming", "deleted", "last_sent_by",
+        "session", "offsets", "by_client_msg_id", "versions", "tombstones", "own", "naming", "deleted", "last_sent_by",
         "reacted_at",
     )  # fmt: skip
 
@@ -219,7 +224,9 @@ class SessionState:
         self.session = session  # replaced, never changed in place: events sent earlier share it
         self.offsets = array("I")  # the section offset of each message: seq N at index N - 1
         self.by_client_msg_id: dict[str, int] = {}  # -> seq
-        self.latest: dict[int, int] = {}  # seq -> offset of the record with the message as it is now, once changed
+        # seq -> offsets of the records that changed the message (edits, reactions), the latest last;
+        # once it is deleted, only the delete's (the earlier ones were erased with it).
+        self.versions: dict[int, array[int]] = {}
         self.tombstones: dict[int, Message] = {}  # seq -> the deleted message, as served in place of its versions
         self.own: dict[str, array[int]] = {}  # user -> seqs of their messages not deleted, ascending
         self.naming: dict[str, array[int]] = {}  # user -> seqs of others' messages not deleted that mention them
@@ -228,7 +235,14 @@ class SessionState:
         self.reacted_at: dict[tuple[int, str, str], str] = {}  # (seq, reaction, user) -> when it was given
 
     def latest_offset(self, seq: int) -> int:
-        return self.latest.get(seq) or self.offsets[seq - 1]
+        changes = self.versions.get(seq)
+        return changes[-1] if changes else self.offsets[seq - 1]
+
+    def stored_versions(self, seq: int) -> list[int]:
+        """The offsets of every record that carries the message's text: what deleting it erases."""
+        if seq > len(self.offsets) or seq in self.tombstones:
+            return []
+        return [self.offsets[seq - 1], *self.versions.get(seq, ())]
 
     def read_marker(self, user: str, marked: int) -> int:
         """The user's read marker: what they marked, or their own latest message if later."""
@@ -260,9 +274,11 @@ class SessionState:
             insort(self.deleted, seq)
             _discard(self.own.get(message.author), seq)
         named = set() if message.deleted_at is not None else set(message.mentions) - {message.author}
-        for user, seqs in self.naming.items():
+        for user, seqs in list(self.naming.items()):
             if user not in named:
                 _discard(seqs, seq)
+                if not seqs:  # as if never named: a replay of erased records builds the same state
+                    del self.naming[user]
         for user in named:
             seqs = self.naming.setdefault(user, array("I"))
             if not _contains(seqs, seq):
@@ -290,7 +306,7 @@ class SessionSnapshot(msgspec.Struct, array_like=True, gc=False):
     client_msg_seqs: bytes  # array("I"), the seq of each of client_msg_ids
     last_sent_at: str | None  # used by version 1 only (now session.last_activity_at); its place is kept
     # New in 1.1 (trailing defaults: a state kept before then still decodes).
-    changed_seqs: bytes = b""  # array("I"): SessionState.latest
+    changed_seqs: bytes = b""  # array("I"): SessionState.versions, one (seq, offset) pair per change, in order
     changed_offsets: bytes = b""
     tombstones: list[Message] = []
     own: list[tuple[str, bytes]] = []  # SessionState.own, each array("I") as bytes
@@ -308,9 +324,10 @@ class SectionSnapshot(msgspec.Struct, array_like=True, gc=False):
     version: int = 1  # SNAPSHOT_VERSION when it was kept
 
 
-# A state kept by an earlier version lacks what a load needs now (the unread
-# tallies): it is passed over, and the section is replayed from its records.
-SNAPSHOT_VERSION = 3
+# A state kept by an earlier version lacks what a load needs now (3: the unread
+# tallies; 4: every version of a changed message, which a delete erases): it is
+# passed over, and the section is replayed from its records.
+SNAPSHOT_VERSION = 4
 
 
 class OutdatedState(Exception):
@@ -370,9 +387,11 @@ class Stream:
 
     def change_message(self, offset: int, message: Message) -> None:
         state = self.sessions[message.session_id]
-        state.latest[message.seq] = offset
         if message.deleted_at is not None:
             state.tombstones[message.seq] = message
+            state.versions[message.seq] = array("I", [offset])
+        else:
+            state.versions.setdefault(message.seq, array("I")).append(offset)
         state.recount(message)
         key = (message.session_id, message.seq)
         if key in self._fetched:
@@ -447,8 +466,8 @@ class Stream:
                 list(state.by_client_msg_id),
                 array("I", state.by_client_msg_id.values()).tobytes(),
                 None,
-                array("I", state.latest).tobytes(),
-                array("I", state.latest.values()).tobytes(),
+                array("I", (seq for seq, offsets in state.versions.items() for _ in offsets)).tobytes(),
+                b"".join(offsets.tobytes() for offsets in state.versions.values()),
                 list(state.tombstones.values()),
                 [(user, seqs.tobytes()) for user, seqs in state.own.items()],
                 [(user, seqs.tobytes()) for user, seqs in state.naming.items()],
@@ -470,7 +489,8 @@ class Stream:
             state = self.sessions[kept.session.session_id] = SessionState(kept.session)
             state.offsets.frombytes(kept.offsets)
             state.by_client_msg_id = dict(zip(kept.client_msg_ids, array("I", kept.client_msg_seqs), strict=True))
-            state.latest = dict(zip(array("I", kept.changed_seqs), array("I", kept.changed_offsets), strict=True))
+            for seq, offset in zip(array("I", kept.changed_seqs), array("I", kept.changed_offsets), strict=True):
+                state.versions.setdefault(seq, array("I")).append(offset)
             state.tombstones = {message.seq: message for message in kept.tombstones}
             state.deleted = array("I", sorted(state.tombstones))
             state.own = {user: array("I", seqs) for user, seqs in kept.own}
@@ -496,6 +516,7 @@ class Draft:
         self._idempotency: dict[tuple[str, str], str] = {}
         self._reads: dict[tuple[str, str], int] = {}
         self._reacted_at: dict[tuple[str, int, str, str], str | None] = {}
+        self._versions: dict[tuple[str, int], list[int]] = {}  # offsets of a message's records in this draft
 
     def apply(self, record: StoredRecord) -> None:
         apply(self, record)
@@ -509,12 +530,20 @@ class Draft:
         self._sessions[session.session_id] = session
 
     def put_message(self, offset: int, message: Message) -> None:
-        self._messages[(message.session_id, message.seq)] = message
+        self.change_message(offset, message)
         if message.client_msg_id is not None:
             self._by_client_msg_id[(message.session_id, message.client_msg_id)] = message
 
     def change_message(self, offset: int, message: Message) -> None:
-        self._messages[(message.session_id, message.seq)] = message
+        key = (message.session_id, message.seq)
+        self._messages[key] = message
+        self._versions.setdefault(key, []).append(offset)
+
+    def stored_versions(self, session_id: str, seq: int) -> list[int]:
+        """The offsets of every record that will carry the message's text (see SessionState.stored_versions)."""
+        state = self._stream.sessions.get(session_id)
+        stored = [] if state is None else state.stored_versions(seq)
+        return stored + self._versions.get((session_id, seq), [])
 
     def put_idempotency_key(self, user: str, key: str, session_id: str) -> None:
         self._idempotency[(user, key)] = session_id
@@ -717,7 +746,8 @@ class Rules:
         # Works in a closed session too: deleting is erasure, not new content.
         tombstone = msgspec.structs.replace(message, text="", mentions=[], reactions={}, deleted_at=self.now())
         record = MessageDeletedRecord(offset=draft.offset + 1, message=tombstone)
-        return Plan([record], MessageDeleted(message=tombstone, reply_to=request.id))
+        erase = draft.stored_versions(request.session_id, request.seq)
+        return Plan([record], MessageDeleted(message=tombstone, reply_to=request.id), erase)
 
     def react(self, user: str, request: React, draft: Draft) -> Plan:
         session, message = draft.session(request.session_id), draft.message_at(request.session_id, request.seq)

@@ -31,6 +31,7 @@ from .storage.base import (
     SectionState,
     Storage,
     StoredRecord,
+    erase_deleted,
     placed_sessions,
     reads_key,
     session_id_of,
@@ -73,7 +74,7 @@ async def export_document(storage: Storage, document_id: str, out: IO[bytes], *,
                 if key != section and not log.records:
                     continue  # nobody marked anything read there
                 out.write(_encode(SectionStart(key.document_id, key.section_id, log.epoch)) + b"\n")
-                for record in log.records:
+                for record in erase_deleted(log.records):  # data stored before deletes erased text
                     out.write(_encode(record) + b"\n")
                 written += len(log.records)
                 bar.update(len(log.records))
@@ -131,7 +132,7 @@ async def import_lines(storage: Storage, lines: Iterable[bytes], *, progress: bo
             epoch = loaded.epoch or start.epoch or "imported"
             offset = len(existing)
             fresh: list[StoredRecord] = []
-            for record in records:
+            for record in erase_deleted(records):
                 if _identity(record) in present:
                     skipped += 1
                     continue

@@ -143,7 +143,8 @@ class Writer:
         decided, records = decide(draft, [write.plan for write in writes])
         store = None
         if records:
-            store = asyncio.ensure_future(self.storage.append(section.key, section.stream.epoch, records))
+            erase = [offset for plan in decided if isinstance(plan, Plan) for offset in plan.erase]
+            store = asyncio.ensure_future(self.storage.append(section.key, section.stream.epoch, records, erase))
         return Batch(writes, decided, records, store)
 
     async def _wait(self, writes: Writes, store: asyncio.Future[None], more_allowed: bool) -> None:

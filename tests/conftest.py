@@ -175,6 +175,28 @@ async def scrape(port: int) -> dict[tuple[str, tuple], float]:
     }
 
 
+async def redis_values(url: str) -> bytes:
+    """Every value sectionchat keeps in a Redis (lists, hashes, sets, sorted sets), as bytes."""
+    import redis.asyncio
+
+    client = redis.asyncio.Redis.from_url(url)
+    values: list[bytes] = []
+    try:
+        async for name in client.scan_iter("sc:*"):
+            kind = (await client.type(name)).decode()
+            if kind == "list":
+                values += await client.lrange(name, 0, -1)
+            elif kind == "hash":
+                values += [v for pair in (await client.hgetall(name)).items() for v in pair]
+            elif kind == "zset":
+                values += await client.zrange(name, 0, -1)
+            elif kind == "set":
+                values += list(await client.smembers(name))
+    finally:
+        await client.aclose()
+    return b"\n".join(values)
+
+
 async def until(predicate, timeout: float = 5.0, interval: float = 0.01) -> None:
     """Poll a condition that no event signals (e.g. a file appearing)."""
     async with asyncio.timeout(timeout):

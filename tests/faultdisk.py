@@ -45,7 +45,7 @@ class Inode:
 class SimulatedDisk(Disk):
     """Real file calls, counted, failing where told, and a model of what is durable."""
 
-    COUNTED = ("open", "write", "fsync", "fdatasync", "ftruncate", "rename", "unlink", "mkdir")
+    COUNTED = ("open", "write", "pwrite", "fsync", "fdatasync", "ftruncate", "rename", "unlink", "mkdir")
 
     def __init__(self, root: Path):
         self.root = root.resolve()
@@ -150,6 +150,21 @@ class SimulatedDisk(Disk):
             with self._lock:
                 node.changes.append((len(node.content), bytes(data)))
                 node.content.extend(data)
+        if error is not None:
+            raise error
+
+    def pwrite(self, fd: int, data: bytes, offset: int) -> None:
+        # In place (an erasure); a failing one writes half first.
+        error = self._call("pwrite")
+        if error is not None:
+            data = data[: len(data) // 2]
+        super().pwrite(fd, data, offset)
+        node = self._fds.get(fd)
+        if node is not None:
+            with self._lock:
+                node.changes.append((offset, bytes(data)))
+                _resize(node.content, max(len(node.content), offset + len(data)))
+                node.content[offset : offset + len(data)] = data
         if error is not None:
             raise error
 

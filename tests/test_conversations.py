@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from conftest import ServerProcess
+from conftest import ServerProcess, redis_values
 
 from client import ScriptClient
 from server.app import running
@@ -334,3 +334,41 @@ async def test_paging_by_activity_while_others_write_never_repeats_or_skips(conn
         assert len(seen) == len(set(seen)), "a session was listed twice"
         unchanged = set(ids) - bumped
         assert unchanged <= set(seen), f"unchanged sessions skipped: {unchanged - set(seen)}"
+
+
+@pytest.mark.parametrize("backend", ["file", "redis"])
+async def test_a_deleted_text_leaves_storage_and_stays_gone_after_kill_9(server_process, data_dir, request, backend):
+    """PROTOCOL.md: deleting redacts, and the text is gone from storage. Every version's, on both backends."""
+    storage_args = ("--storage", request.getfixturevalue("redis_server").url) if backend == "redis" else ()
+    server = server_process(*storage_args)
+
+    async def stored() -> bytes:
+        if backend == "file":
+            return b"".join(path.read_bytes() for path in data_dir.rglob("*") if path.is_file())
+        return await redis_values(request.getfixturevalue("redis_server").url)
+
+    async with ScriptClient.connect(server.url, name="alice") as alice:
+        sid = await new_session(alice)
+        await alice.call("send_message", session_id=sid, text="the code is 0000", mentions=["bob"])
+        await alice.call("edit_message", session_id=sid, seq=1, text="the code is 1234")
+        await alice.call("react", session_id=sid, seq=1, reaction="👍")
+        await alice.call("send_message", session_id=sid, text="nothing to hide")
+        tombstone = (await alice.call("delete_message", session_id=sid, seq=1))["message"]
+        # Files: the journal that still held the text is checkpointed within about a second.
+        async with asyncio.timeout(10):
+            while b"the code is" in await stored():
+                await asyncio.sleep(0.05)
+        assert b"nothing to hide" in await stored()
+    server.kill()
+    restarted = ServerProcess(data_dir, *storage_args).start(server.port)
+    try:
+        async with ScriptClient.connect(restarted.url, name="bob") as bob:
+            history = (await bob.call("history", session_id=sid))["messages"]
+            assert history[0] == tombstone and history[1]["text"] == "nothing to hide"
+            recovered = await bob.call("subscribe", document_id=DOC, section_id=SECTION, since_offset=0)
+            assert [e["type"] for e in recovered["events"]] == [
+                "session_created", "message", "message_edited", "reaction", "message", "message_deleted"
+            ]  # fmt: skip
+            assert b"the code is" not in await stored() and "the code is" not in str(recovered)
+    finally:
+        restarted.close()

@@ -70,6 +70,7 @@ from server.storage.base import (
     SessionReopenedRecord,
     SessionUpdatedRecord,
     StoredRecord,
+    erase_deleted,
     reads_key,
     session_id_of,
 )
@@ -493,6 +494,44 @@ def test_a_deleted_message_is_a_tombstone_everywhere_and_deleting_again_changes_
     assert [refusal(d) for d in store(stream, [edit(rules, sid, 1, "back"), react(rules, sid, 1, "🎉")])] == [
         errors.CONFLICT
     ] * 2
+
+
+def test_a_delete_erases_every_stored_version_of_the_message_within_a_batch_and_across_batches():
+    rules, stream, session, _ = with_message("secret", mentions=["bob"])  # offsets 1 (session), 2
+    sid = session.session_id
+    store(stream, [edit(rules, sid, 1, "secret, edited"), react(rules, sid, 1), send(rules, sid, "kept")])  # 3, 4, 5
+    restored = Stream(KEY, 10)  # the versions survive a snapshot (a state kept before a restart)
+    restored.restore(stream.offset, stream.snapshot())
+    restored.remember(4, stream.current_message(sid, 1))  # as the chat reads it for a write
+    for state in (stream, restored):
+        [deleted] = decide(Draft(state), [delete(rules, sid, 1)])[0]
+        assert list(deleted.erase) == [2, 3, 4]
+    # A message sent, edited and deleted while the first two are still being stored (one batch, or two pipelined).
+    draft = Draft(stream)
+    decided, records = decide(draft, [send(rules, sid, "brief"), edit(rules, sid, 3, "briefer")])
+    [late] = decide(draft, [delete(rules, sid, 3)])[0]
+    assert [r.offset for r in records] == [6, 7] and list(late.erase) == [6, 7]
+    for record in [*records, *late.records]:
+        stream.apply(record)
+    [again] = decide(Draft(stream), [delete(rules, sid, 3)])[0]
+    assert list(again.erase) == [] and list(stream.state_of(sid).versions[3]) == [8]  # erased: forgotten
+
+
+def test_replaying_erased_records_builds_the_state_the_originals_did():
+    """A section read back after deletes erased its text restores to the same state (snapshots, tallies)."""
+    rules, stream, session, _ = with_message("@bob look", mentions=["bob"])
+    sid = session.session_id
+    store(stream, [edit(rules, sid, 1, "@carol look", mentions=["carol"]), react(rules, sid, 1, user="bob")])
+    store(stream, [send(rules, sid, "@bob again", mentions=["bob"]), send(rules, sid, "b", user="bob")])
+    store(stream, [delete(rules, sid, 1), delete(rules, sid, 2)])
+    records: list[StoredRecord] = list(stream.recent)
+    original, erased_replay = Stream(KEY, 100), Stream(KEY, 100)
+    for record in records:
+        original.apply(record)
+    for record in erase_deleted(records):
+        erased_replay.apply(record)
+    assert erase_deleted(records) != records and erased_replay.snapshot() == original.snapshot()
+    assert [e.message.text for e in erased_replay.events_after(1) if isinstance(e, MessageEvent)] == ["", "", "b"]
 
 
 def test_deleting_works_in_a_closed_session_but_editing_and_reacting_do_not():

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
+from pathlib import Path
 from typing import get_args
 
 import msgspec
 import pytest
+from conftest import redis_values, until
 
 from protocol.messages import Message, Session
 from server.storage.base import (
@@ -23,6 +26,7 @@ from server.storage.base import (
     StaleSection,
     StorageError,
     StoredRecord,
+    erased,
 )
 from server.storage.file import FileStorage
 from server.storage.redis import RedisStorage
@@ -259,3 +263,88 @@ async def test_every_record_kind_round_trips(storage, tmp_path, request):
     finally:
         await again.close()
     await storage.open()  # for the fixture's close
+
+
+def _versions_of_a_secret(seq: int, offset: int, text: str) -> list[StoredRecord]:
+    """A message, its edit and a reaction to it, at `offset` and on: every one carries text to erase."""
+    sent = msgspec.structs.replace(message("s1", seq), text=text, mentions=["bob"])
+    edited = msgspec.structs.replace(sent, text=text + " (edited)", edited_at="2026-11-25T08:00:01.000Z")
+    reacted = msgspec.structs.replace(edited, reactions={"👍": ["bob"]})
+    return [
+        MessageRecord(offset=offset, message=sent),
+        MessageEditedRecord(offset=offset + 1, message=edited, mentioned=["bob"]),
+        ReactionRecord(offset=offset + 2, message=reacted, reaction="👍", user="bob", on=True, at=edited.edited_at),
+    ]
+
+
+def _deleted(record: StoredRecord, offset: int) -> MessageDeletedRecord:
+    tombstone = msgspec.structs.replace(
+        record.message, text="", mentions=[], reactions={}, deleted_at="2026-11-25T08:00:09.000Z"
+    )
+    return MessageDeletedRecord(offset=offset, message=tombstone)
+
+
+def _files_of(root: Path) -> bytes:
+    return b"".join(path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file())
+
+
+async def stored_bytes(storage) -> bytes:
+    """Everything the backend holds, as bytes: every file of the data dir, or every value in Redis."""
+    if isinstance(storage, FileStorage):
+        return _files_of(storage.root)
+    return await redis_values(storage.url)
+
+
+async def test_a_delete_erases_the_text_of_every_earlier_version(storage, tmp_path):
+    """Erasing earlier records (and records of the same append) leaves their offsets and ids and drops their text."""
+    first = _versions_of_a_secret(1, 2, "secret one")
+    later = _versions_of_a_secret(2, 7, "secret two")
+    records = [
+        SessionCreatedRecord(offset=1, session=session("s1")),
+        *first,
+        MessageRecord(offset=5, message=msgspec.structs.replace(message("s1", 3), text="kept")),
+        _deleted(first[-1], 6),
+        *later,
+        _deleted(later[-1], 10),
+    ]
+    await storage.load_section(KEY)
+    await storage.append(KEY, "e", records[:5])
+    await storage.append(KEY, "e", [records[5]], erase=[2, 3, 4])  # erased where they are stored
+    await storage.append(KEY, "e", records[6:], erase=[7, 8, 9])  # stored erased in the first place
+    expected = [erased(r) if r.offset in (2, 3, 4, 7, 8, 9) else r for r in records]
+    assert expected[1].message.text == "" and expected[1].message.message_id == first[0].message.message_id
+    assert (await storage.read_after(KEY, 0)).records == expected
+    assert await storage.read_records(KEY, [3, 5, 8]) == [expected[2], expected[4], expected[7]]
+    await storage.close()  # files: the final checkpoint deletes the journal, which held the text
+    assert b"secret" not in await stored_bytes(storage) and b"kept" in await stored_bytes(storage)
+    again = FileStorage(tmp_path / "data") if isinstance(storage, FileStorage) else RedisStorage(storage.url)
+    await again.open()
+    try:
+        assert (await again.load_section(KEY)).records == expected
+    finally:
+        await again.close()
+    await storage.open()  # for the fixture's close
+
+
+@pytest.mark.parametrize("crash", [False, True], ids=["running", "kill-9"])
+async def test_erased_text_leaves_the_journal_while_running_and_across_a_crash(tmp_path, crash):
+    """Files: the journal segment that held the text is sealed and checkpointed within a second; a kill -9 before that loses nothing and keeps nothing."""
+    root = tmp_path / "data"
+    storage = FileStorage(root)
+    await storage.open()
+    first = _versions_of_a_secret(1, 2, "secret one")
+    await storage.load_section(KEY)
+    await storage.append(KEY, "e", [SessionCreatedRecord(offset=1, session=session("s1")), *first])
+    await storage.append(KEY, "e", [_deleted(first[-1], 5)], erase=[2, 3, 4])
+    if crash:
+        storage.journal.abandon()  # kill -9: the segment with the text is still there
+        os.close(storage._lock_fd)
+        assert b"secret" in await stored_bytes(storage)
+        storage = FileStorage(root)
+        await storage.open()  # the journal is replayed, then deleted
+    else:
+        await until(lambda: b"secret" not in _files_of(root), timeout=10)
+    assert b"secret" not in await stored_bytes(storage)
+    log = await storage.read_after(KEY, 0)
+    assert [r.offset for r in log.records] == [1, 2, 3, 4, 5] and log.records[1] == erased(first[0])
+    await storage.close()

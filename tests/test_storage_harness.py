@@ -36,10 +36,11 @@ import pytest
 from faultdisk import SimulatedDisk
 from test_chat import CollectingPeer
 
-from protocol.messages import CreateSession, EditMessage, Message, SendMessage, Session, Subscribe
+from protocol.messages import CreateSession, DeleteMessage, EditMessage, Message, SendMessage, Session, Subscribe
 from server.chat import Chat
 from server.core import Stream, event_of
 from server.storage.base import (
+    MessageDeletedRecord,
     MessageEditedRecord,
     MessageRecord,
     SectionKey,
@@ -74,6 +75,7 @@ class Outcomes:
     acked_messages: dict[str, dict] = field(default_factory=dict)
     edits: dict[str, str] = field(default_factory=dict)  # title -> outcome of its edit of message 1
     acked_edits: dict[str, dict] = field(default_factory=dict)
+    deletes: dict[str, str] = field(default_factory=dict)  # client_msg_id -> outcome of its message's delete
     events: dict[SectionKey, dict[int, dict]] = field(default_factory=dict)  # live events by offset
     epochs: dict[SectionKey, str] = field(default_factory=dict)
 
@@ -132,6 +134,11 @@ async def workload(storage: FileStorage, outcomes: Outcomes, tag: str) -> None:
             outcomes.edits[title], edited = _outcome(peer, 99)
             if edited is not None:
                 outcomes.acked_edits[title] = edited["message"]
+        if outcomes.messages.get(f"{title}-1") == "acked":
+            # A delete of the second: its text must leave every file.
+            seq = outcomes.acked_messages[f"{title}-1"]["seq"]
+            await chat.handle(peer, DeleteMessage(id=98, session_id=session_id, seq=seq))
+            outcomes.deletes[f"{title}-1"] = _outcome(peer, 98)[0]
 
     await asyncio.gather(*(client(key, n) for key in SECTIONS for n in range(CLIENTS_PER_SECTION)))
     await chat.close()
@@ -179,6 +186,7 @@ async def check(root: Path, outcomes: Outcomes) -> None:
         messages: dict[str, dict] = {}
         duplicates: Counter[str] = Counter()
         edits: dict[str, list[dict]] = defaultdict(list)  # title -> its stored edits
+        deleted: Counter[str] = Counter()  # client_msg_id -> its stored deletes
         for key in SECTIONS:
             log = await storage.read_after(key, 0)
             await _check_kept_state(storage, key, log)
@@ -188,6 +196,8 @@ async def check(root: Path, outcomes: Outcomes) -> None:
             for record in log.records:
                 if isinstance(record, MessageEditedRecord):
                     edits[record.message.text.removeprefix("edited ")].append(msgspec.to_builtins(record.message))
+                if isinstance(record, MessageDeletedRecord):
+                    deleted[record.message.client_msg_id] += 1
                 if isinstance(record, SessionCreatedRecord):
                     titles[record.session.title] += 1
                     seqs[record.session.session_id] = 0
@@ -203,9 +213,10 @@ async def check(root: Path, outcomes: Outcomes) -> None:
                 assert log.epoch == outcomes.epochs[key], "the epoch changed though events were stored"
             for offset, frame in seen.items():
                 assert offset <= len(log.records), f"the event at offset {offset} seen live is not stored"
-                assert (
-                    msgspec.to_builtins(event_of(log.records[offset - 1])) == frame
-                ), "a live event is not what is stored"
+                stored = msgspec.to_builtins(event_of(log.records[offset - 1]))
+                if stored != frame and frame["type"] == "message":  # erased since, by a delete
+                    frame = {**frame, "message": {**frame["message"], "text": "", "mentions": [], "reactions": {}}}
+                assert stored == frame, "a live event is not what is stored"
         for title, outcome in outcomes.sessions.items():
             expected = {"acked": (1,), "refused": (0,), "unknown": (0, 1)}[outcome]
             assert titles[title] in expected, f"session {title} ({outcome}) stored {titles[title]} times"
@@ -213,7 +224,16 @@ async def check(root: Path, outcomes: Outcomes) -> None:
             expected = {"acked": (1,), "refused": (0,), "unknown": (0, 1)}[outcome]
             assert duplicates[cmid] in expected, f"message {cmid} ({outcome}) stored {duplicates[cmid]} times"
             if outcome == "acked":
-                assert messages[cmid] == outcomes.acked_messages[cmid]
+                acked = outcomes.acked_messages[cmid]
+                if deleted[cmid]:
+                    acked = {**acked, "text": "", "mentions": [], "reactions": {}}
+                assert messages[cmid] == acked
+        everything = b"".join(path.read_bytes() for path in root.rglob("*") if path.is_file())
+        for cmid, outcome in outcomes.deletes.items():
+            expected = {"acked": (1,), "refused": (0,), "unknown": (0, 1)}[outcome]
+            assert deleted[cmid] in expected, f"the delete of {cmid} ({outcome}) stored {deleted[cmid]} times"
+            # Once open, the journal is replayed and deleted: a stored delete left its text nowhere.
+            assert (f"text {cmid}".encode() in everything) != bool(deleted[cmid]), f"{cmid}: text and delete disagree"
         for title, outcome in outcomes.edits.items():
             expected = {"acked": (1,), "refused": (0,), "unknown": (0, 1)}[outcome]
             assert len(edits[title]) in expected, f"the edit of {title} ({outcome}) stored {len(edits[title])} times"

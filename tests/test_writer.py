@@ -8,6 +8,7 @@ the test decides what is durable and when.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 import pytest
 from test_chat import CollectingPeer
@@ -66,7 +67,7 @@ class HandStorage:
     async def read_after(self, key: SectionKey, offset: int) -> SectionLog:
         return SectionLog("epoch", self.stored[offset:])
 
-    async def append(self, key: SectionKey, epoch: str, records: list[StoredRecord]) -> None:
+    async def append(self, key: SectionKey, epoch: str, records: list[StoredRecord], erase: Sequence[int] = ()) -> None:
         append = Append(records)
         self.appends.put_nowait(append)
         await append.done

@@ -7,9 +7,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple, Protocol, Union
 
 from msgspec import Struct
+from msgspec.structs import replace
 
 from protocol.messages import Message, Session
 
@@ -95,6 +97,32 @@ def session_id_of(record: StoredRecord) -> str:
     return record.message.session_id
 
 
+def erased(record: StoredRecord) -> StoredRecord:
+    """The record as storage keeps it once its message is deleted: no text, mentions or reactions.
+
+    Its encoding is never longer than the original's (the file backend erases in place).
+    """
+    if isinstance(record, MessageEditedRecord):
+        return replace(record, message=replace(record.message, text="", mentions=[], reactions={}), mentioned=[])
+    if isinstance(record, MessageRecord | ReactionRecord):
+        return replace(record, message=replace(record.message, text="", mentions=[], reactions={}))
+    return record
+
+
+def erase_deleted(records: list[StoredRecord]) -> list[StoredRecord]:
+    """These records with the text of each message that a later one of them deletes erased."""
+    deleted = {(r.message.session_id, r.message.seq) for r in records if isinstance(r, MessageDeletedRecord)}
+    if not deleted:
+        return records
+    return [
+        erased(r)
+        if isinstance(r, MessageRecord | MessageEditedRecord | ReactionRecord)
+        and (r.message.session_id, r.message.seq) in deleted
+        else r
+        for r in records
+    ]
+
+
 def placed_sessions(records: list[StoredRecord]) -> list[str]:
     """The sessions these records place in their section: what each backend's session index learns of them."""
     return [record.session.session_id for record in records if isinstance(record, SessionCreatedRecord)]
@@ -177,11 +205,14 @@ class Storage(Protocol):
     async def read_records(self, key: SectionKey, offsets: list[int]) -> list[StoredRecord]:
         """The records at these offsets of a loaded section (a page: reads what it returns, not the section)."""
 
-    async def append(self, key: SectionKey, epoch: str, records: list[StoredRecord]) -> None:
+    async def append(self, key: SectionKey, epoch: str, records: list[StoredRecord], erase: Sequence[int] = ()) -> None:
         """Store records durably right after offset `records[0].offset - 1`.
 
-        `epoch` names a new section's stream. Raises StaleSection if the section
-        has moved past that offset, StorageError if nothing could be stored.
+        `epoch` names a new section's stream. `erase`: offsets of earlier
+        records (or of these) that are stored `erased` from now on, in the same
+        atomic step (a delete: the deleted text leaves storage with it).
+        Raises StaleSection if the section has moved past that offset,
+        StorageError if nothing could be stored.
         """
 
     async def find_section(self, session_id: str) -> SectionKey | None: ...

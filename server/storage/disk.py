@@ -1,7 +1,7 @@
 # The one seam between the file storage and the file system.
 #
 # Every call that can change what is on disk, or open a file, goes through a
-# `Disk`: open, write, fsync, fdatasync, truncate, rename, unlink, mkdir, and
+# `Disk`: open, write, pwrite, fsync, fdatasync, truncate, rename, unlink, mkdir, and
 # whole-file reads. The server uses `Disk` itself (plain `os` calls, made in
 # the storage's worker threads through aiofiles); the fault tests put a
 # subclass in its place that fails the Nth call or simulates a power cut by
@@ -30,6 +30,13 @@ class Disk:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
+
+    def pwrite(self, fd: int, data: bytes, offset: int) -> None:
+        """Write all of `data` at `offset`, in place (never on an O_APPEND descriptor: Linux would append)."""
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(fd, view, offset)
+            view, offset = view[written:], offset + written
 
     def fsync(self, fd: int) -> None:
         os.fsync(fd)

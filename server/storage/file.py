@@ -35,6 +35,14 @@
 #   segment is full, the files it touched and the directories it created are
 #   fsynced, and only then is the segment deleted. Startup fsyncs everything it
 #   rebuilt before it deletes a segment.
+# - A delete erases the text of its message where it is stored, in the same
+#   journal entry as the delete: each earlier line that carried the message is
+#   rewritten in place with its erased record, padded with spaces to the same
+#   length (so every position stays valid; lines still in the batch are written
+#   erased in the first place). Replay rewrites them again. The journal itself
+#   still holds the text until its segment is deleted, so after an erasure the
+#   current segment is sealed within ERASURE_SEAL_S and checkpointed: then no
+#   file holds the text.
 # - Open descriptors are bounded (an LRU of MAX_OPEN_FILES); running out of
 #   descriptors closes the cached ones and retries instead of failing a write.
 # - Nothing is read whole that grows with the data: a start reads the index
@@ -54,6 +62,7 @@ import time
 import zlib
 from array import array
 from collections import OrderedDict
+from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,7 +72,16 @@ import aiofiles.os
 import msgspec
 
 from ..metrics import Metrics
-from .base import OutcomeUnknown, SectionKey, SectionLog, SectionState, StorageError, StoredRecord, placed_sessions
+from .base import (
+    OutcomeUnknown,
+    SectionKey,
+    SectionLog,
+    SectionState,
+    StorageError,
+    StoredRecord,
+    erased,
+    placed_sessions,
+)
 from .disk import Disk, out_of_descriptors
 from .sessiontable import DamagedTable, SessionTable, TableRow
 
@@ -82,6 +100,7 @@ READ_GAP_BYTES = 64 * 1024  # a page's records this close together are read in o
 OUTCOME_DEADLINE_S = 10.0  # how long a write whose outcome is unknown waits for the storage to find out
 LOG_INTERVAL_S = 5.0  # failures are reported at most this often
 RETRY_DELAYS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)  # between recovery attempts
+ERASURE_SEAL_S = 1.0  # after an erasure, the segment is sealed (and checkpointed) this soon, at most this often
 
 
 class SectionHeader(msgspec.Struct, tag_field="kind", tag="section"):
@@ -90,7 +109,7 @@ class SectionHeader(msgspec.Struct, tag_field="kind", tag="section"):
     section_id: str
 
 
-class JournalEntry(msgspec.Struct, array_like=True):
+class JournalEntry(msgspec.Struct, array_like=True, omit_defaults=True):
     """One section's part of a batch, and where its bytes go in the derived files."""
 
     document_id: str
@@ -99,6 +118,9 @@ class JournalEntry(msgspec.Struct, array_like=True):
     section_at: int  # where its lines start in the section file (0: the header comes first)
     index_at: int  # where its session lines start in the index (-1: none)
     records: list[msgspec.Raw]  # each record as encoded once, byte for byte its line in the section file
+    # Earlier lines of the section file rewritten in place, erased (a delete): (where, the line's
+    # length, the erased record, which is padded with spaces to that length).
+    erased: list[tuple[int, int, msgspec.Raw]] = []
 
 
 class KeptState(msgspec.Struct, array_like=True):
@@ -225,8 +247,10 @@ class PendingAppend:
     created: list[str]
     last_offset: int
     outcome: asyncio.Future[None]
+    erase: list[int]  # offsets of the section's records to store erased (see Storage.append)
     # Filled in by the batch job: the derived writes, once the entry is durable, and where its lines start.
     derived: list[tuple[DerivedFile, int, bytes]] = field(default_factory=list)
+    erasures: list[tuple[int, int, bytes]] = field(default_factory=list)  # as JournalEntry.erased
     starts: list[int] = field(default_factory=list)
     index_span: tuple[int, int] = (-1, -1)  # where its session lines are in the index
 
@@ -325,6 +349,10 @@ class Journal:
         self.retry_delays_s = RETRY_DELAYS_S
         self.segment_bytes = SEGMENT_BYTES
         self._retry_waiter: asyncio.Future[None] | None = None
+        # After an erasure the segments still hold the text it erased: the current one is
+        # sealed (at most every ERASURE_SEAL_S) so that the checkpoint deletes them all.
+        self._seal_wanted = False
+        self._seal_timer: asyncio.TimerHandle | None = None
 
     # The write path ---------------------------------------------------------------
 
@@ -337,15 +365,17 @@ class Journal:
 
     async def _flush(self) -> None:
         try:
-            while self._pending or self.broken is not None:
+            while self._pending or self.broken is not None or self._seal_wanted:
                 if self.broken is not None:
                     await self._recover()
                     continue
                 batch, self._pending = self._pending, []
+                seal, self._seal_wanted = self._seal_wanted, False
                 started = time.perf_counter()
                 try:
-                    derived_error = await aiofiles.os.wrap(self._write_batch)(batch)
+                    derived_error = await aiofiles.os.wrap(self._write_batch)(batch, seal)
                 except BatchFailed as failure:
+                    self._seal_wanted |= seal
                     self._batch_failed(batch, failure)
                     continue
                 except Exception as error:  # a bug: nobody may be left waiting, and nothing is known
@@ -365,72 +395,102 @@ class Journal:
                         item.outcome.set_result(None)
                 if derived_error is not None:  # after the above: what it refuses is rewound to this batch
                     self._break(*derived_error)
+                if any(item.erasures for item in batch):
+                    self._seal_soon()
                 self._start_checkpoint()
-                if self.metrics is not None:
+                if self.metrics is not None and batch:
                     self.metrics.storage_write_seconds.observe(time.perf_counter() - started)
                     self.metrics.fsync_batch_size.observe(len(batch))
         finally:
             self._flusher = None
 
-    def _write_batch(self, batch: list[PendingAppend]) -> tuple[str, set[Path]] | None:
+    def _seal_soon(self) -> None:
+        if self._seal_timer is None:
+            self._seal_timer = asyncio.get_running_loop().call_later(ERASURE_SEAL_S, self._seal)
+
+    def _seal(self) -> None:
+        self._seal_timer, self._seal_wanted = None, True
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+
+    def _write_batch(self, batch: list[PendingAppend], seal: bool = False) -> tuple[str, set[Path]] | None:
         """In a worker thread: the journal entry, its fdatasync, then the derived files.
 
+        `seal`: start a new segment first, even if the current one is not full.
         Returns why derived files are no longer trusted, and which, if a write to one failed.
         """
-        disk, storage = self.disk, self.storage
-        planned: dict[DerivedFile, int] = {}  # where the next bytes of each file go
-        entries: list[bytes] = []
-        new_dirs: list[Path] = []
         try:
-            for item in batch:
-                file = item.section.file
-                at = planned.get(file, file.size)
-                lines = b"".join(line + b"\n" for line in item.encoded)
-                header = b""
-                if at == 0:
-                    # The file and its directory may be new (or left by a failed batch): their
-                    # entries are synced by the checkpoint that retires this segment.
-                    new_dirs += [file.path.parent, file.path.parent.parent]
-                    disk.makedirs(file.path.parent)
-                    self.descriptors.get(file.path)  # create it now: a failure here stores nothing
-                    header = _header_line(item.epoch, item.key)
-                    lines = header + lines
-                planned[file] = at + len(lines)
-                item.starts = list(
-                    itertools.accumulate((len(line) + 1 for line in item.encoded[:-1]), initial=at + len(header))
-                )
-                item.derived = [(file, at, lines)]
-                index_at = -1
-                if item.created:
-                    index = storage.index
-                    index_at = planned.get(index, index.size)
-                    index_bytes = _index_lines(item.created, item.key)
-                    planned[index] = index_at + len(index_bytes)
-                    item.derived.append((index, index_at, index_bytes))
-                    item.index_span = (index_at, index_at + len(index_bytes))
-                    if index_at == 0:
-                        new_dirs.append(index.path.parent)
-                raw = list(map(msgspec.Raw, item.encoded))
-                entries.append(_frame(_encode(JournalEntry(*item.key, item.epoch, at, index_at, raw))))
+            entries, new_dirs = self._entries(batch)
         except OSError as error:
             raise BatchFailed(error, written=False) from None
         try:
-            if self._size >= self.segment_bytes:
+            if self._size >= self.segment_bytes or seal:
                 self._start_segment()
         except OSError as error:
             raise BatchFailed(error, written=True) from None  # the journal directory is in doubt
         assert self.current is not None and self._fd is not None
         self.current.new_dirs.update(new_dirs)
+        if not entries:
+            return None
         try:
             data = b"".join(entries)
-            disk.write(self._fd, data)
-            disk.fdatasync(self._fd)
+            self.disk.write(self._fd, data)
+            self.disk.fdatasync(self._fd)
         except OSError as error:
             raise BatchFailed(error, written=True) from None
         self._size += len(data)
-        # Durable: now the derived files. A failure here loses nothing (the
-        # journal has it) but leaves the file, and those not yet written,
-        # untrusted until they are rebuilt from it.
+        return self._write_derived(batch)
+
+    def _entries(self, batch: list[PendingAppend]) -> tuple[list[bytes], list[Path]]:
+        """The batch's journal entries (and the directories they make): where each item's bytes go."""
+        disk, storage = self.disk, self.storage
+        planned: dict[DerivedFile, int] = {}  # where the next bytes of each file go
+        entries: list[bytes] = []
+        new_dirs: list[Path] = []
+        _erase_in_batch(batch)
+        for item in batch:
+            file = item.section.file
+            at = planned.get(file, file.size)
+            lines = b"".join(line + b"\n" for line in item.encoded)
+            header = b""
+            if at == 0:
+                # The file and its directory may be new (or left by a failed batch): their
+                # entries are synced by the checkpoint that retires this segment.
+                new_dirs += [file.path.parent, file.path.parent.parent]
+                disk.makedirs(file.path.parent)
+                self.descriptors.get(file.path)  # create it now: a failure here stores nothing
+                header = _header_line(item.epoch, item.key)
+                lines = header + lines
+            planned[file] = at + len(lines)
+            item.starts = list(
+                itertools.accumulate((len(line) + 1 for line in item.encoded[:-1]), initial=at + len(header))
+            )
+            item.derived = [(file, at, lines)]
+            index_at = -1
+            if item.created:
+                index = storage.index
+                index_at = planned.get(index, index.size)
+                index_bytes = _index_lines(item.created, item.key)
+                planned[index] = index_at + len(index_bytes)
+                item.derived.append((index, index_at, index_bytes))
+                item.index_span = (index_at, index_at + len(index_bytes))
+                if index_at == 0:
+                    new_dirs.append(index.path.parent)
+            raw = list(map(msgspec.Raw, item.encoded))
+            if item.erase:
+                item.erasures = storage.erasures(item.section, item.key, item.erase)
+            erased = [(where, length, msgspec.Raw(data)) for where, length, data in item.erasures]
+            entries.append(_frame(_encode(JournalEntry(*item.key, item.epoch, at, index_at, raw, erased))))
+        return entries, new_dirs
+
+    def _write_derived(self, batch: list[PendingAppend]) -> tuple[str, set[Path]] | None:
+        """The journal has the batch: now the derived files.
+
+        A failure here loses nothing (the journal has it) but leaves the file,
+        and those not yet written, untrusted until they are rebuilt from it.
+        """
+        disk = self.disk
+        assert self.current is not None
         failure: OSError | None = None
         untrusted: set[Path] = set()
         for item in batch:
@@ -452,6 +512,17 @@ class Journal:
                         )
                         self.descriptors.forget(file.path)
                 untrusted.add(file.path)
+            if item.erasures:
+                path = item.section.file.path
+                self.current.touched.add(path)
+                if failure is None:
+                    try:
+                        _erase_lines(disk, path, item.erasures)
+                    except OSError as error:
+                        failure = error
+                        logger.error("cannot erase in %s (%s); rebuilding from the journal", path, _error_text(error))
+                if failure is not None:
+                    untrusted.add(path)
         if failure is not None:
             return f"cannot update {len(untrusted)} files: {_error_text(failure)}", untrusted
         return None
@@ -632,13 +703,20 @@ class Journal:
 
     def abandon(self) -> None:
         """Stop at once without writing anything more, as a kill -9 would (for tests)."""
+        self._cancel_seal()
         for task in (self._flusher, self._checkpointer):
             if task is not None:
                 task.cancel()
         self._drop_descriptor()
         self.descriptors.close_all()
 
+    def _cancel_seal(self) -> None:
+        if self._seal_timer is not None:
+            self._seal_timer.cancel()
+            self._seal_timer = None
+
     async def close(self) -> None:
+        self._cancel_seal()  # the final checkpoint deletes every segment
         while self._flusher is not None and self.broken is None:
             await asyncio.wait([self._flusher])
         if self._checkpointer is not None:
@@ -707,6 +785,49 @@ def _settle(waiter: asyncio.Future[None]) -> None:
 def _rewind(items: list[PendingAppend]) -> None:
     for item in items:
         item.section.next_offset = item.section.durable_offset + 1
+
+
+def _erase_in_batch(batch: list[PendingAppend]) -> None:
+    """Records to erase that are still in this batch are written erased in the first place."""
+    for index, item in enumerate(batch):
+        if not item.erase:
+            continue
+        left = []
+        for offset in item.erase:
+            for earlier in batch[: index + 1]:
+                first = earlier.last_offset - len(earlier.encoded) + 1
+                if earlier.section is item.section and first <= offset <= earlier.last_offset:
+                    line = earlier.encoded[offset - first]
+                    earlier.encoded[offset - first] = _encode(erased(_decode_record(line)))
+                    break
+            else:
+                left.append(offset)
+        item.erase = left
+
+
+def _erasure(at: int, line: bytes, offset: int) -> tuple[int, int, bytes] | None:
+    """How to rewrite the line of the record at `offset` erased, in place; None if it is not that record."""
+    try:
+        record = _decode_record(line)
+    except msgspec.MsgspecError:
+        return None
+    data = _encode(erased(record))
+    return (at, len(line), data) if record.offset == offset and len(data) <= len(line) else None
+
+
+def _erase_lines(disk: Disk, path: Path, erasures: list[tuple[int, int, bytes]], *, sync: bool = False) -> None:
+    """Rewrite lines of a section file in place, each padded with spaces to its length (a valid JSON line)."""
+    fd = disk.open(path, os.O_WRONLY)  # not O_APPEND: pwrite would append
+    try:
+        size = disk.size(fd)
+        for at, length, data in erasures:
+            if at + length > size:
+                raise OSError(f"{path} ends at {size} but the journal erases a line at {at}: data was lost")
+            disk.pwrite(fd, data.ljust(length), at)
+        if sync:
+            disk.fsync(fd)
+    finally:
+        disk.close(fd)
 
 
 def _refuse(items: list[PendingAppend], error: Exception) -> None:
@@ -809,7 +930,41 @@ class FileStorage:
         so the journal may then be deleted.
         """
         disk = self.disk
+        writes, erasures = self._read_journal(segments)
+        if only is not None:
+            writes = {path: planned for path, planned in writes.items() if path in only}
+            erasures = {path: erasing for path, erasing in erasures.items() if path in only}
+        new_dirs: set[Path] = set()
+        for path, planned in writes.items():
+            disk.makedirs(path.parent)
+            new_dirs.update((path.parent, path.parent.parent))
+            data = bytearray(b"".join(planned.chunks))
+            for at, length, erased_line in erasures.get(path, ()):
+                if at >= planned.start:  # a line the journal writes: erased before it is
+                    data[at - planned.start : at - planned.start + length] = erased_line.ljust(length)
+            _write_from(disk, path, planned.start, bytes(data), sync=True)
+        for path, erased_lines in erasures.items():
+            start = writes[path].start if path in writes else None
+            earlier = [erasure for erasure in erased_lines if start is None or erasure[0] < start]
+            if earlier:  # lines the journal no longer writes (checkpointed): erased in place
+                _erase_lines(disk, path, earlier, sync=True)
+        sync_all(disk, set(), new_dirs)
+        if writes:
+            logger.info("rebuilt %d files from the journal", len(writes))
+        # What is in memory follows the files.
+        for loaded in self._loaded.values():
+            if loaded.file.path in writes:
+                loaded.file.size = writes[loaded.file.path].end
+        if self.index.path in writes:
+            self.index.size = writes[self.index.path].end
+
+    def _read_journal(
+        self, segments: list[Segment]
+    ) -> tuple[dict[Path, PlannedWrite], dict[Path, list[tuple[int, int, bytes]]]]:
+        """What the journal writes to each derived file, and erases in it; the journal is cut at its first bad entry."""
+        disk = self.disk
         writes: dict[Path, PlannedWrite] = {}
+        erasures: dict[Path, list[tuple[int, int, bytes]]] = {}
         for number, segment in enumerate(segments):
             try:
                 content = disk.read_file(segment.path)
@@ -827,6 +982,8 @@ class FileStorage:
                 if entry.section_at == 0:
                     lines = _header_line(entry.epoch, key) + lines
                 _plan_write(writes, path, entry.section_at, lines)
+                if entry.erased:
+                    erasures.setdefault(path, []).extend((at, n, bytes(raw)) for at, n, raw in entry.erased)
                 if entry.index_at >= 0:
                     created = placed_sessions([_decode_record(bytes(raw)) for raw in entry.records])
                     _plan_write(writes, self.index.path, entry.index_at, _index_lines(created, key))
@@ -836,22 +993,7 @@ class FileStorage:
                 for later in segments[number + 1 :]:
                     disk.truncate_path(later.path, 0)
                 break
-        if only is not None:
-            writes = {path: planned for path, planned in writes.items() if path in only}
-        new_dirs: set[Path] = set()
-        for path, planned in writes.items():
-            disk.makedirs(path.parent)
-            new_dirs.update((path.parent, path.parent.parent))
-            _write_from(disk, path, planned.start, b"".join(planned.chunks), sync=True)
-        sync_all(disk, set(), new_dirs)
-        if writes:
-            logger.info("rebuilt %d files from the journal", len(writes))
-        # What is in memory follows the files.
-        for loaded in self._loaded.values():
-            if loaded.file.path in writes:
-                loaded.file.size = writes[loaded.file.path].end
-        if self.index.path in writes:
-            self.index.size = writes[self.index.path].end
+        return writes, erasures
 
     def _migrate_v1(self, legacy: Path) -> None:
         """Format 1 kept one `journal` file of records not yet checkpointed: put them into the files."""
@@ -1179,6 +1321,35 @@ class FileStorage:
         finally:
             self.disk.close(fd)
 
+    def erasures(self, section: LoadedSection, key: SectionKey, offsets: list[int]) -> list[tuple[int, int, bytes]]:
+        """In the batch job's thread: how to erase the lines of these durable records (see JournalEntry.erased).
+
+        Where they are comes from the positions in memory and the kept state;
+        each line found is checked to be the record at its offset, and if one
+        is not, the section file itself is parsed to find them.
+        """
+        path = section.file.path
+        kept = section.kept
+        base = kept.offset if kept else 0
+        try:
+            spans = {o: (section.starts[o - base - 1], section.lengths[o - base - 1]) for o in offsets if o > base}
+            lines = self._read_spans(path, kept, [o for o in offsets if o <= base], spans)
+            found = [_erasure(spans[o][0], line, o) for o, line in zip(sorted(spans), lines, strict=True)]
+        except (WrongPositions, IndexError):
+            found = [None]
+        if None in found:
+            starts, lengths = array("Q"), array("I")
+            content = self.disk.read_at(path, -1, 0)
+            _, records, _, _ = self._parse_section(key, content, starts, lengths)
+            found = [
+                _erasure(starts[o - 1], content[starts[o - 1] : starts[o - 1] + lengths[o - 1]], o)
+                for o in sorted(offsets)
+                if o <= len(records)
+            ]
+            if None in found or len(found) < len(offsets):
+                logger.error("cannot find every record to erase in %s; the deleted text stays there", path)
+        return [erasure for erasure in found if erasure is not None]
+
     async def read_after(self, key: SectionKey, offset: int) -> SectionLog:
         content = await self._read(self.disk.read_at, self._section_path(key), -1, 0)
         epoch, records, _, _ = self._parse_section(key, content)
@@ -1228,7 +1399,7 @@ class FileStorage:
                     lengths.append(len(line))
         return epoch, records, at + end, len(content) - end
 
-    async def append(self, key: SectionKey, epoch: str, records: list[StoredRecord]) -> None:
+    async def append(self, key: SectionKey, epoch: str, records: list[StoredRecord], erase: Sequence[int] = ()) -> None:
         section = self._loaded.get(key)
         if section is None:
             # Appending to a section that was not loaded would skip the checks
@@ -1251,6 +1422,7 @@ class FileStorage:
             created,
             records[-1].offset,
             asyncio.get_running_loop().create_future(),
+            list(erase),
         )
         await self.journal.commit(item)
 

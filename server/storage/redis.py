@@ -17,6 +17,9 @@
 #   the log itself: the message is only a hint).
 # - A session's index entry is written before its section record, as in the
 #   file backend. What Redis acknowledged is as durable as its AOF settings.
+# - A delete's erasures (base.erased) replace the earlier records in the log
+#   in the same script as the append (LSET), so the text leaves the keys with
+#   the delete. Redis's AOF still holds it until Redis rewrites the AOF.
 #
 # Unknown outcomes. StorageError ("unavailable") must mean "nothing of it is
 # stored, now or later". Once the append script has been written to a socket,
@@ -67,6 +70,7 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Sequence
 from typing import NamedTuple, cast
 
 import msgspec
@@ -85,6 +89,7 @@ from .base import (
     StaleSection,
     StorageError,
     StoredRecord,
+    erased,
     placed_sessions,
 )
 
@@ -105,7 +110,8 @@ _encode = msgspec.json.Encoder().encode
 _decode_record = msgspec.json.Decoder(StoredRecord).decode
 _decode_key = msgspec.json.Decoder(tuple[str, str]).decode
 
-# KEYS: meta, log, fence. ARGV: expected offset, epoch, document_id, section_id, channel message, token, records...
+# KEYS: meta, log, fence. ARGV: expected offset, epoch, document_id, section_id, channel message, token,
+# the number of erasures E, E pairs (list index, erased record), records...
 _APPEND = (
     """
 if redis.call('SISMEMBER', KEYS[3], ARGV[6]) == 1 then
@@ -113,14 +119,18 @@ if redis.call('SISMEMBER', KEYS[3], ARGV[6]) == 1 then
 end
 local current = tonumber(redis.call('HGET', KEYS[1], 'offset') or '0')
 local expected = tonumber(ARGV[1])
-local count = #ARGV - 6
+local first = 8 + 2 * tonumber(ARGV[7])
+local count = #ARGV - first + 1
 if current ~= expected then
-    if current >= expected + count and redis.call('LINDEX', KEYS[2], expected) == ARGV[7] then
+    if current >= expected + count and redis.call('LINDEX', KEYS[2], expected) == ARGV[first] then
         return current
     end
     return -1 - current
 end
-redis.call('RPUSH', KEYS[2], unpack(ARGV, 7))
+for i = 8, first - 1, 2 do
+    redis.call('LSET', KEYS[2], tonumber(ARGV[i]), ARGV[i + 1])
+end
+redis.call('RPUSH', KEYS[2], unpack(ARGV, first))
 redis.call('HSETNX', KEYS[1], 'epoch', ARGV[2])
 redis.call('HSET', KEYS[1], 'offset', current + count, 'document_id', ARGV[3], 'section_id', ARGV[4])
 redis.call('DEL', KEYS[3])
@@ -270,7 +280,7 @@ class RedisStorage:
             raise StorageError(f"section log {log} is shorter than expected")
         return [_decode_record(line) for line in lines]
 
-    async def append(self, key: SectionKey, epoch: str, records: list[StoredRecord]) -> None:
+    async def append(self, key: SectionKey, epoch: str, records: list[StoredRecord], erase: Sequence[int] = ()) -> None:
         expected = records[0].offset - 1
         pending = self._pending.get(key)
         if pending is not None:
@@ -295,10 +305,19 @@ class RedisStorage:
                     await pipe.execute()
         except RedisError as error:
             raise StorageError(f"Redis: {error}") from None
+        erasures: list[bytes | int] = []
+        if erase:
+            # Those in this batch are stored erased in the first place; earlier ones are read
+            # now (this node appends to the section one batch at a time) and replaced by the script.
+            records = [erased(r) if r.offset in erase else r for r in records]
+            earlier = sorted(offset for offset in erase if offset <= expected)
+            for offset, record in zip(earlier, await self.read_records(key, earlier), strict=True):
+                erasures += [offset - 1, _encode(erased(record))]
         encoded = [_encode(r) for r in records]
         attempt = _Attempt(expected, len(records), os.urandom(12).hex(), encoded[0])
         keys = (meta, log, fence_key(key))
-        args = (expected, epoch, key.document_id, key.section_id, hint, attempt.token, *encoded)
+        args = (expected, epoch, key.document_id, key.section_id, hint, attempt.token, len(erasures) // 2, *erasures)
+        args += tuple(encoded)
         result = await self._send_append(key, attempt, keys, args)
         if self.metrics is not None:
             self.metrics.storage_write_seconds.observe(time.perf_counter() - started)
