@@ -99,7 +99,9 @@ from protocol.messages import (
     SessionCreated,
     SessionInfo,
     SessionList,
+    SessionMoved,
     SessionReopened,
+    SessionsMoved,
     SessionUpdated,
     StoredEvent,
     Subscribed,
@@ -135,6 +137,8 @@ __all__ = [
     "ReactionEvent",
     "SessionUpdated",
     "SessionReopened",
+    "SessionMoved",
+    "SessionsMoved",
     "Presence",
     "TypingEvent",
     "ReadEvent",
@@ -876,6 +880,7 @@ class ChatClient:
         self._watched: dict[str, _Watched] = {}
         self._mention_feeds: list[MentionFeed] = []
         self._session_keys: dict[str, SectionKey] = {}
+        self._moves_seen: dict[tuple[str, str, str], set[SectionKey]] = {}  # moves whose events came in one stream
         # This client's own writes, to keep them out of recovered events (see _own_key).
         self._own: OrderedDict[OwnKey, None] = OrderedDict()
         # Loose keys of writes retried after a drop, for the resubscription that follows (see _loose_key).
@@ -1182,6 +1187,37 @@ class ChatClient:
         self._note_session(reply.session)
         self._wrote(reply, op)
         return reply.session
+
+    async def move_sessions(
+        self,
+        document_id: str,
+        from_section_id: str,
+        to_section_id: str,
+        session_ids: list[str] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> list[Session]:
+        """Move the named sessions (None: every session of the section) to another section, atomically.
+
+        Returns them as they are in the target, with everything they hold. A
+        named session already in the target counts as moved, so a move in
+        flight when the connection drops is retried and answers the same
+        (a retried move of a whole section returns what is left to move then).
+        """
+        fields = {
+            "document_id": document_id,
+            "from_section_id": from_section_id,
+            "to_section_id": to_section_id,
+            "session_ids": session_ids,
+        }
+        op = _Op("move_sessions", retry=True, write=True)
+        try:
+            reply = await self._call(fields, op, timeout=timeout)
+            assert isinstance(reply, SessionsMoved)
+            self._note_sessions(reply.sessions)
+            return reply.sessions
+        finally:
+            self._settled(op)
 
     async def history(
         self,
@@ -1836,11 +1872,31 @@ class ChatClient:
             return (frame.session.document_id, frame.session.section_id)
         if isinstance(frame, Presence):
             return (frame.document_id, frame.section_id)
+        if isinstance(frame, SessionMoved):
+            return self._section_of_move(frame)
         session_id = _session_of(frame)
         if session_id is None:
             logger.debug("ignoring an unexpected %s frame", type(frame).__name__)
             return None
         return self._session_keys.get(session_id)
+
+    def _section_of_move(self, frame: SessionMoved) -> SectionKey:
+        """Which of the two streams a `session_moved` came in (it is in both, each at its own next offset)."""
+        document_id = frame.session.document_id
+        source, target = (document_id, frame.from_section_id), (document_id, frame.to_section_id)
+        self._note_session(frame.session)  # what follows of the session is the target's
+        routed = self._moves_seen.setdefault(
+            (frame.session.session_id, frame.from_section_id, frame.to_section_id), set()
+        )
+        section = self._sections.get(source)
+        if section is not None and source not in routed and (section.position + 1 == frame.offset or target in routed):
+            key = source
+        else:
+            key = target if target not in routed else source
+        routed.add(key)
+        if len(routed) == 2:
+            del self._moves_seen[(frame.session.session_id, frame.from_section_id, frame.to_section_id)]
+        return key
 
     def _deliver(
         self,

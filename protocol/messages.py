@@ -19,6 +19,7 @@ PROTOCOL_VERSION = 1
 
 # The most sessions one `sessions` page or one `subscribed` snapshot carries.
 MAX_LISTED_SESSIONS = 1000
+MAX_MOVED_SESSIONS = 1000  # named in one move_sessions, or in a source moved whole
 
 # "Any Unicode except control characters": C0, DEL and C1. `\Z`, not `$`,
 # because `$` also matches just before a trailing newline.
@@ -284,6 +285,13 @@ class UnwatchDocument(Request, tag="unwatch_document"):
     document_id: Id
 
 
+class MoveSessions(Request, tag="move_sessions"):
+    document_id: Id
+    from_section_id: Id
+    to_section_id: Id
+    session_ids: Annotated[list[SessionId], Meta(min_length=1, max_length=MAX_MOVED_SESSIONS)] | None = None
+
+
 class Ping(Request, tag="ping"):
     pass
 
@@ -307,6 +315,7 @@ ClientRequest = Union[
     MarkRead,
     WatchDocument,
     UnwatchDocument,
+    MoveSessions,
 ]
 
 REQUEST_TYPES = frozenset(t.__struct_config__.tag for t in get_args(ClientRequest))
@@ -413,6 +422,22 @@ class SessionReopened(ServerFrame, tag="session_reopened"):
     offset: int | None = None
 
 
+class SessionMoved(ServerFrame, tag="session_moved"):
+    """An event only (the request's reply is SessionsMoved), in both sections' streams."""
+
+    session: Session
+    from_section_id: str
+    to_section_id: str
+    offset: int
+
+
+class SessionsMoved(ServerFrame, tag="sessions_moved"):
+    document_id: str
+    from_section_id: str
+    to_section_id: str
+    sessions: list[Session]
+
+
 class Mentioned(ServerFrame, tag="mentioned"):
     document_id: str
     section_id: str
@@ -458,6 +483,7 @@ StoredEvent = Union[
     ReactionEvent,
     SessionUpdated,
     SessionReopened,
+    SessionMoved,
 ]
 
 
@@ -527,6 +553,8 @@ ServerMessage = Union[
     SessionUpdated,
     SessionReopened,
     Mentioned,
+    SessionMoved,
+    SessionsMoved,
     DocumentSummary,
     Unwatched,
     SectionSummaryEvent,

@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
-from typing import Any, Protocol, get_args
+from typing import Any, Protocol, cast, get_args
 
 from protocol import errors
 from protocol.errors import ChatError
@@ -39,6 +39,7 @@ from protocol.messages import (
     Mentioned,
     Message,
     MessageAck,
+    MoveSessions,
     Ping,
     Pong,
     React,
@@ -46,6 +47,7 @@ from protocol.messages import (
     SectionSummary,
     SendMessage,
     Session,
+    SessionCreated,
     SessionInfo,
     StoredEvent,
     Subscribe,
@@ -62,8 +64,11 @@ from protocol.messages import (
 
 from .background import Background
 from .core import (
+    Draft,
     Event,
+    Plan,
     Rules,
+    SessionElsewhere,
     SessionState,
     check_read_seq,
     history_window,
@@ -92,6 +97,7 @@ from .subscriptions import Subscriptions
 from .writer import Writer
 
 logger = logging.getLogger("sectionchat.chat")
+MAX_FORWARDS = 8  # sections a request follows a moving session through before it gives up
 
 
 class Cluster(Protocol):
@@ -160,6 +166,7 @@ class Chat:
             MarkRead: self._mark_read,
             WatchDocument: self._watch_document,
             UnwatchDocument: self._unwatch_document,
+            MoveSessions: self._move_sessions,
         }
         assert set(self._handlers) == set(get_args(ClientRequest)), "every request kind has one handler"
 
@@ -194,7 +201,13 @@ class Chat:
         self.rules.check_metadata(request.metadata)
         check_access(peer, request.document_id)
         key = SectionKey(request.document_id, request.section_id)
-        await self.writer.write(key, peer, partial(self.rules.create_session, peer.user, request))
+        try:
+            await self.writer.write(key, peer, partial(self.rules.create_session, peer.user, request))
+        except SessionElsewhere as moved:
+            # A retry whose session has moved since: its key stays with this section, the session is there.
+            section = await self._section_of(peer, moved.session_id)
+            session = section.stream.session(moved.session_id)
+            reply(peer, SessionCreated(session=session, reply_to=request.id))
 
     async def _get_session(self, peer: Peer, request: GetSession) -> None:
         section = await self._section_of(peer, request.session_id)
@@ -220,52 +233,86 @@ class Chat:
 
     async def _send_message(self, peer: Peer, request: SendMessage) -> None:
         self.rules.check_text(request.text)
-        key = await self._key_of(peer, request.session_id)
-        if not await self._repeated(peer, key, request):
-            await self.writer.write(key, peer, partial(self.rules.send_message, peer.user, request))
+        plan = partial(self.rules.send_message, peer.user, request)
+
+        async def send(key: SectionKey) -> None:
+            if not await self._repeated(peer, key, request):
+                await self.writer.write(key, peer, plan)
+
+        await self._in_session(peer, request.session_id, send)
 
     async def _history(self, peer: Peer, request: History) -> None:
         section = await self._section_of(peer, request.session_id)
-        offsets, has_more = history_window(section.stream.state_of(request.session_id), request)
-        page = await self._messages_at(section, offsets) if offsets else []
+        state = section.stream.state_of(request.session_id)
+        places, has_more = history_window(state, request)
+        page = await self._messages_at(section, state, places) if places else []
         reply(peer, HistoryPage(session_id=request.session_id, messages=page, has_more=has_more, reply_to=request.id))
 
     async def _close_session(self, peer: Peer, request: CloseSession) -> None:
-        key = await self._key_of(peer, request.session_id)
-        await self.writer.write(key, peer, partial(self.rules.close_session, peer.user, request))
+        await self._write_in_session(peer, request.session_id, partial(self.rules.close_session, peer.user, request))
 
     async def _edit_message(self, peer: Peer, request: EditMessage) -> None:
         self.rules.check_text(request.text)
-        key = await self._message_ready(peer, request.session_id, request.seq)
-        await self.writer.write(
-            key, peer, partial(self.rules.edit_message, peer.user, request, moderator=peer.moderator)
-        )
+        plan = partial(self.rules.edit_message, peer.user, request, moderator=peer.moderator)
+        await self._change_message(peer, request.session_id, request.seq, plan)
 
     async def _delete_message(self, peer: Peer, request: DeleteMessage) -> None:
-        key = await self._message_ready(peer, request.session_id, request.seq)
         plan = partial(self.rules.delete_message, peer.user, request, moderator=peer.moderator)
-        await self.writer.write(key, peer, plan)
+        await self._change_message(peer, request.session_id, request.seq, plan)
 
     async def _react(self, peer: Peer, request: React) -> None:
-        key = await self._message_ready(peer, request.session_id, request.seq)
-        await self.writer.write(key, peer, partial(self.rules.react, peer.user, request))
+        await self._change_message(peer, request.session_id, request.seq, partial(self.rules.react, peer.user, request))
 
     async def _update_session(self, peer: Peer, request: UpdateSession) -> None:
         self.rules.check_metadata(request.metadata)
-        key = await self._key_of(peer, request.session_id)
         plan = partial(self.rules.update_session, peer.user, request, moderator=peer.moderator)
-        await self.writer.write(key, peer, plan)
+        await self._write_in_session(peer, request.session_id, plan)
 
     async def _reopen_session(self, peer: Peer, request: ReopenSession) -> None:
-        key = await self._key_of(peer, request.session_id)
-        await self.writer.write(key, peer, partial(self.rules.reopen_session, peer.user, request))
+        await self._write_in_session(peer, request.session_id, partial(self.rules.reopen_session, peer.user, request))
 
     async def _mark_read(self, peer: Peer, request: MarkRead) -> None:
-        key = await self._key_of(peer, request.session_id)
-        section = await self.sections.loaded(key)
-        check_read_seq(section.stream.state_of(request.session_id), request.seq)
-        plan = partial(self.rules.mark_read, peer.user, request, section.stream)
-        await self.writer.write(reads_key(key), peer, plan)
+        async def mark(key: SectionKey) -> None:
+            section = await self.sections.loaded(key)
+            check_read_seq(section.stream.state_of(request.session_id), request.seq)
+            plan = partial(self.rules.mark_read, peer.user, request, section.stream)
+            await self.writer.write(reads_key(key), peer, plan)
+
+        await self._in_session(peer, request.session_id, mark)
+
+    async def _move_sessions(self, peer: Peer, request: MoveSessions) -> None:
+        if request.from_section_id == request.to_section_id:
+            raise ChatError(errors.BAD_REQUEST, "from_section_id and to_section_id are the same section")
+        check_access(peer, request.document_id)
+        source = SectionKey(request.document_id, request.from_section_id)
+        target = SectionKey(request.document_id, request.to_section_id)
+        await self.writer.move(peer, source, target, partial(self.rules.move_sessions, request))
+
+    # Writes to a session, wherever it is -------------------------------------------
+
+    async def _in_session(self, peer: Peer, session_id: str, act: Callable[[SectionKey], Awaitable[None]]) -> None:
+        """Act on the session's section; if the session moved on meanwhile, act again where it went."""
+        for _ in range(MAX_FORWARDS):
+            key = await self._key_of(peer, session_id)
+            try:
+                await act(key)
+                return
+            except SessionElsewhere:
+                continue  # moved while the write waited: it lands after the move, in the new section
+        raise ChatError(errors.UNAVAILABLE, "the session keeps moving; retry")
+
+    async def _write_in_session(self, peer: Peer, session_id: str, plan: Callable[[Draft], Plan]) -> None:
+        async def write(key: SectionKey) -> None:
+            await self.writer.write(key, peer, plan)
+
+        await self._in_session(peer, session_id, write)
+
+    async def _change_message(self, peer: Peer, session_id: str, seq: int, plan: Callable[[Draft], Plan]) -> None:
+        async def change(key: SectionKey) -> None:
+            await self._message_ready(key, session_id, seq)
+            await self.writer.write(key, peer, plan)
+
+        await self._in_session(peer, session_id, change)
 
     async def _watch_document(self, peer: Peer, request: WatchDocument) -> None:
         check_access(peer, request.document_id)
@@ -368,45 +415,63 @@ class Chat:
     # Reads --------------------------------------------------------------------------
 
     async def _key_of(self, peer: Peer, session_id: str) -> SectionKey:
+        """The section that holds the session now (the index may name one it left: each says where it went)."""
         key = await self.storage.find_section(session_id)
         if key is None:
             raise ChatError(errors.NOT_FOUND, f"no session {session_id!r}")
         check_access(peer, key.document_id)
-        return key
+        for _ in range(MAX_FORWARDS):
+            moved_to = (await self.sections.loaded(key)).stream.moved.get(session_id)
+            if moved_to is None:
+                return key
+            key = SectionKey(key.document_id, moved_to)
+        raise ChatError(errors.UNAVAILABLE, "the session keeps moving; retry")
 
     async def _section_of(self, peer: Peer, session_id: str) -> Section:
         return await self.sections.loaded(await self._key_of(peer, session_id))
 
-    async def _message_ready(self, peer: Peer, session_id: str, seq: int) -> SectionKey:
-        """The session's section, with the message as it is now in memory for the write that changes it."""
-        key = await self._key_of(peer, session_id)
+    async def _message_ready(self, key: SectionKey, session_id: str, seq: int) -> None:
+        """The message as it is now, in memory for the write that changes it."""
         section = await self.sections.loaded(key)
         stream = section.stream
         if seq <= stream.session(session_id).last_seq and stream.current_message(session_id, seq) is None:
-            offset = stream.state_of(session_id).latest_offset(seq)
-            [record] = await self.storage.read_records(key, [offset])
-            if stream.state_of(session_id).latest_offset(seq) == offset:  # else a newer version is in memory
-                stream.remember(offset, record.message)  # type: ignore[union-attr]
-        return key
+            state = stream.state_of(session_id)
+            place = state.latest_offset(seq)
+            [message] = await self._messages_at(section, state, [place])
+            if session_id in stream.sessions and stream.state_of(session_id).latest_offset(seq) == place:
+                stream.remember(place, message)  # else a newer version is in memory
 
     async def _repeated(self, peer: Peer, key: SectionKey, request: SendMessage) -> bool:
         """Answer a retry of a message stored earlier with the original; False if it is new (as far as is known yet)."""
         if request.client_msg_id is None:
             return False
         section = await self.sections.loaded(key)
-        offset = section.stream.offset_of_client_msg(request.session_id, request.client_msg_id)
-        if offset is None:
+        place = section.stream.offset_of_client_msg(request.session_id, request.client_msg_id)
+        if place is None:
             return False
-        [original] = await self._messages_at(section, [offset])
+        [original] = await self._messages_at(section, section.stream.state_of(request.session_id), [place])
         reply(peer, MessageAck(message=original, reply_to=request.id))
         return True
 
-    async def _messages_at(self, section: Section, offsets: Sequence[int]) -> list[Message]:
-        """Messages by offset: from the recovery window when they are all in it, else a page read from storage."""
-        found = section.stream.recent_messages(offsets)
-        if found is not None:
-            return found
-        return [record.message for record in await self.storage.read_records(section.key, list(offsets))]  # type: ignore[union-attr]
+    async def _messages_at(self, section: Section, state: SessionState, places: Sequence[int]) -> list[Message]:
+        """Messages by place (SessionState.offsets): from the recovery window when they are all in it, else
+        pages read from storage, from the sections the session was in before for those stored there."""
+        local = [state.local(place) for place in places]
+        if None not in local:
+            offsets = cast(list[int], local)
+            found = section.stream.recent_messages(offsets)
+            if found is not None:
+                return found
+            return [record.message for record in await self.storage.read_records(section.key, offsets)]  # type: ignore[union-attr]
+        by_home: dict[str, list[int]] = {}
+        for section_id, offset in map(state.place, places):
+            by_home.setdefault(section_id, []).append(offset)
+        found_at: dict[tuple[str, int], Message] = {}
+        for section_id, offsets in by_home.items():
+            home = await self.sections.loaded(SectionKey(section.key.document_id, section_id))
+            for offset, record in zip(offsets, await self.storage.read_records(home.key, offsets), strict=True):
+                found_at[(section_id, offset)] = record.message  # type: ignore[union-attr]
+        return [found_at[state.place(place)] for place in places]
 
     def _announce(self, section: Section, record: StoredRecord, event: Event, cause: Peer | None) -> None:
         """A durable record's event to the section's subscribers, and its mentions to whom it names."""

@@ -29,7 +29,7 @@ from protocol.messages import Mentioned
 
 from .chat import Chat
 from .storage.base import SectionKey, StorageError
-from .storage.redis import EVENTS_CHANNEL, parse_hint, section_tag
+from .storage.redis import EVENTS_CHANNEL, parse_hint, section_prefix
 
 logger = logging.getLogger("sectionchat.cluster")
 
@@ -51,7 +51,7 @@ _decode_mention = msgspec.json.Decoder(MentionNotice).decode
 
 
 def presence_key(key: SectionKey) -> str:
-    return f"sc:{{{section_tag(key)}}}:presence"
+    return f"{section_prefix(key)}:presence"
 
 
 class RedisCluster:

@@ -33,6 +33,7 @@ from protocol.errors import ChatError
 from protocol.messages import (
     MAX_LISTED_SESSIONS,
     MAX_METADATA_BYTES,
+    MAX_MOVED_SESSIONS,
     MAX_REACTIONS,
     CloseSession,
     CreateSession,
@@ -47,6 +48,7 @@ from protocol.messages import (
     MessageEdited,
     MessageEvent,
     Metadata,
+    MoveSessions,
     React,
     ReactionEvent,
     ReadEvent,
@@ -59,7 +61,9 @@ from protocol.messages import (
     SessionClosed,
     SessionCreated,
     SessionList,
+    SessionMoved,
     SessionReopened,
+    SessionsMoved,
     SessionUpdated,
     StoredEvent,
     UpdateSession,
@@ -67,6 +71,7 @@ from protocol.messages import (
 
 from .limits import PerUserQuota
 from .storage.base import (
+    Erasure,
     MessageDeletedRecord,
     MessageEditedRecord,
     MessageRecord,
@@ -75,6 +80,7 @@ from .storage.base import (
     SectionKey,
     SessionClosedRecord,
     SessionCreatedRecord,
+    SessionMovedRecord,
     SessionReopenedRecord,
     SessionUpdatedRecord,
     StoredRecord,
@@ -84,13 +90,24 @@ from .storage.base import (
 class Plan(NamedTuple):
     """What a write decides: the records to store (none: nothing to write) and the reply.
 
-    `erase`: offsets of earlier records whose message text storage must drop when
-    it stores these (a delete's earlier versions of the message).
+    `erase`: earlier records (section, offset) whose message text storage must
+    drop when it stores these (a delete's earlier versions of the message).
     """
 
     records: list[StoredRecord]
     reply: ServerFrame
-    erase: Sequence[int] = ()
+    erase: Sequence[Erasure] = ()
+
+
+class MovePlan(NamedTuple):
+    """What a move decides: records for each section it touches (stored in one atomic write), and the reply."""
+
+    records: dict[SectionKey, list[StoredRecord]]
+    reply: SessionsMoved
+
+
+MAX_MOVED_STATE_BYTES = 16 << 20  # the session states one move carries, in all (a move is one journal entry)
+MAX_SESSION_STATE_BYTES = 640 << 10  # one session's (its record stays under the storage's 1 MiB a record)
 
 
 # What a durable record announces: a section event, or a reader's `read` (to their own connections).
@@ -127,6 +144,8 @@ def event_of(record: StoredRecord) -> Event:
             return SessionReopened(session=session, offset=offset)
         case ReadRecord(session_id=session_id, seq=seq):
             return ReadEvent(session_id=session_id, seq=seq)
+        case SessionMovedRecord(session=session, from_section_id=source, to_section_id=target):
+            return SessionMoved(session=session, from_section_id=source, to_section_id=target, offset=offset)
     raise TypeError(record)
 
 
@@ -150,6 +169,8 @@ def _later(first: str, second: str) -> str:
 class Target(Protocol):
     """What `apply` changes: a Stream, or a Draft of one."""
 
+    key: SectionKey
+
     def session(self, session_id: str) -> Session: ...
 
     def put_session(self, session: Session) -> None: ...
@@ -166,6 +187,12 @@ class Target(Protocol):
 
     def put_reaction_time(self, session_id: str, seq: int, reaction: str, user: str, at: str | None) -> None:
         """When the user gave the reaction (None: they took it back)."""
+
+    def move_in(self, session: Session, state: bytes) -> None:
+        """A session moved here, with its state as the source held it (`moved_state`)."""
+
+    def move_out(self, session_id: str, section_id: str) -> None:
+        """A session moved from here to `section_id`."""
 
 
 def apply(target: Target, record: StoredRecord) -> None:
@@ -201,6 +228,11 @@ def apply(target: Target, record: StoredRecord) -> None:
             target.put_session(session)
         case ReadRecord(session_id=session_id, user=user, seq=seq):
             target.put_read(session_id, user, seq)
+        case SessionMovedRecord(session=session, to_section_id=to, state=state):
+            if to == target.key.section_id:
+                target.move_in(session, state)
+            else:
+                target.move_out(session.session_id, to)
         case _:
             raise TypeError(record)
 
@@ -217,16 +249,20 @@ class SessionState:
 
     __slots__ = (
         "session", "offsets", "by_client_msg_id", "versions", "tombstones", "own", "naming", "deleted", "last_sent_by",
-        "reacted_at",
+        "reacted_at", "homes", "here",
     )  # fmt: skip
 
     def __init__(self, session: Session):
         self.session = session  # replaced, never changed in place: events sent earlier share it
-        self.offsets = array("I")  # the section offset of each message: seq N at index N - 1
+        # Where each message's record is, seq N at index N - 1, as a place: a section of
+        # `homes` and an offset in it (see `place`). A session that never moved has one home.
+        self.offsets = array("Q")
+        self.homes = [session.section_id]  # the sections its records are in, the one it was created in first
+        self.here = 0  # the index in `homes` of the section that holds the session now
         self.by_client_msg_id: dict[str, int] = {}  # -> seq
         # seq -> offsets of the records that changed the message (edits, reactions), the latest last;
         # once it is deleted, only the delete's (the earlier ones were erased with it).
-        self.versions: dict[int, array[int]] = {}
+        self.versions: dict[int, array[int]] = {}  # places, as `offsets`
         self.tombstones: dict[int, Message] = {}  # seq -> the deleted message, as served in place of its versions
         self.own: dict[str, array[int]] = {}  # user -> seqs of their messages not deleted, ascending
         self.naming: dict[str, array[int]] = {}  # user -> seqs of others' messages not deleted that mention them
@@ -234,15 +270,28 @@ class SessionState:
         self.last_sent_by: dict[str, int] = {}  # user -> seq of their latest message (it marks what they read)
         self.reacted_at: dict[tuple[int, str, str], str] = {}  # (seq, reaction, user) -> when it was given
 
+    def stored_here(self, offset: int) -> int:
+        """The place of a record at `offset` of the section that holds the session now."""
+        return self.here << HOME_SHIFT | offset
+
+    def place(self, stored: int) -> Erasure:
+        """(section_id, offset) of a place in `offsets` or `versions`."""
+        return self.homes[stored >> HOME_SHIFT], stored & OFFSET_MASK
+
+    def local(self, stored: int) -> int | None:
+        """The offset of a place if it is in the section that holds the session now."""
+        return stored & OFFSET_MASK if stored >> HOME_SHIFT == self.here else None
+
     def latest_offset(self, seq: int) -> int:
+        """The place of the record with the message as it is now."""
         changes = self.versions.get(seq)
         return changes[-1] if changes else self.offsets[seq - 1]
 
-    def stored_versions(self, seq: int) -> list[int]:
-        """The offsets of every record that carries the message's text: what deleting it erases."""
+    def stored_versions(self, seq: int) -> list[Erasure]:
+        """Every record that carries the message's text, by section and offset: what deleting it erases."""
         if seq > len(self.offsets) or seq in self.tombstones:
             return []
-        return [self.offsets[seq - 1], *self.versions.get(seq, ())]
+        return [self.place(stored) for stored in (self.offsets[seq - 1], *self.versions.get(seq, ()))]
 
     def read_marker(self, user: str, marked: int) -> int:
         """The user's read marker: what they marked, or their own latest message if later."""
@@ -285,6 +334,10 @@ class SessionState:
                 insort(seqs, seq)
 
 
+HOME_SHIFT = 32  # a place in SessionState.offsets: home index << HOME_SHIFT | offset in that section
+OFFSET_MASK = (1 << HOME_SHIFT) - 1
+
+
 def _count_after(seqs: array[int] | None, marker: int) -> int:
     return 0 if not seqs else len(seqs) - bisect_right(seqs, marker)
 
@@ -313,6 +366,8 @@ class SessionSnapshot(msgspec.Struct, array_like=True, gc=False):
     naming: list[tuple[str, bytes]] = []
     last_sent_by: list[tuple[str, int]] = []
     reacted_at: list[tuple[int, str, str, str]] = []  # (seq, reaction, user, at)
+    homes: list[str] = []  # SessionState.homes ([] : the session's own section only)
+    here: int = 0
 
 
 class SectionSnapshot(msgspec.Struct, array_like=True, gc=False):
@@ -322,11 +377,12 @@ class SectionSnapshot(msgspec.Struct, array_like=True, gc=False):
     idempotency: list[tuple[str, str, str]]  # (user, idempotency key, session id)
     reads: list[tuple[str, str, int]] = []  # (session id, user, seq): a read stream's markers
     version: int = 1  # SNAPSHOT_VERSION when it was kept
+    moved: list[tuple[str, str]] = []  # Stream.moved
 
 
 # A state kept by an earlier version lacks what a load needs now (3: the unread
-# tallies; 4: every version of a changed message, which a delete erases): it is
-# passed over, and the section is replayed from its records.
+# tallies; 4: every version of a changed message, which a delete erases, and
+# places in other sections): it is passed over, and the section is replayed.
 SNAPSHOT_VERSION = 4
 
 
@@ -336,6 +392,57 @@ class OutdatedState(Exception):
 
 _encode_snapshot = msgspec.msgpack.Encoder().encode
 _decode_snapshot = msgspec.msgpack.Decoder(SectionSnapshot).decode
+_decode_session_snapshot = msgspec.msgpack.Decoder(SessionSnapshot).decode
+
+
+class SessionElsewhere(ChatError):
+    """The session moved out of the section it was looked for in: look in `section_id`."""
+
+    def __init__(self, session_id: str, section_id: str):
+        super().__init__(errors.NOT_FOUND, f"session {session_id!r} moved to section {section_id!r}")
+        self.session_id, self.section_id = session_id, section_id
+
+
+def _session_snapshot(state: SessionState) -> SessionSnapshot:
+    return SessionSnapshot(
+        state.session,
+        state.offsets.tobytes(),
+        list(state.by_client_msg_id),
+        array("I", state.by_client_msg_id.values()).tobytes(),
+        None,
+        array("I", (seq for seq, places in state.versions.items() for _ in places)).tobytes(),
+        b"".join(places.tobytes() for places in state.versions.values()),
+        list(state.tombstones.values()),
+        [(user, seqs.tobytes()) for user, seqs in state.own.items()],
+        [(user, seqs.tobytes()) for user, seqs in state.naming.items()],
+        list(state.last_sent_by.items()),
+        [(*key, at) for key, at in state.reacted_at.items()],
+        state.homes if state.homes != [state.session.section_id] else [],
+        state.here,
+    )
+
+
+def _session_state(kept: SessionSnapshot) -> SessionState:
+    state = SessionState(kept.session)
+    state.offsets.frombytes(kept.offsets)
+    state.by_client_msg_id = dict(zip(kept.client_msg_ids, array("I", kept.client_msg_seqs), strict=True))
+    for seq, place in zip(array("I", kept.changed_seqs), array("Q", kept.changed_offsets), strict=True):
+        state.versions.setdefault(seq, array("Q")).append(place)
+    state.tombstones = {message.seq: message for message in kept.tombstones}
+    state.deleted = array("I", sorted(state.tombstones))
+    state.own = {user: array("I", seqs) for user, seqs in kept.own}
+    state.naming = {user: array("I", seqs) for user, seqs in kept.naming}
+    state.last_sent_by = dict(kept.last_sent_by)
+    state.reacted_at = {(seq, reaction, user): at for seq, reaction, user, at in kept.reacted_at}
+    if kept.homes:
+        state.homes, state.here = list(kept.homes), kept.here
+    return state
+
+
+def moved_state(state: SessionState) -> bytes:
+    """The session's state as a move carries it to another section (SessionMovedRecord.state)."""
+    return _encode_snapshot(_session_snapshot(state))
+
 
 FETCHED_MESSAGES = 1024  # messages read from storage for a write, kept until the write is decided
 
@@ -351,6 +458,7 @@ class Stream:
         self.idempotency: dict[tuple[str, str], str] = {}
         self.recent: deque[StoredRecord] = deque(maxlen=recovery_window)
         self.reads: dict[str, dict[str, int]] = {}  # a read stream's markers: session id -> user -> seq
+        self.moved: dict[str, str] = {}  # session id -> the section it moved to from here (and is not back)
         # Messages outside the recovery window that a write needs (edit, delete, react), read
         # from storage by the chat before it queues the write: (session_id, seq) -> (offset, message).
         self._fetched: dict[tuple[str, int], tuple[int, Message]] = {}
@@ -368,6 +476,9 @@ class Stream:
     def state_of(self, session_id: str) -> SessionState:
         state = self.sessions.get(session_id)
         if state is None:
+            moved_to = self.moved.get(session_id)
+            if moved_to is not None:
+                raise SessionElsewhere(session_id, moved_to)
             raise ChatError(errors.NOT_FOUND, f"no session {session_id!r}")
         return state
 
@@ -380,22 +491,37 @@ class Stream:
 
     def put_message(self, offset: int, message: Message) -> None:
         state = self.sessions[message.session_id]
-        state.offsets.append(offset)
+        state.offsets.append(state.stored_here(offset))
         if message.client_msg_id is not None:
             state.by_client_msg_id[message.client_msg_id] = message.seq
         state.count(message)
 
     def change_message(self, offset: int, message: Message) -> None:
         state = self.sessions[message.session_id]
+        place = state.stored_here(offset)
         if message.deleted_at is not None:
             state.tombstones[message.seq] = message
-            state.versions[message.seq] = array("I", [offset])
+            state.versions[message.seq] = array("Q", [place])
         else:
-            state.versions.setdefault(message.seq, array("I")).append(offset)
+            state.versions.setdefault(message.seq, array("Q")).append(place)
         state.recount(message)
         key = (message.session_id, message.seq)
         if key in self._fetched:
-            self._fetched[key] = (offset, message)
+            self._fetched[key] = (place, message)
+
+    def move_in(self, session: Session, state: bytes) -> None:
+        taken = _session_state(_decode_session_snapshot(state))
+        taken.session = session
+        if session.section_id not in taken.homes:
+            taken.homes.append(session.section_id)
+        taken.here = taken.homes.index(session.section_id)
+        self.sessions[session.session_id] = taken
+        self.moved.pop(session.session_id, None)
+
+    def move_out(self, session_id: str, section_id: str) -> None:
+        del self.sessions[session_id]
+        self.moved[session_id] = section_id
+        self._fetched = {key: found for key, found in self._fetched.items() if key[0] != session_id}
 
     def put_idempotency_key(self, user: str, key: str, session_id: str) -> None:
         self.idempotency[(user, key)] = session_id
@@ -412,25 +538,27 @@ class Stream:
             reacted[(seq, reaction, user)] = at
 
     def offset_of_client_msg(self, session_id: str, client_msg_id: str) -> int | None:
-        """Where the message sent with this client_msg_id is stored as it is now (edited, deleted), if one was."""
+        """The place of the message sent with this client_msg_id as it is now (edited, deleted), if one was."""
         state = self.state_of(session_id)
         seq = state.by_client_msg_id.get(client_msg_id)
         return None if seq is None else state.latest_offset(seq)
 
     def current_message(self, session_id: str, seq: int) -> Message | None:
         """The message as it is now, if it is in memory (the recovery window, or fetched for a write)."""
-        offset = self.state_of(session_id).latest_offset(seq)
-        found = self.recent_messages([offset])
+        state = self.state_of(session_id)
+        place = state.latest_offset(seq)
+        offset = state.local(place)
+        found = None if offset is None else self.recent_messages([offset])
         if found is not None:
             return found[0]
         fetched = self._fetched.get((session_id, seq))
-        return fetched[1] if fetched is not None and fetched[0] == offset else None
+        return fetched[1] if fetched is not None and fetched[0] == place else None
 
-    def remember(self, offset: int, message: Message) -> None:
-        """A message read from storage at `offset` for a write that is about to be queued."""
+    def remember(self, place: int, message: Message) -> None:
+        """A message read from storage at `place` (SessionState.offsets) for a write that is about to be queued."""
         if len(self._fetched) >= FETCHED_MESSAGES:
             self._fetched.clear()
-        self._fetched[(message.session_id, message.seq)] = (offset, message)
+        self._fetched[(message.session_id, message.seq)] = (place, message)
 
     def recent_messages(self, offsets: Sequence[int]) -> list[Message] | None:
         """The messages the records at these offsets carry, if all are still in the recovery window, else None."""
@@ -459,26 +587,11 @@ class Stream:
 
     def snapshot(self) -> bytes:
         """The state `apply` built, encoded (the recovery window is not part of it: it is read back as records)."""
-        sessions = [
-            SessionSnapshot(
-                state.session,
-                state.offsets.tobytes(),
-                list(state.by_client_msg_id),
-                array("I", state.by_client_msg_id.values()).tobytes(),
-                None,
-                array("I", (seq for seq, offsets in state.versions.items() for _ in offsets)).tobytes(),
-                b"".join(offsets.tobytes() for offsets in state.versions.values()),
-                list(state.tombstones.values()),
-                [(user, seqs.tobytes()) for user, seqs in state.own.items()],
-                [(user, seqs.tobytes()) for user, seqs in state.naming.items()],
-                list(state.last_sent_by.items()),
-                [(*key, at) for key, at in state.reacted_at.items()],
-            )
-            for state in self.sessions.values()
-        ]
+        sessions = [_session_snapshot(state) for state in self.sessions.values()]
         idempotency = [(user, key, session_id) for (user, key), session_id in self.idempotency.items()]
         reads = [(session_id, user, seq) for session_id, markers in self.reads.items() for user, seq in markers.items()]
-        return _encode_snapshot(SectionSnapshot(sessions, idempotency, reads, SNAPSHOT_VERSION))
+        moved = list(self.moved.items())
+        return _encode_snapshot(SectionSnapshot(sessions, idempotency, reads, SNAPSHOT_VERSION, moved))
 
     def restore(self, offset: int, data: bytes) -> None:
         """Take the state a snapshot of the stream at `offset` holds."""
@@ -486,17 +599,8 @@ class Stream:
         if snapshot.version < SNAPSHOT_VERSION:
             raise OutdatedState(f"a state of version {snapshot.version}, not {SNAPSHOT_VERSION}")
         for kept in snapshot.sessions:
-            state = self.sessions[kept.session.session_id] = SessionState(kept.session)
-            state.offsets.frombytes(kept.offsets)
-            state.by_client_msg_id = dict(zip(kept.client_msg_ids, array("I", kept.client_msg_seqs), strict=True))
-            for seq, offset in zip(array("I", kept.changed_seqs), array("I", kept.changed_offsets), strict=True):
-                state.versions.setdefault(seq, array("I")).append(offset)
-            state.tombstones = {message.seq: message for message in kept.tombstones}
-            state.deleted = array("I", sorted(state.tombstones))
-            state.own = {user: array("I", seqs) for user, seqs in kept.own}
-            state.naming = {user: array("I", seqs) for user, seqs in kept.naming}
-            state.last_sent_by = dict(kept.last_sent_by)
-            state.reacted_at = {(seq, reaction, user): at for seq, reaction, user, at in kept.reacted_at}
+            self.sessions[kept.session.session_id] = _session_state(kept)
+        self.moved = dict(snapshot.moved)
         for session_id, user, seq in snapshot.reads:
             self.reads.setdefault(session_id, {})[user] = seq
         self.idempotency = {(user, key): session_id for user, key, session_id in snapshot.idempotency}
@@ -517,12 +621,15 @@ class Draft:
         self._reads: dict[tuple[str, str], int] = {}
         self._reacted_at: dict[tuple[str, int, str, str], str | None] = {}
         self._versions: dict[tuple[str, int], list[int]] = {}  # offsets of a message's records in this draft
+        self._moved_out: dict[str, str] = {}
 
     def apply(self, record: StoredRecord) -> None:
         apply(self, record)
         self.offset = record.offset
 
     def session(self, session_id: str) -> Session:
+        if session_id in self._moved_out:
+            raise SessionElsewhere(session_id, self._moved_out[session_id])
         session = self._sessions.get(session_id)
         return session if session is not None else self._stream.session(session_id)
 
@@ -539,11 +646,17 @@ class Draft:
         self._messages[key] = message
         self._versions.setdefault(key, []).append(offset)
 
-    def stored_versions(self, session_id: str, seq: int) -> list[int]:
-        """The offsets of every record that will carry the message's text (see SessionState.stored_versions)."""
+    def stored_versions(self, session_id: str, seq: int) -> list[Erasure]:
+        """Every record that will carry the message's text (see SessionState.stored_versions)."""
         state = self._stream.sessions.get(session_id)
         stored = [] if state is None else state.stored_versions(seq)
-        return stored + self._versions.get((session_id, seq), [])
+        return stored + [(self.key.section_id, offset) for offset in self._versions.get((session_id, seq), [])]
+
+    def move_in(self, session: Session, state: bytes) -> None:
+        self._sessions[session.session_id] = session
+
+    def move_out(self, session_id: str, section_id: str) -> None:
+        self._moved_out[session_id] = section_id
 
     def put_idempotency_key(self, user: str, key: str, session_id: str) -> None:
         self._idempotency[(user, key)] = session_id
@@ -576,15 +689,15 @@ class Draft:
         message = self._by_client_msg_id.get((session_id, client_msg_id))
         if message is not None or session_id not in self._stream.sessions:
             return message
-        offset = self._stream.offset_of_client_msg(session_id, client_msg_id)
-        if offset is None:
+        seq = self._stream.state_of(session_id).by_client_msg_id.get(client_msg_id)
+        if seq is None:
             return None
-        found = self._stream.recent_messages([offset])
+        found = self._messages.get((session_id, seq)) or self._stream.current_message(session_id, seq)
         if found is None:
             # Stored long ago, so not in memory; the chat reads such originals from
             # storage before it queues a write, so only a retry racing its original gets here.
             raise ChatError(errors.UNAVAILABLE, "the original message is being read; retry")
-        return found[0]
+        return found
 
     def message_at(self, session_id: str, seq: int) -> Message:
         """The message with this seq as it will be (not_found past the session's last)."""
@@ -814,6 +927,63 @@ class Rules:
         updated = msgspec.structs.replace(session, title=title, metadata=metadata, last_activity_at=active)
         record = SessionUpdatedRecord(offset=draft.offset + 1, session=updated)
         return Plan([record], SessionUpdated(session=updated, reply_to=request.id))
+
+    def move_sessions(
+        self, request: MoveSessions, source: Stream, target: Stream, source_reads: Stream, target_reads: Stream
+    ) -> MovePlan:
+        """Move sessions from `source` to `target` with their read markers (from one read stream to the other).
+
+        Decided on the streams themselves: the writer holds all four sections' locks.
+        """
+        if request.from_section_id == request.to_section_id:
+            raise ChatError(errors.BAD_REQUEST, "from_section_id and to_section_id are the same section")
+        if request.session_ids is None:
+            if len(source.sessions) > MAX_MOVED_SESSIONS:
+                raise ChatError(errors.TOO_LARGE, f"the section has more than {MAX_MOVED_SESSIONS} sessions; name them")
+            named = list(source.sessions)
+        else:
+            named = request.session_ids
+            if len(set(named)) != len(named):
+                raise ChatError(errors.BAD_REQUEST, "session_ids has repeats")
+            for session_id in named:
+                if session_id not in source.sessions and session_id not in target.sessions:
+                    raise ChatError(errors.NOT_FOUND, f"no session {session_id!r} in section {source.key.section_id!r}")
+        moving = [source.sessions[session_id] for session_id in named if session_id in source.sessions]
+        states = [moved_state(state) for state in moving]
+        if (
+            any(len(state) > MAX_SESSION_STATE_BYTES for state in states)
+            or sum(map(len, states)) > MAX_MOVED_STATE_BYTES
+        ):
+            raise ChatError(errors.TOO_LARGE, "a session has too many messages to move")
+        moved: dict[str, Session] = {}
+        out: list[StoredRecord] = []
+        into: list[StoredRecord] = []
+        marks: list[StoredRecord] = []
+        for state, carried in zip(moving, states, strict=True):
+            session = moved[state.session.session_id] = msgspec.structs.replace(
+                state.session, section_id=request.to_section_id
+            )
+            moving_out = SessionMovedRecord(
+                offset=source.offset + len(out) + 1,
+                session=session,
+                from_section_id=source.key.section_id,
+                to_section_id=target.key.section_id,
+            )
+            out.append(moving_out)
+            into.append(msgspec.structs.replace(moving_out, offset=target.offset + len(into) + 1, state=carried))
+            for user, seq in source_reads.reads.get(session.session_id, {}).items():
+                offset = target_reads.offset + len(marks) + 1
+                marks.append(ReadRecord(offset=offset, session_id=session.session_id, user=user, seq=seq))
+        listed = [moved.get(session_id) or target.session(session_id) for session_id in named]
+        reply = SessionsMoved(
+            document_id=request.document_id,
+            from_section_id=request.from_section_id,
+            to_section_id=request.to_section_id,
+            sessions=listed,
+            reply_to=request.id,
+        )
+        records: dict[SectionKey, list[StoredRecord]] = {source.key: out, target.key: into, target_reads.key: marks}
+        return MovePlan({key: part for key, part in records.items() if part}, reply)
 
     def mark_read(self, user: str, request: MarkRead, section: Stream, draft: Draft) -> Plan:
         """A read marker, decided against the section's read stream (`draft`) and the section itself."""

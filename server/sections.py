@@ -47,6 +47,7 @@ class Section:
         self.last_used = time.monotonic()
         self.kept_offset = 0  # the offset of the state the storage keeps for it
         self.sync_scheduled = False  # a catch-up with other nodes' writes is on its way
+        self.movers = 0  # moves waiting for its lock: its writer lets them go first
 
     def evictable(self, now: float, idle_s: float) -> bool:
         return (

@@ -88,8 +88,8 @@ def _identity(record: StoredRecord) -> object:
     return session_id_of(record)
 
 
-def _present(existing: list[StoredRecord]) -> set[object]:
-    return {_identity(r) for r in existing if isinstance(r, ReadRecord)} | set(placed_sessions(existing))
+def _present(existing: list[StoredRecord], section_id: str) -> set[object]:
+    return {_identity(r) for r in existing if isinstance(r, ReadRecord)} | set(placed_sessions(existing, section_id))
 
 
 def _sections(lines: Iterable[bytes]) -> Iterator[tuple[SectionStart, list[StoredRecord]]]:
@@ -128,7 +128,7 @@ async def import_lines(storage: Storage, lines: Iterable[bytes], *, progress: bo
             key = SectionKey(start.document_id, start.section_id)
             loaded = await storage.load_section(key)
             existing = loaded.records if loaded.state is None else (await storage.read_after(key, 0)).records
-            present = _present(existing)
+            present = _present(existing, key.section_id)
             epoch = loaded.epoch or start.epoch or "imported"
             offset = len(existing)
             fresh: list[StoredRecord] = []

@@ -15,20 +15,35 @@
 #   decide the same writes again.
 # - A write runs to its end even if the one who asked for it goes away: half
 #   an operation would leave memory and disk apart.
+# - A move holds the writers of every section it touches (both sections and
+#   their read streams), taken in one fixed order so that two moves never
+#   wait for each other in a circle; a writer with a move waiting stores what
+#   is in flight, then lets the move go first. Writes queued meanwhile are
+#   decided after the move, against the streams it left.
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, NamedTuple
 
 from protocol.errors import ChatError
 
 from .background import Background
-from .core import Draft, Event, Plan, decide
+from .core import Draft, Event, MovePlan, Plan, Stream, decide
 from .peer import Peer, reply
-from .storage.base import SectionKey, StaleSection, Storage, StorageError, StoredRecord
+from .storage.base import (
+    Part,
+    ReadRecord,
+    SectionKey,
+    StaleSection,
+    Storage,
+    StorageError,
+    StoredRecord,
+    reads_key,
+)
 
 if TYPE_CHECKING:
     from .sections import Section, SectionCache
@@ -105,12 +120,17 @@ class Writer:
             async with self.sections.locked(section.key):
                 draft, failed = Draft(section.stream), False
                 while writes.queue or in_flight:
-                    while writes.queue and not failed and len(in_flight) < self.depth:
+                    if section.movers and not in_flight:
+                        break  # a move waits for this section: it goes first (the rest are decided after it)
+                    while writes.queue and not failed and len(in_flight) < self.depth and not section.movers:
                         queued, writes.queue = writes.queue, []
                         in_flight.append(self._decide(section, draft, queued))
+                    if not in_flight:
+                        continue
                     head = in_flight[0]
                     if head.store is not None and not head.store.done():
-                        await self._wait(writes, head.store, more_allowed=not failed and len(in_flight) < self.depth)
+                        more_allowed = not failed and len(in_flight) < self.depth and not section.movers
+                        await self._wait(writes, head.store, more_allowed=more_allowed)
                         continue
                     in_flight.popleft()
                     try:
@@ -137,6 +157,61 @@ class Writer:
             writes.queue = []
         finally:
             writes.task = None
+            if writes.queue:  # left for a move: decided once it is done
+                writes.task = self.background.spawn(self._run(section))
+
+    async def move(
+        self,
+        peer: Peer,
+        source: SectionKey,
+        target: SectionKey,
+        plan: Callable[[Stream, Stream, Stream, Stream], MovePlan],
+    ) -> None:
+        """Decide a move on the four streams it touches, store it atomically, apply, reply, announce."""
+        keys = (source, target, reads_key(source), reads_key(target))
+        while True:
+            async with AsyncExitStack() as held:
+                for key in sorted(keys):  # one order for every move: none waits for another in a circle
+                    await held.enter_async_context(self._take(key))
+                sections = [self.sections.section(key) for key in keys]
+                decided = plan(*(section.stream for section in sections))
+                parts = [
+                    Part(key, self.sections.section(key).stream.epoch, records)
+                    for key, records in decided.records.items()
+                ]
+                if parts:
+                    try:
+                        await self.storage.append_parts(parts)
+                    except StaleSection:
+                        for section in sections:  # another node wrote first: catch up, decide again
+                            await self.catch_up(section)
+                        continue
+                applied = [(self.sections.section(part.key), part.records) for part in parts]
+                events = [[section.stream.apply(record) for record in records] for section, records in applied]
+                reply(peer, decided.reply)
+                for (section, records), announced in zip(applied, events, strict=True):
+                    for record, event in zip(records, announced, strict=True):
+                        if not isinstance(record, ReadRecord):  # markers that moved are news to nobody
+                            self._announce(section, record, event, peer)
+                    self._stored(section, records)
+                return
+
+    @asynccontextmanager
+    async def _take(self, key: SectionKey) -> AsyncIterator[None]:
+        """The section's lock for a move: its writer, if busy, stores what is in flight and lets the move go first."""
+        section = self.sections.section(key)
+        section.movers += 1  # until the lock is ours (the writer checks it between batches)
+        wakeup = section.writes.wakeup
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)  # a writer waiting for more writes: stop waiting
+        waiting = True
+        try:
+            async with self.sections.locked(key):
+                section.movers, waiting = section.movers - 1, False
+                yield
+        finally:
+            if waiting:  # cancelled before it got the lock
+                section.movers -= 1
 
     def _decide(self, section: Section, draft: Draft, writes: list[QueuedWrite]) -> Batch:
         """Decide writes in order against the draft; start storing their records."""

@@ -53,6 +53,7 @@ from client.chat import (
     SessionClosed,
     SessionCreated,
     SessionListing,
+    SessionMoved,
     SessionReopened,
     SessionUpdated,
     Subscription,
@@ -1098,3 +1099,29 @@ async def test_watch_document_catches_up_after_reconnect(server_process, proxy_t
         await bob.send_message(outro.session_id, "live")
         event = await watch.next(5)
         assert (event.summary.section_id, event.summary.messages, event.summary.unread) == ("outro", 1, 1)
+
+
+async def test_move_sessions_and_session_moved_in_both_subscriptions(app):
+    """The Python client moves sessions and hands each stream's `session_moved` to that section's subscription."""
+    async with (
+        connect(app.url, name="alice") as alice,
+        connect(app.url, name="bob") as bob,
+        bob.subscribe("doc", "intro") as old,
+        bob.subscribe("doc", "overview") as new,
+    ):
+        session = await alice.create_session("doc", "intro")
+        await alice.send_message(session.session_id, "before")
+        assert isinstance(await old.next(5), SessionCreated) and isinstance(await old.next(5), MessageEvent)
+        [moved] = await alice.move_sessions("doc", "intro", "overview")
+        assert moved.section_id == "overview" and moved.last_seq == 1
+        out, into = await old.next(5), await new.next(5)
+        assert isinstance(out, SessionMoved) and isinstance(into, SessionMoved)
+        assert (out.offset, into.offset) == (3, 1) and out.session == into.session == moved
+        after = await alice.send_message(session.session_id, "after")
+        assert await new.next(5) == MessageEvent(message=after, offset=2)  # the target's stream now
+        assert [m.text for m in (await bob.history(session.session_id)).messages] == ["before", "after"]
+        assert await alice.move_sessions("doc", "intro", "overview", [session.session_id]) == [
+            await bob.get_session(session.session_id)
+        ]  # a retry answers the same
+        with pytest.raises(BadRequest):
+            await alice.move_sessions("doc", "overview", "overview")

@@ -222,3 +222,25 @@ async def test_conversation_events_cross_nodes_once_and_mentions_reach_other_nod
         assert await reader.next_event("read", timeout=15) == {"type": "read", "session_id": sid, "seq": 1}
         await bob_elsewhere.call("ping")
         assert [e for e in bob_elsewhere.take_events() if e["type"] == "mentioned"] == []  # the edit named no one new
+
+
+async def test_a_move_on_one_node_reaches_the_other_nodes_subscribers(nodes):
+    a, b = nodes(2)
+    async with (
+        ScriptClient.connect(a.url, name="editor") as editor,
+        ScriptClient.connect(b.url, name="reader") as reader,
+    ):
+        sid = (await editor.call("create_session", document_id="d", section_id="old"))["session"]["session_id"]
+        await editor.call("send_message", session_id=sid, text="before")
+        await reader.call("subscribe", document_id="d", section_id="old")
+        await reader.call("subscribe", document_id="d", section_id="new")
+        await editor.call("move_sessions", document_id="d", from_section_id="old", to_section_id="new")
+        moved = [await reader.next_event("session_moved", timeout=15) for _ in range(2)]
+        assert sorted(e["offset"] for e in moved) == [1, 3] and {e["to_section_id"] for e in moved} == {"new"}
+        # Node B finds it where it went (its index entry, or the section it left), with its history.
+        assert (await reader.call("get_session", session_id=sid))["session"]["section_id"] == "new"
+        await editor.call("subscribe", document_id="d", section_id="new")
+        await reader.call("send_message", session_id=sid, text="after, from the other node")
+        await editor.next_event("message", timeout=15)  # node A has caught up with node B's write
+        history = (await editor.call("history", session_id=sid))["messages"]
+        assert [m["text"] for m in history] == ["before", "after, from the other node"]

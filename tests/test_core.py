@@ -19,6 +19,7 @@ from protocol import errors
 from protocol.errors import ChatError
 from protocol.messages import (
     MAX_LISTED_SESSIONS,
+    MAX_MOVED_SESSIONS,
     CloseSession,
     CreateSession,
     DeleteMessage,
@@ -31,6 +32,7 @@ from protocol.messages import (
     MessageDeleted,
     MessageEdited,
     MessageEvent,
+    MoveSessions,
     React,
     ReactionEvent,
     ReadEvent,
@@ -45,9 +47,11 @@ from protocol.messages import (
 )
 from server.core import (
     Draft,
+    MovePlan,
     OutdatedState,
     Plan,
     Rules,
+    SessionElsewhere,
     Stream,
     apply,
     decide,
@@ -67,6 +71,7 @@ from server.storage.base import (
     SectionKey,
     SessionClosedRecord,
     SessionCreatedRecord,
+    SessionMovedRecord,
     SessionReopenedRecord,
     SessionUpdatedRecord,
     StoredRecord,
@@ -194,14 +199,22 @@ def test_every_record_kind_has_one_case_in_apply_and_an_event():
         SessionReopenedRecord: SessionReopenedRecord(offset=7, session=msgspec.structs.replace(closed, closed=False)),
         SessionUpdatedRecord: SessionUpdatedRecord(offset=8, session=msgspec.structs.replace(closed, title="T")),
         ReadRecord: ReadRecord(offset=9, session_id="s", user="bob", seq=1),
+        SessionMovedRecord: SessionMovedRecord(
+            offset=10,
+            session=msgspec.structs.replace(session, section_id="elsewhere"),
+            from_section_id="sec",
+            to_section_id="elsewhere",
+        ),  # fmt: skip
     }
     assert set(examples) == set(get_args(StoredRecord))
     stream = Stream(KEY, 10)
-    for record in examples.values():
+    for record in list(examples.values())[:-1]:
         event = stream.apply(record)
         assert event.offset == record.offset if type(event) in get_args(StoredEvent) else type(event) is ReadEvent
         assert session_id_of(record) == "s"
     assert stream.session("s").last_activity_at == "t6" and stream.session("s").title == "T"
+    moved = examples[SessionMovedRecord]
+    assert stream.apply(moved).offset == 10 and session_id_of(moved) == "s" and "s" not in stream.sessions
     with pytest.raises(TypeError):
         apply(stream, "not a record")  # type: ignore[arg-type]
 
@@ -505,16 +518,18 @@ def test_a_delete_erases_every_stored_version_of_the_message_within_a_batch_and_
     restored.remember(4, stream.current_message(sid, 1))  # as the chat reads it for a write
     for state in (stream, restored):
         [deleted] = decide(Draft(state), [delete(rules, sid, 1)])[0]
-        assert list(deleted.erase) == [2, 3, 4]
+        assert list(deleted.erase) == [("sec", 2), ("sec", 3), ("sec", 4)]
     # A message sent, edited and deleted while the first two are still being stored (one batch, or two pipelined).
     draft = Draft(stream)
     decided, records = decide(draft, [send(rules, sid, "brief"), edit(rules, sid, 3, "briefer")])
     [late] = decide(draft, [delete(rules, sid, 3)])[0]
-    assert [r.offset for r in records] == [6, 7] and list(late.erase) == [6, 7]
+    assert [r.offset for r in records] == [6, 7] and list(late.erase) == [("sec", 6), ("sec", 7)]
     for record in [*records, *late.records]:
         stream.apply(record)
     [again] = decide(Draft(stream), [delete(rules, sid, 3)])[0]
-    assert list(again.erase) == [] and list(stream.state_of(sid).versions[3]) == [8]  # erased: forgotten
+    assert list(again.erase) == [] and list(stream.state_of(sid).versions[3]) == [
+        8
+    ]  # one home: places are offsets  # erased: forgotten
 
 
 def test_replaying_erased_records_builds_the_state_the_originals_did():
@@ -768,3 +783,93 @@ def test_a_section_summary_counts_sessions_messages_and_the_users_unread():
     assert section_summary(stream, reads.reads, "bob").unread == 0
     assert section_summary(stream, reads.reads, "alice").unread == 0  # all her own
     assert section_summary(stream, reads.reads, "carol").mentions == 0
+
+
+# move_sessions --------------------------------------------------------------------------
+
+OTHER = SectionKey("doc", "other")
+
+
+def moved(rules: Rules, streams: tuple[Stream, Stream, Stream, Stream], **fields) -> MovePlan:
+    """Decide a move from KEY to OTHER and apply its records to the four streams, as the writer does."""
+    request = MoveSessions(document_id="doc", from_section_id="sec", to_section_id="other", **fields)
+    plan = rules.move_sessions(request, *streams)
+    by_key = {stream.key: stream for stream in streams}
+    for key, records in plan.records.items():
+        for record in records:
+            by_key[key].apply(record)
+    return plan
+
+
+def four_streams() -> tuple[Stream, Stream, Stream, Stream]:
+    return Stream(KEY, 100), Stream(OTHER, 100), Stream(reads_key(KEY), 100), Stream(reads_key(OTHER), 100)
+
+
+def test_a_moved_session_takes_its_state_and_its_read_markers_and_leaves_a_forwarding_note():
+    rules = make_rules()
+    streams = source, target, source_reads, target_reads = four_streams()
+    session = created(rules, source, idempotency_key="k")
+    sid = session.session_id
+    store(source, [send(rules, sid, "@bob", mentions=["bob"], client_msg_id="c1"), send(rules, sid, "b", user="bob")])
+    store(source, [edit(rules, sid, 1, "@bob!"), react(rules, sid, 2)])
+    store(source_reads, [mark(rules, source, sid, 1, user="carol")])
+    before = source.state_of(sid)
+    plan = moved(rules, streams, session_ids=[sid])
+    assert plan.reply.sessions == [msgspec.structs.replace(session, section_id="other", last_seq=2,
+                                                           last_activity_at=before.session.last_activity_at)]  # fmt: skip
+    assert [type(r) for r in plan.records[KEY]] == [SessionMovedRecord]
+    assert [r.offset for r in plan.records[OTHER]] == [1] and plan.records[reads_key(OTHER)][0].seq == 1
+    # The target holds it as the source did; its records are still where they were stored.
+    state = target.state_of(sid)
+    assert state.homes == ["sec", "other"] and state.here == 1
+    assert [state.place(p) for p in state.offsets] == [("sec", 2), ("sec", 3)]
+    assert state.place(state.latest_offset(1)) == ("sec", 4) and state.local(state.latest_offset(1)) is None
+    assert state.unread("carol", target_reads.reads[sid]["carol"]) == 1 and state.unread_mentions("bob", 0) == 1
+    assert state.by_client_msg_id == {"c1": 1}
+    # The source forwards: writes and retries raise SessionElsewhere, and the key stays with the source.
+    [refused] = decide(Draft(source), [send(rules, sid, "late")])[0]
+    assert isinstance(refused, SessionElsewhere) and refused.section_id == "other"
+    [retry] = decide(Draft(source), [lambda d: rules.create_session("alice", CreateSession(
+        document_id="doc", section_id="sec", idempotency_key="k"), d)])[0]  # fmt: skip
+    assert isinstance(retry, SessionElsewhere)
+    # New messages and changes are stored in the target, by its own offsets.
+    for seq, offset in ((1, 4), (2, 5)):  # as the chat reads them for a write
+        target.remember(state.latest_offset(seq), source.recent[offset - 1].message)
+    store(target, [send(rules, sid, "three"), delete(rules, sid, 1)])
+    [erasing] = decide(Draft(target), [delete(rules, sid, 2, user="bob")])[0]
+    assert list(erasing.erase) == [("sec", 3), ("sec", 5)]  # the message, its reaction: both in the source
+    # And it all survives a snapshot (a kept state), moving back included.
+    for stream in (source, target):
+        restored = Stream(stream.key, 100)
+        restored.restore(stream.offset, stream.snapshot())
+        assert restored.snapshot() == stream.snapshot() and restored.moved == stream.moved
+
+
+def test_moving_all_some_or_none_and_refusals_that_move_nothing():
+    rules = make_rules()
+    streams = source, target, _, _ = four_streams()
+    sessions = [created(rules, source).session_id for _ in range(3)]
+    elsewhere = created(rules, target).session_id
+
+    def refused(**fields) -> str:
+        request = MoveSessions(document_id="doc", from_section_id="sec", to_section_id="other", **fields)
+        with pytest.raises(ChatError) as error:
+            rules.move_sessions(request, *streams)
+        return error.value.code
+
+    assert refused(session_ids=[sessions[0], "nope"]) == errors.NOT_FOUND
+    assert refused(session_ids=[sessions[0], sessions[0]]) == errors.BAD_REQUEST
+    same = MoveSessions(document_id="doc", from_section_id="sec", to_section_id="sec")
+    with pytest.raises(ChatError):
+        rules.move_sessions(same, source, source, streams[2], streams[2])
+    assert len(source.sessions) == 3
+    some = moved(rules, streams, session_ids=[sessions[0], elsewhere])  # one already there: listed, nothing stored
+    assert [s.session_id for s in some.reply.sessions] == [sessions[0], elsewhere]
+    assert [r.session.session_id for r in some.records[OTHER]] == [sessions[0]]
+    rest = moved(rules, streams)
+    assert sorted(s.session_id for s in rest.reply.sessions) == sorted(sessions[1:])
+    assert source.sessions == {} and set(target.sessions) == {*sessions, elsewhere}
+    assert moved(rules, streams).records == {}  # none left: nothing to store
+    for _ in range(MAX_MOVED_SESSIONS + 1):
+        created(rules, source)
+    assert refused() == errors.TOO_LARGE

@@ -54,6 +54,7 @@ from protocol.messages import (
     History,
     ListSessions,
     MarkRead,
+    MoveSessions,
     Ping,
     Pong,
     React,
@@ -132,7 +133,7 @@ class Kind:
     min_len: int = 0  # strings, and each name of a list
     max_len: int | None = None
     no_control: bool = False
-    lo: int = 0
+    lo: int = 0  # ints: the least; names: the fewest in one list
     hi: int = 0  # ints: the largest; names: the most in one list
     choices: tuple[str, ...] = ()  # enums
 
@@ -153,6 +154,7 @@ SESSION_LIMIT = Kind("session limit", "int", lo=1, hi=1000)
 BOOL = Kind("bool", "bool")
 ORDER = Kind("order", "enum", choices=("created", "activity"))
 USER_NAMES = Kind("user names", "names", 1, 64, True, hi=20)
+SESSION_IDS = Kind("session ids", "names", 1, 64, True, lo=1, hi=1000)
 METADATA = Kind("metadata", "object")  # any JSON object; its size (METADATA_LIMIT) is the chat's: too_large
 CURSOR = Kind("cursor", "cursor", 1, 1024)  # and one the server handed out for the same other fields
 REQID = Kind("reqid", "reqid")
@@ -213,6 +215,12 @@ SCHEMA: dict[str, dict[str, Field]] = {
     "reopen_session": {"session_id": Field(KEY, True, False)},
     "mark_read": {"session_id": Field(KEY, True, False), "seq": Field(COUNT, True, False)},  # 0..last_seq: the chat's
     "watch_document": {"document_id": Field(ID, True, False)},
+    "move_sessions": {
+        "document_id": Field(ID, True, False),
+        "from_section_id": Field(ID, True, False),
+        "to_section_id": Field(ID, True, False),
+        "session_ids": Field(SESSION_IDS, False, True),
+    },
     "unwatch_document": {"document_id": Field(ID, True, False)},
     "history": {
         "session_id": Field(KEY, True, False),
@@ -421,7 +429,7 @@ def valid_value(draw, kind: Kind, session_ids: tuple[str, ...] = ()) -> tuple[st
         value = draw(st.sampled_from(kind.choices))
         return encode_string(value, draw(string_styles)), value
     if kind.base == "names":  # repeats included: the server removes them
-        names = draw(st.lists(user_names, max_size=kind.hi))
+        names = draw(st.lists(user_names, min_size=kind.lo, max_size=min(kind.hi, 30)))
         return encode_names(names, draw(string_styles)), names
     if kind.base == "object":
         value = draw(METADATA_64_BIT_INTS)  # past 64 bits is bad_request: MessagePack could not carry it
@@ -515,7 +523,8 @@ def with_control_character() -> st.SearchStrategy[str]:
 @st.composite
 def names_with_a_bad_one(draw, kind: Kind) -> tuple[str, tuple[str, ...], bool]:
     """A list of user names, one of them not a user name: the error names that item."""
-    names = [encode_string(name, draw(string_styles)) for name in draw(st.lists(user_names, max_size=kind.hi - 1))]
+    count = st.lists(user_names, max_size=min(kind.hi, 30) - 1)
+    names = [encode_string(name, draw(string_styles)) for name in draw(count)]
     index = draw(st.integers(0, len(names)))
     bad = draw(
         st.one_of(
@@ -603,8 +612,11 @@ def other_options(kind: Kind) -> list[tuple[str, st.SearchStrategy[Any]]]:
             ("wrong type", st.sampled_from(["5", "0", "1.5", "true", "[]", "{}", '["created"]'])),
             ("surrogate", surrogate_string()),
         ]
-    too_many = st.tuples(st.lists(user_names, min_size=kind.hi + 1, max_size=kind.hi + 5), string_styles)
-    return [
+    # Short names when the list may be long: a list too long, not a frame too large.
+    names = user_names if kind.hi <= 100 else st.text("abc", min_size=1, max_size=4)
+    too_many = st.tuples(st.lists(names, min_size=kind.hi + 1, max_size=kind.hi + 5), string_styles)
+    too_few = [("too few", st.just("[]"))] if kind.lo else []
+    return too_few + [
         ("wrong type", st.sampled_from(WRONG_TYPE_FOR_LIST)),
         ("too many", too_many.map(lambda t: encode_names(*t))),
         ("a bad name", names_with_a_bad_one(kind)),
@@ -1332,10 +1344,12 @@ REPLIES: dict[type, tuple[str | None, frozenset[str]]] = {
     ReopenSession: ("session_reopened", frozenset({"not_found", "conflict"})),
     MarkRead: ("read_marked", frozenset({"not_found", "bad_request"})),  # bad_request: past the last seq
     WatchDocument: ("document", frozenset()),
+    MoveSessions: ("sessions_moved", frozenset({"not_found", "bad_request", "too_large"})),
     UnwatchDocument: ("unwatched", frozenset()),
 }
 assert set(REPLIES) == set(REQUEST_CLASSES.values())
 STORED_EVENTS = {
+    "session_moved",
     "session_created",
     "message",
     "session_closed",
@@ -1699,6 +1713,26 @@ class ChatModel:
                 ), summary
 
         return Outcome("document", check)
+
+    def _move_sessions(self, request: MoveSessions, user: str, mode: str) -> Outcome | None:
+        if request.from_section_id == request.to_section_id:
+            return Outcome("bad_request")  # checked first
+        ids = request.session_ids
+        if ids is not None and len(set(ids)) != len(ids):
+            return Outcome("bad_request")
+        if request.document_id == "d":
+            return None  # the arena's document: the model does not follow its sessions between sections
+        if ids:
+            return Outcome("not_found")  # no fuzzed id names a session (they are uuids)
+
+        def check(reply: dict) -> None:  # sessions other frames created in that section moved, if any
+            moved = (reply["document_id"], reply["from_section_id"], reply["to_section_id"])
+            assert moved == (request.document_id, request.from_section_id, request.to_section_id), reply
+            listed = [(got["document_id"], got["section_id"]) for got in reply["sessions"]]
+            assert set(listed) <= {(request.document_id, request.to_section_id)}, reply
+            assert len({got["session_id"] for got in reply["sessions"]}) == len(listed), reply
+
+        return Outcome("sessions_moved", check)
 
     def _unwatch_document(self, request: UnwatchDocument, user: str, mode: str) -> Outcome:
         return Outcome("unwatched", lambda reply: assert_equal(reply["document_id"], request.document_id))
@@ -2071,6 +2105,7 @@ BOUNDARY_VALUES: dict[Kind, list[Any]] = {
         ["fuzz-msgpack", "fuzz-msgpack", "fuzz-json", "polite"],
         None,
     ],
+    SESSION_IDS: [["s"], ["x" * 64], [f"s{i}" for i in range(1000)], ["s", "s"], None],
     METADATA: [
         {},
         {"anchor": {"quote": "é\u2028\x00", "at": [1, 2.5, -0.0, True, None]}, "n": 2**64 - 1, "m": -(2**63)},
@@ -2099,6 +2134,7 @@ BEYOND_VALUES: dict[Kind, list[Any]] = {
     BOOL: [0, 1, "true", [True]],
     ORDER: ["", "Created", "newest", None, 1],
     USER_NAMES: [[f"u{i}" for i in range(21)], [""], ["x" * 65], ["a\x00"], ["u", 1], ["u", None], "u", {}],
+    SESSION_IDS: [[], [f"s{i}" for i in range(1001)], [""], ["x" * 65], ["a\x00"], ["s", 1], "s", {}],
     METADATA: [[], "x", 5, True, [{"a": 1}]],
     CURSOR: [
         "",

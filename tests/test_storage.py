@@ -16,11 +16,13 @@ from server.storage.base import (
     MessageDeletedRecord,
     MessageEditedRecord,
     MessageRecord,
+    Part,
     ReactionRecord,
     ReadRecord,
     SectionKey,
     SessionClosedRecord,
     SessionCreatedRecord,
+    SessionMovedRecord,
     SessionReopenedRecord,
     SessionUpdatedRecord,
     StaleSection,
@@ -248,6 +250,9 @@ async def test_every_record_kind_round_trips(storage, tmp_path, request):
         SessionClosedRecord(offset=7, session=msgspec.structs.replace(annotated, closed=True)),
         SessionReopenedRecord(offset=8, session=annotated),
         ReadRecord(offset=9, session_id="s1", user="bob", seq=1),  # stored in a read stream; storage takes any kind
+        SessionMovedRecord(
+            offset=10, session=annotated, from_section_id="other", to_section_id="intro", state=b"\x00\xffstate"
+        ),
     ]
     assert {type(r) for r in records} == set(get_args(StoredRecord))
     await storage.load_section(KEY)
@@ -309,8 +314,10 @@ async def test_a_delete_erases_the_text_of_every_earlier_version(storage, tmp_pa
     ]
     await storage.load_section(KEY)
     await storage.append(KEY, "e", records[:5])
-    await storage.append(KEY, "e", [records[5]], erase=[2, 3, 4])  # erased where they are stored
-    await storage.append(KEY, "e", records[6:], erase=[7, 8, 9])  # stored erased in the first place
+    await storage.append(
+        KEY, "e", [records[5]], erase=[("intro", 2), ("intro", 3), ("intro", 4)]
+    )  # erased where stored
+    await storage.append(KEY, "e", records[6:], erase=[("intro", 7), ("intro", 8), ("intro", 9)])  # stored erased
     expected = [erased(r) if r.offset in (2, 3, 4, 7, 8, 9) else r for r in records]
     assert expected[1].message.text == "" and expected[1].message.message_id == first[0].message.message_id
     assert (await storage.read_after(KEY, 0)).records == expected
@@ -335,7 +342,7 @@ async def test_erased_text_leaves_the_journal_while_running_and_across_a_crash(t
     first = _versions_of_a_secret(1, 2, "secret one")
     await storage.load_section(KEY)
     await storage.append(KEY, "e", [SessionCreatedRecord(offset=1, session=session("s1")), *first])
-    await storage.append(KEY, "e", [_deleted(first[-1], 5)], erase=[2, 3, 4])
+    await storage.append(KEY, "e", [_deleted(first[-1], 5)], erase=[("intro", o) for o in (2, 3, 4)])
     if crash:
         storage.journal.abandon()  # kill -9: the segment with the text is still there
         os.close(storage._lock_fd)
@@ -348,3 +355,52 @@ async def test_erased_text_leaves_the_journal_while_running_and_across_a_crash(t
     log = await storage.read_after(KEY, 0)
     assert [r.offset for r in log.records] == [1, 2, 3, 4, 5] and log.records[1] == erased(first[0])
     await storage.close()
+
+
+async def test_redis_data_of_the_per_section_key_layout_is_renamed_on_open(redis_server):
+    """Format 1 gave each section its own hash tag; format 2 the document's (a move's script touches two sections)."""
+    import redis.asyncio
+
+    from server.storage.redis import _hash
+
+    records = [SessionCreatedRecord(offset=1, session=session("s1")), MessageRecord(offset=2, message=message("s1", 1))]
+    old = f"sc:{{{_hash(KEY.document_id, KEY.section_id)}}}"
+    raw = redis.asyncio.Redis.from_url(redis_server.url)
+    try:
+        await raw.hset(
+            f"{old}:meta",
+            mapping={"document_id": KEY.document_id, "section_id": KEY.section_id, "epoch": "e1", "offset": 2},
+        )
+        await raw.rpush(f"{old}:log", *(msgspec.json.encode(r) for r in records))
+        for _ in range(2):  # a second open finds nothing left to rename
+            storage = RedisStorage(redis_server.url)
+            await storage.open()
+            try:
+                log = await storage.load_section(KEY)
+                assert (log.epoch, log.records) == ("e1", records)
+            finally:
+                await storage.close()
+        assert await raw.exists(f"{old}:meta", f"{old}:log") == 0 and await raw.get("sc:format") == b"2"
+    finally:
+        await raw.aclose()
+
+
+async def test_append_parts_stores_every_part_or_none(storage):
+    """A move's parts: two sections (and a read stream) of one document in one atomic append."""
+    other = SectionKey("doc", "other")
+    for key in (KEY, other):
+        await storage.load_section(key)
+    await storage.append(KEY, "e", [SessionCreatedRecord(offset=1, session=session("s1"))])
+    moved = msgspec.structs.replace(session("s1"), section_id="other")
+    out = SessionMovedRecord(offset=2, session=moved, from_section_id="intro", to_section_id="other")
+    into = msgspec.structs.replace(out, offset=1, state=b"state")
+    if isinstance(storage, RedisStorage):  # another node wrote to the target first: nothing of the move lands
+        await storage.append(other, "f", [SessionCreatedRecord(offset=1, session=session("s2", other))])
+        with pytest.raises(StaleSection):
+            await storage.append_parts([Part(KEY, "e", [out]), Part(other, "f", [into])])
+        assert [r.offset for r in (await storage.read_after(KEY, 0)).records] == [1]
+        into = msgspec.structs.replace(into, offset=2)
+    await storage.append_parts([Part(KEY, "e", [out]), Part(other, "f", [into])])
+    assert (await storage.read_after(KEY, 0)).records[-1] == out
+    assert (await storage.read_after(other, 0)).records[-1] == into
+    assert await storage.find_section("s1") in (other, KEY)  # the index may lag a move: the source forwards

@@ -36,7 +36,17 @@ import pytest
 from faultdisk import SimulatedDisk
 from test_chat import CollectingPeer
 
-from protocol.messages import CreateSession, DeleteMessage, EditMessage, Message, SendMessage, Session, Subscribe
+from protocol.messages import (
+    CreateSession,
+    DeleteMessage,
+    EditMessage,
+    MarkRead,
+    Message,
+    MoveSessions,
+    SendMessage,
+    Session,
+    Subscribe,
+)
 from server.chat import Chat
 from server.core import Stream, event_of
 from server.storage.base import (
@@ -47,6 +57,7 @@ from server.storage.base import (
     SectionLog,
     SessionCreatedRecord,
     StorageError,
+    reads_key,
 )
 from server.storage.disk import Disk
 from server.storage.file import FileStorage, _decode_line
@@ -437,6 +448,91 @@ async def test_power_cuts_during_and_after_recovery():
                     ) from error
                 cases += 1
     print(f"{cases} power cuts during or after a recovery")
+
+
+async def move_workload(storage: FileStorage) -> tuple[list[str], str]:
+    """Sessions with a message and a read marker each in s0, then one move of them all to s1: (their ids, its outcome)."""
+    chat = Chat(storage, sessions_per_minute=0)
+    peer, reader = Peer("mover"), Peer("reader")
+    session_ids = []
+    for n in range(3):
+        await chat.handle(peer, CreateSession(id=10 + n, document_id="doc", section_id="s0"))
+        outcome, reply = _outcome(peer, 10 + n)
+        if reply is None:
+            await chat.close()
+            return session_ids, "not tried"
+        session_ids.append(reply["session"]["session_id"])
+        await chat.handle(peer, SendMessage(id=20 + n, session_id=session_ids[-1], text=f"m{n}"))
+        await chat.handle(reader, MarkRead(id=30 + n, session_id=session_ids[-1], seq=1))
+    await chat.handle(peer, MoveSessions(id=50, document_id="doc", from_section_id="s0", to_section_id="s1"))
+    moved = _outcome(peer, 50)[0]
+    await chat.close()
+    return session_ids, moved
+
+
+async def check_move(root: Path, session_ids: list[str], moved: str) -> None:
+    """Every session is in exactly one section, all of them in the same one: the target if the move was acked."""
+    storage = FileStorage(root)
+    await storage.open()
+    try:
+        streams = {}
+        for section_id in ("s0", "s1"):
+            key = SectionKey("doc", section_id)
+            stream = streams[section_id] = Stream(key, 0)
+            for record in (await storage.read_after(key, 0)).records:
+                stream.apply(record)
+        places = {sid: [s for s, stream in streams.items() if sid in stream.sessions] for sid in session_ids}
+        assert all(
+            len(found) == 1 for found in places.values()
+        ), f"a session in more or fewer than one section: {places}"
+        assert len({found[0] for found in places.values()}) <= 1, f"a move half done: {places}"
+        if moved == "acked":
+            assert all(found == ["s1"] for found in places.values()), places
+        elif moved == "refused":
+            assert all(found == ["s0"] for found in places.values()), places
+        for sid, [section_id] in places.items():
+            state = streams[section_id].state_of(sid)
+            assert state.session.section_id == section_id
+            if moved == "acked":  # everything before it was acked too: it all came along
+                reads = Stream(reads_key(SectionKey("doc", section_id)), 0)
+                for record in (await storage.read_after(reads.key, 0)).records:
+                    reads.apply(record)
+                assert state.session.last_seq == 1 and reads.reads[sid]["reader"] == 1
+            found = await storage.find_section(sid)  # the index names where it is, or a section it left
+            assert found is not None and (found.section_id == section_id or sid in streams[found.section_id].moved)
+    finally:
+        await storage.close()
+
+
+@pytest.mark.timeout(300)
+async def test_a_move_is_all_or_nothing_at_every_power_cut():
+    """Both sections' records (and the read markers) of a move are one journal group: a power cut keeps all or none."""
+    with Case() as case:
+        disk = SimulatedDisk(case.data)
+        storage = _fast(FileStorage(case.data, disk=disk), 1 << 20)
+        await storage.open()
+        await move_workload(storage)
+        await storage.close()
+        calls = disk.calls
+    rng = random.Random(13)
+    for cut in range(1, calls + 2):
+        for lucky in (None, random.Random(rng.random())):
+            with Case() as case:
+                disk = SimulatedDisk(case.data)
+                disk.cut_at = cut
+                storage = _fast(FileStorage(case.data, disk=disk), 1 << 20)
+                try:
+                    await storage.open()
+                except StorageError:
+                    continue
+                session_ids, moved = await move_workload(storage)
+                await storage.close()
+                after = case.fresh("after")
+                disk.materialize(after, lucky)
+                try:
+                    await check_move(after, session_ids, moved)
+                except AssertionError as error:
+                    raise AssertionError(f"power cut at call {cut} of {calls} ({moved}): {error}") from error
 
 
 def _copy(outcomes: Outcomes) -> dict:

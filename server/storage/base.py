@@ -67,6 +67,21 @@ class SessionReopenedRecord(Record, tag="session_reopened"):
     session: Session
 
 
+class SessionMovedRecord(Record, tag="session_moved"):
+    """A session moving between two sections of a document: stored in both streams, in one atomic write.
+
+    In the target's stream it carries the session's state as the core holds it
+    (`state`, see core.SessionState), so that the target never reads the
+    source to take the session over; in the source's stream `state` is empty.
+    The session's earlier records stay where they were stored.
+    """
+
+    session: Session  # as it is after the move
+    from_section_id: str
+    to_section_id: str
+    state: bytes = b""
+
+
 class ReadRecord(Record, tag="read"):
     """A user's read marker in a session: stored in the section's read stream (see `reads_key`), not its events."""
 
@@ -85,12 +100,28 @@ StoredRecord = Union[
     SessionUpdatedRecord,
     SessionReopenedRecord,
     ReadRecord,
+    SessionMovedRecord,
 ]
+
+
+class Part(NamedTuple):
+    """One section's records in a write that spans sections (a move): stored all together or not at all."""
+
+    key: SectionKey
+    epoch: str
+    records: list[StoredRecord]
+
+
+# An earlier record to store erased (see `erased`): the section of the document it is in, and its offset.
+Erasure = tuple[str, int]
 
 
 def session_id_of(record: StoredRecord) -> str:
     """The session a record belongs to."""
-    if isinstance(record, (SessionCreatedRecord, SessionClosedRecord, SessionUpdatedRecord, SessionReopenedRecord)):
+    if isinstance(
+        record,
+        (SessionCreatedRecord, SessionClosedRecord, SessionUpdatedRecord, SessionReopenedRecord, SessionMovedRecord),
+    ):
         return record.session.session_id
     if isinstance(record, ReadRecord):
         return record.session_id
@@ -123,9 +154,14 @@ def erase_deleted(records: list[StoredRecord]) -> list[StoredRecord]:
     ]
 
 
-def placed_sessions(records: list[StoredRecord]) -> list[str]:
+def placed_sessions(records: list[StoredRecord], section_id: str) -> list[str]:
     """The sessions these records place in their section: what each backend's session index learns of them."""
-    return [record.session.session_id for record in records if isinstance(record, SessionCreatedRecord)]
+    return [
+        record.session.session_id
+        for record in records
+        if isinstance(record, SessionCreatedRecord)
+        or (isinstance(record, SessionMovedRecord) and record.to_section_id == section_id)
+    ]
 
 
 # A section's read markers are a record stream of their own, stored like a section's
@@ -205,14 +241,22 @@ class Storage(Protocol):
     async def read_records(self, key: SectionKey, offsets: list[int]) -> list[StoredRecord]:
         """The records at these offsets of a loaded section (a page: reads what it returns, not the section)."""
 
-    async def append(self, key: SectionKey, epoch: str, records: list[StoredRecord], erase: Sequence[int] = ()) -> None:
+    async def append(
+        self, key: SectionKey, epoch: str, records: list[StoredRecord], erase: Sequence[Erasure] = ()
+    ) -> None:
         """Store records durably right after offset `records[0].offset - 1`.
 
-        `epoch` names a new section's stream. `erase`: offsets of earlier
-        records (or of these) that are stored `erased` from now on, in the same
-        atomic step (a delete: the deleted text leaves storage with it).
+        `epoch` names a new section's stream. `erase`: earlier records (or
+        these) of the document that are stored `erased` from now on, in the
+        same atomic step (a delete: the deleted text leaves storage with it).
         Raises StaleSection if the section has moved past that offset,
         StorageError if nothing could be stored.
+        """
+
+    async def append_parts(self, parts: list[Part], erase: Sequence[Erasure] = ()) -> None:
+        """Append to sections of one document atomically: after a crash, every part is stored or none is.
+
+        Each part as `append` (the first part's document is the one `erase` names).
         """
 
     async def find_section(self, session_id: str) -> SectionKey | None: ...

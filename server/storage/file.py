@@ -66,14 +66,16 @@ from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple, Union
+from typing import NamedTuple, Union, cast
 
 import aiofiles.os
 import msgspec
 
 from ..metrics import Metrics
 from .base import (
+    Erasure,
     OutcomeUnknown,
+    Part,
     SectionKey,
     SectionLog,
     SectionState,
@@ -118,9 +120,10 @@ class JournalEntry(msgspec.Struct, array_like=True, omit_defaults=True):
     section_at: int  # where its lines start in the section file (0: the header comes first)
     index_at: int  # where its session lines start in the index (-1: none)
     records: list[msgspec.Raw]  # each record as encoded once, byte for byte its line in the section file
-    # Earlier lines of the section file rewritten in place, erased (a delete): (where, the line's
-    # length, the erased record, which is padded with spaces to that length).
-    erased: list[tuple[int, int, msgspec.Raw]] = []
+    # Earlier lines of the document's section files rewritten in place, erased (a delete): (the
+    # section, where, the line's length, the erased record, padded with spaces to that length).
+    erased: list[tuple[str, int, int, msgspec.Raw]] = []
+    group: int = 0  # how many of the entries after this one are stored with it, all or none (a move)
 
 
 class KeptState(msgspec.Struct, array_like=True):
@@ -247,10 +250,11 @@ class PendingAppend:
     created: list[str]
     last_offset: int
     outcome: asyncio.Future[None]
-    erase: list[int]  # offsets of the section's records to store erased (see Storage.append)
+    erase: list[Erasure]  # the document's records to store erased (see Storage.append)
+    group: int = 0  # as JournalEntry.group
     # Filled in by the batch job: the derived writes, once the entry is durable, and where its lines start.
     derived: list[tuple[DerivedFile, int, bytes]] = field(default_factory=list)
-    erasures: list[tuple[int, int, bytes]] = field(default_factory=list)  # as JournalEntry.erased
+    erasures: list[tuple[str, int, int, bytes]] = field(default_factory=list)  # as JournalEntry.erased
     starts: list[int] = field(default_factory=list)
     index_span: tuple[int, int] = (-1, -1)  # where its session lines are in the index
 
@@ -356,12 +360,15 @@ class Journal:
 
     # The write path ---------------------------------------------------------------
 
-    async def commit(self, item: PendingAppend) -> None:
-        self._pending.append(item)
+    async def commit(self, items: list[PendingAppend]) -> None:
+        """Write these entries (one batch: a group is never split), and wait until they are durable."""
+        self._pending += items
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush())
-        # Shielded: once queued, the write happens whether or not the caller waits.
-        await asyncio.shield(item.outcome)
+        # Shielded: once queued, the write happens whether or not the caller waits. A group's
+        # outcomes are one outcome (gather retrieves every one).
+        outcome = items[0].outcome if len(items) == 1 else asyncio.gather(*(item.outcome for item in items))
+        await asyncio.shield(outcome)
 
     async def _flush(self) -> None:
         try:
@@ -478,9 +485,10 @@ class Journal:
                     new_dirs.append(index.path.parent)
             raw = list(map(msgspec.Raw, item.encoded))
             if item.erase:
-                item.erasures = storage.erasures(item.section, item.key, item.erase)
-            erased = [(where, length, msgspec.Raw(data)) for where, length, data in item.erasures]
-            entries.append(_frame(_encode(JournalEntry(*item.key, item.epoch, at, index_at, raw, erased))))
+                item.erasures = storage.erasures(item.key.document_id, item.erase)
+            erased = [(section_id, at, n, msgspec.Raw(data)) for section_id, at, n, data in item.erasures]
+            entry = JournalEntry(*item.key, item.epoch, at, index_at, raw, erased, item.group)
+            entries.append(_frame(_encode(entry)))
         return entries, new_dirs
 
     def _write_derived(self, batch: list[PendingAppend]) -> tuple[str, set[Path]] | None:
@@ -512,12 +520,11 @@ class Journal:
                         )
                         self.descriptors.forget(file.path)
                 untrusted.add(file.path)
-            if item.erasures:
-                path = item.section.file.path
+            for path, erasures in self.storage.erasures_by_path(item.key.document_id, item.erasures).items():
                 self.current.touched.add(path)
                 if failure is None:
                     try:
-                        _erase_lines(disk, path, item.erasures)
+                        _erase_lines(disk, path, erasures)
                     except OSError as error:
                         failure = error
                         logger.error("cannot erase in %s (%s); rebuilding from the journal", path, _error_text(error))
@@ -766,6 +773,27 @@ def _segments(directory: Path) -> list[Path]:
         return []
 
 
+def _intact_entries(content: bytes) -> tuple[list[JournalEntry], int]:
+    """A segment's entries up to the first torn or damaged one, and the bytes they span.
+
+    The entries of a group (a move) count only all together: a group cut short ends them there.
+    """
+    lines = content.splitlines(keepends=True)
+    entries: list[JournalEntry] = []
+    good = index = 0
+    while index < len(lines):
+        entry = _journal_entry(lines[index])
+        if entry is None:
+            break
+        group = [entry, *(_journal_entry(line) for line in lines[index + 1 : index + 1 + entry.group])]
+        if len(group) != entry.group + 1 or None in group:
+            break
+        entries += cast(list[JournalEntry], group)
+        good += sum(map(len, lines[index : index + len(group)]))
+        index += len(group)
+    return entries, good
+
+
 def _journal_entry(line: bytes) -> JournalEntry | None:
     """The entry a journal line holds; None if it is torn or damaged."""
     payload = _unframe(line[:-1]) if line.endswith(b"\n") else None
@@ -793,15 +821,15 @@ def _erase_in_batch(batch: list[PendingAppend]) -> None:
         if not item.erase:
             continue
         left = []
-        for offset in item.erase:
+        for section_id, offset in item.erase:
             for earlier in batch[: index + 1]:
                 first = earlier.last_offset - len(earlier.encoded) + 1
-                if earlier.section is item.section and first <= offset <= earlier.last_offset:
+                if earlier.key == (item.key.document_id, section_id) and first <= offset <= earlier.last_offset:
                     line = earlier.encoded[offset - first]
                     earlier.encoded[offset - first] = _encode(erased(_decode_record(line)))
                     break
             else:
-                left.append(offset)
+                left.append((section_id, offset))
         item.erase = left
 
 
@@ -970,22 +998,19 @@ class FileStorage:
                 content = disk.read_file(segment.path)
             except FileNotFoundError:
                 continue  # retired, its deletion not yet synced: everything in it was
-            good = 0
-            for line in content.splitlines(keepends=True):
-                entry = _journal_entry(line)
-                if entry is None:
-                    break
-                good += len(line)
+            entries, good = _intact_entries(content)
+            for entry in entries:
                 key = SectionKey(entry.document_id, entry.section_id)
                 path = self._section_path(key)
                 lines = b"".join(bytes(raw) + b"\n" for raw in entry.records)
                 if entry.section_at == 0:
                     lines = _header_line(entry.epoch, key) + lines
                 _plan_write(writes, path, entry.section_at, lines)
-                if entry.erased:
-                    erasures.setdefault(path, []).extend((at, n, bytes(raw)) for at, n, raw in entry.erased)
+                for section_id, at, n, raw in entry.erased:
+                    erased_path = self._section_path(SectionKey(entry.document_id, section_id))
+                    erasures.setdefault(erased_path, []).append((at, n, bytes(raw)))
                 if entry.index_at >= 0:
-                    created = placed_sessions([_decode_record(bytes(raw)) for raw in entry.records])
+                    created = placed_sessions([_decode_record(bytes(raw)) for raw in entry.records], key.section_id)
                     _plan_write(writes, self.index.path, entry.index_at, _index_lines(created, key))
             if good < len(content):
                 logger.warning("cutting %d bytes of unacknowledged writes from the journal", len(content) - good)
@@ -1016,7 +1041,7 @@ class FileStorage:
                 disk.makedirs(path.parent)
                 _write_from(disk, path, size, lines)
                 touched.add(path)
-            unindexed = [sid for sid in placed_sessions(entry.records) if sid not in index]
+            unindexed = [sid for sid in placed_sessions(entry.records, key.section_id) if sid not in index]
             if unindexed:
                 _write_from(disk, self.index.path, None, _index_lines(unindexed, key))
                 index.update(unindexed)
@@ -1146,7 +1171,7 @@ class FileStorage:
     async def load_section(self, key: SectionKey) -> SectionLog:
         epoch, records, size, starts, lengths, kept = await self._read(self._load_section_sync, key)
         path = self._section_path(key)
-        place, session_ids = None, placed_sessions(records)
+        place, session_ids = None, placed_sessions(records, key.section_id)
         if kept is not None:
             place = KeptPlace(path.with_suffix(".state"), kept.offset, kept.size)
             session_ids = [*kept.session_ids, *session_ids]
@@ -1321,34 +1346,54 @@ class FileStorage:
         finally:
             self.disk.close(fd)
 
-    def erasures(self, section: LoadedSection, key: SectionKey, offsets: list[int]) -> list[tuple[int, int, bytes]]:
-        """In the batch job's thread: how to erase the lines of these durable records (see JournalEntry.erased).
+    def erasures(self, document_id: str, erase: list[Erasure]) -> list[tuple[str, int, int, bytes]]:
+        """In the batch job's thread: how to erase the lines of these durable records (see JournalEntry.erased)."""
+        by_section: dict[str, list[int]] = {}
+        for section_id, offset in erase:
+            by_section.setdefault(section_id, []).append(offset)
+        found = []
+        for section_id, offsets in by_section.items():
+            key = SectionKey(document_id, section_id)
+            found += [(section_id, *erasure) for erasure in self._erasures_in(key, sorted(offsets))]
+        return found
 
-        Where they are comes from the positions in memory and the kept state;
-        each line found is checked to be the record at its offset, and if one
-        is not, the section file itself is parsed to find them.
-        """
-        path = section.file.path
-        kept = section.kept
-        base = kept.offset if kept else 0
-        try:
-            spans = {o: (section.starts[o - base - 1], section.lengths[o - base - 1]) for o in offsets if o > base}
-            lines = self._read_spans(path, kept, [o for o in offsets if o <= base], spans)
-            found = [_erasure(spans[o][0], line, o) for o, line in zip(sorted(spans), lines, strict=True)]
-        except (WrongPositions, IndexError):
-            found = [None]
+    def _erasures_in(self, key: SectionKey, offsets: list[int]) -> list[tuple[int, int, bytes]]:
+        """Erasures of one section's records. Where they are comes from the positions in memory and the
+        kept state; each line found is checked to be the record at its offset, and if one is not (or
+        the section is not loaded) the section file itself is parsed to find them."""
+        path = self._section_path(key)
+        section = self._loaded.get(key)
+        found: list[tuple[int, int, bytes] | None] = [None]
+        if section is not None:
+            kept = section.kept
+            base = kept.offset if kept else 0
+            try:
+                spans = {o: (section.starts[o - base - 1], section.lengths[o - base - 1]) for o in offsets if o > base}
+                lines = self._read_spans(path, kept, [o for o in offsets if o <= base], spans)
+                found = [_erasure(spans[o][0], line, o) for o, line in zip(sorted(spans), lines, strict=True)]
+            except (WrongPositions, IndexError):
+                found = [None]
         if None in found:
             starts, lengths = array("Q"), array("I")
             content = self.disk.read_at(path, -1, 0)
             _, records, _, _ = self._parse_section(key, content, starts, lengths)
             found = [
                 _erasure(starts[o - 1], content[starts[o - 1] : starts[o - 1] + lengths[o - 1]], o)
-                for o in sorted(offsets)
+                for o in offsets
                 if o <= len(records)
             ]
             if None in found or len(found) < len(offsets):
                 logger.error("cannot find every record to erase in %s; the deleted text stays there", path)
         return [erasure for erasure in found if erasure is not None]
+
+    def erasures_by_path(
+        self, document_id: str, erasures: list[tuple[str, int, int, bytes]]
+    ) -> dict[Path, list[tuple[int, int, bytes]]]:
+        by_path: dict[Path, list[tuple[int, int, bytes]]] = {}
+        for section_id, at, length, data in erasures:
+            path = self._section_path(SectionKey(document_id, section_id))
+            by_path.setdefault(path, []).append((at, length, data))
+        return by_path
 
     async def read_after(self, key: SectionKey, offset: int) -> SectionLog:
         content = await self._read(self.disk.read_at, self._section_path(key), -1, 0)
@@ -1399,32 +1444,44 @@ class FileStorage:
                     lengths.append(len(line))
         return epoch, records, at + end, len(content) - end
 
-    async def append(self, key: SectionKey, epoch: str, records: list[StoredRecord], erase: Sequence[int] = ()) -> None:
-        section = self._loaded.get(key)
-        if section is None:
-            # Appending to a section that was not loaded would skip the checks
-            # that load_section makes; the chat logic always loads first.
-            raise StorageError("section is not loaded")
-        if records[0].offset != section.next_offset:
-            # Built on an append that failed after this one was decided.
-            raise StorageError("an earlier write to this section failed; nothing was stored")
+    async def append(
+        self, key: SectionKey, epoch: str, records: list[StoredRecord], erase: Sequence[Erasure] = ()
+    ) -> None:
+        await self.append_parts([Part(key, epoch, records)], erase)
+
+    async def append_parts(self, parts: list[Part], erase: Sequence[Erasure] = ()) -> None:
+        sections = [self._loaded.get(part.key) for part in parts]
+        for part, section in zip(parts, sections, strict=True):
+            if section is None:
+                # Appending to a section that was not loaded would skip the checks
+                # that load_section makes; the chat logic always loads first.
+                raise StorageError("section is not loaded")
+            if part.records[0].offset != section.next_offset:
+                # Built on an append that failed after this one was decided.
+                raise StorageError("an earlier write to this section failed; nothing was stored")
         if self.journal.broken is not None:
             self.journal.retry_now()  # the fault may have cleared: writes resume at the speed of traffic
             raise StorageError(f"storage is recovering ({self.journal.broken}); nothing was stored")
-        section.next_offset = records[-1].offset + 1
-        section.epoch = epoch
-        created = placed_sessions(records)
-        item = PendingAppend(
-            key,
-            epoch,
-            section,
-            [_encode(r) for r in records],
-            created,
-            records[-1].offset,
-            asyncio.get_running_loop().create_future(),
-            list(erase),
-        )
-        await self.journal.commit(item)
+        loop = asyncio.get_running_loop()
+        items = []
+        for part, section in zip(parts, cast(list[LoadedSection], sections), strict=True):
+            section.next_offset = part.records[-1].offset + 1
+            section.epoch = part.epoch
+            items.append(
+                PendingAppend(
+                    part.key,
+                    part.epoch,
+                    section,
+                    [_encode(r) for r in part.records],
+                    placed_sessions(part.records, part.key.section_id),
+                    part.records[-1].offset,
+                    loop.create_future(),
+                    [],
+                )
+            )
+        # One entry a part, in one group: the journal replays all of them or none.
+        items[0].erase, items[0].group = list(erase), len(items) - 1
+        await self.journal.commit(items)
 
     # The session index ------------------------------------------------------
 

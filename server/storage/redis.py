@@ -69,6 +69,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import re
 import time
 from collections.abc import Sequence
 from typing import NamedTuple, cast
@@ -82,10 +83,14 @@ from redis.maint_notifications import MaintNotificationsConfig
 
 from ..metrics import Metrics
 from .base import (
+    Erasure,
     OutcomeUnknown,
+    Part,
     SectionKey,
     SectionLog,
     SectionState,
+    SessionCreatedRecord,
+    SessionMovedRecord,
     StaleSection,
     StorageError,
     StoredRecord,
@@ -110,34 +115,53 @@ _encode = msgspec.json.Encoder().encode
 _decode_record = msgspec.json.Decoder(StoredRecord).decode
 _decode_key = msgspec.json.Decoder(tuple[str, str]).decode
 
-# KEYS: meta, log, fence. ARGV: expected offset, epoch, document_id, section_id, channel message, token,
-# the number of erasures E, E pairs (list index, erased record), records...
+# One append to one or more sections of a document (a move: all or nothing).
+# KEYS: meta, log, fence of each part, then the logs that erasures name.
+# ARGV: the number of parts, token, then each part: expected offset, epoch,
+# document_id, section_id, channel message, record count, records...; then the
+# number of erasures and each one's (KEYS index, list index, erased record).
+# The first part's fence and first record decide, as for a one-part append.
 _APPEND = (
     """
-if redis.call('SISMEMBER', KEYS[3], ARGV[6]) == 1 then
+local parts = tonumber(ARGV[1])
+if redis.call('SISMEMBER', KEYS[3], ARGV[2]) == 1 then
     return 'fenced'
 end
-local current = tonumber(redis.call('HGET', KEYS[1], 'offset') or '0')
-local expected = tonumber(ARGV[1])
-local first = 8 + 2 * tonumber(ARGV[7])
-local count = #ARGV - first + 1
-if current ~= expected then
-    if current >= expected + count and redis.call('LINDEX', KEYS[2], expected) == ARGV[first] then
-        return current
+local starts = {}
+local at = 3
+for p = 1, parts do
+    starts[p] = at
+    at = at + 6 + tonumber(ARGV[at + 5])
+end
+for p = 1, parts do
+    local a, base = starts[p], 3 * (p - 1)
+    local expected, count = tonumber(ARGV[a]), tonumber(ARGV[a + 5])
+    local current = tonumber(redis.call('HGET', KEYS[base + 1], 'offset') or '0')
+    if current ~= expected then
+        if p == 1 and current >= expected + count and redis.call('LINDEX', KEYS[2], expected) == ARGV[a + 6] then
+            return current
+        end
+        return -1 - current
     end
-    return -1 - current
 end
-for i = 8, first - 1, 2 do
-    redis.call('LSET', KEYS[2], tonumber(ARGV[i]), ARGV[i + 1])
+for e = 1, tonumber(ARGV[at]) do
+    local i = at + 3 * e - 2
+    redis.call('LSET', KEYS[tonumber(ARGV[i])], tonumber(ARGV[i + 1]), ARGV[i + 2])
 end
-redis.call('RPUSH', KEYS[2], unpack(ARGV, first))
-redis.call('HSETNX', KEYS[1], 'epoch', ARGV[2])
-redis.call('HSET', KEYS[1], 'offset', current + count, 'document_id', ARGV[3], 'section_id', ARGV[4])
-redis.call('DEL', KEYS[3])
-redis.call('PUBLISH', '"""
+local result
+for p = 1, parts do
+    local a, base = starts[p], 3 * (p - 1)
+    local expected, count = tonumber(ARGV[a]), tonumber(ARGV[a + 5])
+    redis.call('RPUSH', KEYS[base + 2], unpack(ARGV, a + 6, a + 5 + count))
+    redis.call('HSETNX', KEYS[base + 1], 'epoch', ARGV[a + 1])
+    redis.call('HSET', KEYS[base + 1], 'offset', expected + count, 'document_id', ARGV[a + 2], 'section_id', ARGV[a + 3])
+    redis.call('DEL', KEYS[base + 3])
+    redis.call('PUBLISH', '"""
     + EVENTS_CHANNEL
-    + """', ARGV[5] .. (current + count))
-return current + count
+    + """', ARGV[a + 4] .. (expected + count))
+    result = result or expected + count
+end
+return result
 """
 )
 
@@ -154,21 +178,35 @@ return 0
 """
 
 
+FORMAT_KEY = "sc:format"
+KEY_FORMAT = b"2"  # 2: a section's keys carry its document's hash tag (1: its own)
+_FORMAT_1_META = re.compile(rb"sc:\{[0-9a-f]{24}\}:meta")
+# KEYS: a section's old meta, log, fence, then their new names. Run again, it does nothing.
+_RENAME = """
+for i = 1, 3 do
+    if redis.call('EXISTS', KEYS[i]) == 1 then
+        redis.call('RENAME', KEYS[i], KEYS[i + 3])
+    end
+end
+"""
+
+
 def _hash(*parts: str) -> str:
     return hashlib.blake2b("\x00".join(parts).encode(), digest_size=12).hexdigest()
 
 
-def section_tag(key: SectionKey) -> str:
-    return _hash(key.document_id, key.section_id)
+def section_prefix(key: SectionKey) -> str:
+    """What a section's keys start with: the document's hash tag, so that one script may touch all its sections."""
+    return f"sc:{{{_hash(key.document_id)}}}:{_hash(key.document_id, key.section_id)}"
 
 
 def section_keys(key: SectionKey) -> tuple[str, str]:
-    tag = section_tag(key)
-    return f"sc:{{{tag}}}:meta", f"sc:{{{tag}}}:log"
+    prefix = section_prefix(key)
+    return f"{prefix}:meta", f"{prefix}:log"
 
 
 def fence_key(key: SectionKey) -> str:
-    return f"sc:{{{section_tag(key)}}}:fence"
+    return f"{section_prefix(key)}:fence"
 
 
 def connect(url: str, *, socket_timeout: float = READ_TIMEOUT_S, retries: int = 1) -> redis.Redis:
@@ -223,11 +261,36 @@ class RedisStorage:
         self.check_timeout_s = check_timeout_s
         # Appends sent whose outcome is not known yet, by section.
         self._pending: dict[SectionKey, _Attempt] = {}
-        # A session never moves, so a found section can be remembered.
+        # Where sessions were found: a session that moved since is found through the section it left.
         self._session_sections: dict[str, SectionKey] = {}
 
     async def open(self) -> None:
         await self.check()
+        try:
+            await self._migrate()
+        except RedisError as error:
+            raise StorageError(f"Redis: cannot bring the data to this version's key layout: {error}") from None
+
+    async def _migrate(self) -> None:
+        """Keys of format 1 (a hash tag per section) take the names of format 2 (the document's hash tag)."""
+        if await self.client.get(FORMAT_KEY) == KEY_FORMAT:
+            return
+        renamed = 0
+        async for name in self.client.scan_iter(match="sc:{*}:meta", count=1000):
+            if not _FORMAT_1_META.fullmatch(name):
+                continue
+            ids = cast(list[bytes | None], await self.client.hmget(name, ["document_id", "section_id"]))
+            if None in ids:
+                continue
+            key = SectionKey(*(cast(bytes, part).decode() for part in ids))
+            old = name.decode().removesuffix(":meta")
+            await self.writes.eval(
+                _RENAME, 6, f"{old}:meta", f"{old}:log", f"{old}:fence", *section_keys(key), fence_key(key)
+            )
+            renamed += 1
+        await self.writes.set(FORMAT_KEY, KEY_FORMAT)
+        if renamed:
+            logger.info("renamed the keys of %d sections to the key layout of format 2", renamed)
 
     async def check(self) -> None:
         try:
@@ -280,51 +343,113 @@ class RedisStorage:
             raise StorageError(f"section log {log} is shorter than expected")
         return [_decode_record(line) for line in lines]
 
-    async def append(self, key: SectionKey, epoch: str, records: list[StoredRecord], erase: Sequence[int] = ()) -> None:
-        expected = records[0].offset - 1
-        pending = self._pending.get(key)
-        if pending is not None:
-            # An earlier append to this section may still land: nothing new goes out until we know.
-            landed = await self._resolve(key, pending, self.resolve_budget_s)
-            if landed is None:
-                raise StorageError("Redis: the outcome of an earlier write to this section is still unknown")
-            if landed and expected < pending.expected + pending.records:
-                raise StaleSection(f"an earlier write to the section landed at offset {pending.expected + 1}")
-        created = placed_sessions(records)
-        meta, log = section_keys(key)
-        hint = _encode([key.document_id, key.section_id]).decode() + "\n"
+    async def append(
+        self, key: SectionKey, epoch: str, records: list[StoredRecord], erase: Sequence[Erasure] = ()
+    ) -> None:
+        await self.append_parts([Part(key, epoch, records)], erase)
+
+    async def append_parts(self, parts: list[Part], erase: Sequence[Erasure] = ()) -> None:
+        anchor = parts[0].key
+        for part in parts:
+            pending = self._pending.get(part.key)
+            if pending is not None:
+                # An earlier append to this section may still land: nothing new goes out until we know.
+                landed = await self._resolve(part.key, pending, self.resolve_budget_s)
+                if landed is None:
+                    raise StorageError("Redis: the outcome of an earlier write to this section is still unknown")
+                if landed and part.records[0].offset - 1 < pending.expected + pending.records:
+                    raise StaleSection(f"an earlier write to the section landed at offset {pending.expected + 1}")
         started = time.perf_counter()
-        try:
-            if created:
-                # Its outcome does not matter: an index entry without its record names a
-                # section that lacks the session (`not_found`), as in the file backend.
-                async with self.writes.pipeline(transaction=True) as pipe:
-                    entry = _encode([key.document_id, key.section_id])
-                    pipe.hset(SESSIONS_KEY, mapping={sid: entry for sid in created})
-                    pipe.zadd(f"sc:doc:{_hash(key.document_id)}", {entry: time.time()}, nx=True)
-                    await pipe.execute()
-        except RedisError as error:
-            raise StorageError(f"Redis: {error}") from None
-        erasures: list[bytes | int] = []
-        if erase:
-            # Those in this batch are stored erased in the first place; earlier ones are read
-            # now (this node appends to the section one batch at a time) and replaced by the script.
-            records = [erased(r) if r.offset in erase else r for r in records]
-            earlier = sorted(offset for offset in erase if offset <= expected)
-            for offset, record in zip(earlier, await self.read_records(key, earlier), strict=True):
-                erasures += [offset - 1, _encode(erased(record))]
-        encoded = [_encode(r) for r in records]
-        attempt = _Attempt(expected, len(records), os.urandom(12).hex(), encoded[0])
-        keys = (meta, log, fence_key(key))
-        args = (expected, epoch, key.document_id, key.section_id, hint, attempt.token, len(erasures) // 2, *erasures)
-        args += tuple(encoded)
-        result = await self._send_append(key, attempt, keys, args)
+        await self._index_new_sessions(parts)
+        parts, erasures = await self._erasures(parts, erase)
+        keys: list[str] = []
+        args: list[bytes | str | int] = [len(parts), os.urandom(12).hex()]
+        for part in parts:
+            keys += [*section_keys(part.key), fence_key(part.key)]
+            hint = _encode([part.key.document_id, part.key.section_id]).decode() + "\n"
+            encoded = [_encode(r) for r in part.records]
+            args += [part.records[0].offset - 1, part.epoch, *part.key, hint, len(encoded), *encoded]
+        args.append(len(erasures))
+        for log, index, line in erasures:
+            if log not in keys:
+                keys.append(log)
+            args += [keys.index(log) + 1, index, line]
+        first = parts[0].records
+        attempt = _Attempt(first[0].offset - 1, len(first), cast(str, args[1]), _encode(first[0]))
+        result = await self._send_append(anchor, attempt, tuple(keys), tuple(args))
         if self.metrics is not None:
             self.metrics.storage_write_seconds.observe(time.perf_counter() - started)
         if result < 0:
-            raise StaleSection(f"section is at offset {-1 - result}, not {expected}")
-        for session_id in created:
-            self._session_sections[session_id] = key
+            raise StaleSection(f"a section is at offset {-1 - result}, not where the write expected")
+        await self._index_moved_sessions(parts)
+
+    async def _index_new_sessions(self, parts: list[Part]) -> None:
+        """The index entries of the sessions an append creates, written before it."""
+        created = {
+            part.key: [r.session.session_id for r in part.records if isinstance(r, SessionCreatedRecord)]
+            for part in parts
+        }
+        placed = [part.key for part in parts if placed_sessions(part.records, part.key.section_id)]
+        if not placed:
+            return
+        try:
+            # Its outcome does not matter: an index entry without its record names a
+            # section that lacks the session (`not_found`), as in the file backend.
+            async with self.writes.pipeline(transaction=True) as pipe:
+                for key in placed:
+                    entry = _encode([key.document_id, key.section_id])
+                    if created[key]:
+                        pipe.hset(SESSIONS_KEY, mapping={sid: entry for sid in created[key]})
+                    pipe.zadd(f"sc:doc:{_hash(key.document_id)}", {entry: time.time()}, nx=True)
+                await pipe.execute()
+        except RedisError as error:
+            raise StorageError(f"Redis: {error}") from None
+        for key, session_ids in created.items():
+            self._session_sections.update(dict.fromkeys(session_ids, key))
+
+    async def _index_moved_sessions(self, parts: list[Part]) -> None:
+        """The index entries of sessions a move placed, written after it: until then, and if this fails,
+        the section they left says where they went (the chat follows it)."""
+        moved = {
+            r.session.session_id: part.key
+            for part in parts
+            for r in part.records
+            if isinstance(r, SessionMovedRecord) and r.to_section_id == part.key.section_id
+        }
+        if not moved:
+            return
+        self._session_sections.update(moved)
+        try:
+            await self.writes.hset(SESSIONS_KEY, mapping={sid: _encode(list(key)) for sid, key in moved.items()})
+        except RedisError as error:
+            logger.warning(
+                "cannot update the session index after a move (%s); the moved sessions are still found", error
+            )
+
+    async def _erasures(
+        self, parts: list[Part], erase: Sequence[Erasure]
+    ) -> tuple[list[Part], list[tuple[str, int, bytes]]]:
+        """The parts with the records to erase that they hold erased, and (log, index, record) for the others."""
+        if not erase:
+            return parts, []
+        document_id = parts[0].key.document_id
+        wanted = set(erase)
+        parts = [
+            part._replace(records=[erased(r) if (part.key.section_id, r.offset) in wanted else r for r in part.records])
+            for part in parts
+        ]
+        in_parts = {(part.key.section_id, r.offset) for part in parts for r in part.records}
+        # Earlier ones are read now (this node appends to a section one write at a time) and replaced by the script.
+        by_section: dict[str, list[int]] = {}
+        for section_id, offset in sorted(wanted - in_parts):
+            by_section.setdefault(section_id, []).append(offset)
+        erasures = []
+        for section_id, offsets in by_section.items():
+            key = SectionKey(document_id, section_id)
+            log = section_keys(key)[1]
+            for offset, record in zip(offsets, await self.read_records(key, offsets), strict=True):
+                erasures.append((log, offset - 1, _encode(erased(record))))
+        return parts, erasures
 
     async def _send_append(self, key: SectionKey, attempt: _Attempt, keys: tuple, args: tuple) -> int:
         """Run the append script, sent exactly once; its result, resolved if the reply is lost."""
