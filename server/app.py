@@ -19,8 +19,10 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack, asynccontextmanager
 
+from aiohttp import web
 from websockets.asyncio.server import Server, serve
 
+from .api import Api
 from .chat import Chat
 from .cluster import RedisCluster
 from .config import Config
@@ -68,6 +70,7 @@ class App:
         self._checker: asyncio.Task[None] | None = None
         self._storage_problem: str | None = None  # what the last storage check found wrong; None: ok
         self._storage_checked = 0.0  # time.monotonic() of the last check
+        self.api_port: int | None = None  # where the HTTP API listens, once it does
 
     @property
     def port(self) -> int:
@@ -184,6 +187,8 @@ class App:
             reason = os.strerror(error.errno).lower() if error.errno else str(error)
             raise StartupError(f"cannot listen on {self.config.host}:{self.config.port}: {reason}") from None
         stack.push_async_callback(self._close_connections, self.server, self.transport, self.chat)
+        if self.config.api_keys:
+            await self._start_api(self.chat)
         self._sweeper = asyncio.create_task(self._sweep())
         stack.push_async_callback(_cancelled, self._sweeper)
         await self._check_storage()
@@ -194,6 +199,23 @@ class App:
         logger.info(
             "listening on %s:%d (http://%s:%d/, ws://%s:%d/ws)", host, self.port, host, self.port, host, self.port
         )
+
+    async def _start_api(self, chat: Chat) -> None:
+        """The HTTP API on its own port; it stops before the connections close (no write after the last)."""
+        runner = web.AppRunner(
+            Api(chat, self.config.api_keys).application(), access_log=None, handle_signals=False, shutdown_timeout=1.0
+        )
+        await runner.setup()
+        self._stack.push_async_callback(runner.cleanup)
+        site = web.TCPSite(runner, self.config.api_host, self.config.api_listen_port)
+        try:
+            await site.start()
+        except OSError as error:
+            reason = os.strerror(error.errno).lower() if error.errno else str(error)
+            where = f"{self.config.api_host}:{self.config.api_listen_port}"
+            raise StartupError(f"cannot listen for the HTTP API on {where}: {reason}") from None
+        host, self.api_port = runner.addresses[0][:2]
+        logger.info("api listening on %s:%d", host, self.api_port)
 
     async def _sweep(self) -> None:
         assert self.chat is not None

@@ -71,6 +71,7 @@ from .core import (
     SessionElsewhere,
     SessionState,
     check_read_seq,
+    event_of,
     history_window,
     newly_mentioned,
     read_state,
@@ -317,13 +318,40 @@ class Chat:
     async def _watch_document(self, peer: Peer, request: WatchDocument) -> None:
         check_access(peer, request.document_id)
         self.subscriptions.check_room(peer, request.document_id)
-        keys = await self.storage.document_sections(request.document_id)
-        loaded = [(await self.sections.loaded(key), await self._marked(key)) for key in keys]
+        summaries = await self.document_summaries(request.document_id, peer.user)
         # From here to the watch nothing awaits: no change slips between the summaries and the live ones.
-        summaries = [section_summary(section.stream, marked, peer.user) for section, marked in loaded]
-        summaries = [summary for summary in summaries if summary.sessions]
         reply(peer, DocumentSummary(document_id=request.document_id, sections=summaries, reply_to=request.id))
         self.subscriptions.watch(peer, request.document_id, summaries)
+
+    async def document_summaries(self, document_id: str, user: str | None) -> list[SectionSummary]:
+        """A summary of each section of the document that has a session, for `user` (None: nobody's unread).
+
+        Computed after the last await: a caller that acts on them at once misses no change.
+        """
+        keys = await self.storage.document_sections(document_id)
+        loaded = [(await self.sections.loaded(key), await self._marked(key)) for key in keys]
+        summaries = [section_summary(section.stream, marked, user or "") for section, marked in loaded]
+        return [summary for summary in summaries if summary.sessions]
+
+    async def stored_events(
+        self, key: SectionKey, since_offset: int, epoch: str | None, limit: int
+    ) -> tuple[str, int, list[StoredEvent], bool]:
+        """(epoch, offset, events, has_more): up to `limit` stored events after `since_offset`, read from storage."""
+        section = await self.sections.loaded(key)
+        stream = section.stream
+        if epoch is not None and epoch != stream.epoch:
+            raise ChatError(errors.CONFLICT, f"the section's epoch is {stream.epoch!r}, not {epoch!r}")
+        if since_offset > stream.offset:
+            raise ChatError(errors.CONFLICT, f"the section's offset is {stream.offset}, before {since_offset}")
+        last = min(stream.offset, since_offset + limit)
+        offsets = list(range(since_offset + 1, last + 1))
+        first_recent = stream.offset - len(stream.recent) + 1
+        if offsets and offsets[0] >= first_recent:
+            records = [stream.recent[offset - first_recent] for offset in offsets]
+        else:
+            records = await self.storage.read_records(key, offsets) if offsets else []
+        events = [cast(StoredEvent, event_of(stream.redacted(record))) for record in records]
+        return stream.epoch, stream.offset, events, last < stream.offset
 
     async def _unwatch_document(self, peer: Peer, request: UnwatchDocument) -> None:
         self.subscriptions.unwatch(peer, request.document_id)

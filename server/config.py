@@ -12,6 +12,7 @@ import tomllib
 from collections.abc import Mapping
 
 ENV_PREFIX = "SECTIONCHAT_"
+DEFAULT_API_PORT = 8766
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +48,14 @@ class Config:
     log_format: str = "text"
     # Runtime
     event_loop: str = "auto"
+    # The HTTP API (on when there is a key)
+    api_keys: tuple[str, ...] = dataclasses.field(default=(), repr=False)
+    api_host: str = "127.0.0.1"
+    api_port: int | None = None  # None: DEFAULT_API_PORT
+
+    @property
+    def api_listen_port(self) -> int:
+        return DEFAULT_API_PORT if self.api_port is None else self.api_port
 
 
 # option name -> (type, help); the option's flag is --name-with-dashes.
@@ -77,8 +86,10 @@ _OPTIONS: dict[str, tuple[type, str]] = {
     "log_level": (str, "debug, info, warning or error"),
     "log_format": (str, "text or json (one JSON object per line)"),
     "event_loop": (str, "auto (uvloop when installed), uvloop or asyncio"),
+    "api_host": (str, "address the HTTP API listens on"),
+    "api_port": (int, f"port of the HTTP API (default {DEFAULT_API_PORT}; 0 picks a free one); needs --api-key"),
 }
-SECRETS = frozenset({"auth_secret"})
+SECRETS = frozenset({"auth_secret", "api_keys"})
 
 
 def _env_value(name: str, kind: type, environ: Mapping[str, str]) -> object:
@@ -103,6 +114,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="ORIGIN",
         help="an Origin allowed to open WebSockets (repeatable); any other gets HTTP 403",
     )
+    parser.add_argument(
+        "--api-key",
+        dest="api_keys",
+        action="append",
+        default=None,
+        metavar="KEY",
+        help="a key of the HTTP API (repeatable; SECTIONCHAT_API_KEYS takes a comma-separated list): turns the API on",
+    )
 
 
 def _file_values(path: str) -> dict[str, object]:
@@ -116,7 +135,11 @@ def _file_values(path: str) -> dict[str, object]:
     values: dict[str, object] = {}
     for raw_name, value in table.items():
         name = raw_name.replace("-", "_")
-        if name == "allowed_origins" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        if (
+            name in ("allowed_origins", "api_keys")
+            and isinstance(value, list)
+            and all(isinstance(v, str) for v in value)
+        ):
             values[name] = tuple(value)
             continue
         if name not in _OPTIONS:
@@ -145,6 +168,10 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> C
         for name in ("ALLOWED_ORIGINS", "ALLOWED_ORIGIN"):  # space- or comma-separated
             if ENV_PREFIX + name in environ:
                 values["allowed_origins"] = tuple(environ[ENV_PREFIX + name].replace(",", " ").split())
+    if getattr(args, "api_keys", None):
+        values["api_keys"] = tuple(args.api_keys)
+    elif ENV_PREFIX + "API_KEYS" in environ:
+        values["api_keys"] = tuple(key.strip() for key in environ[ENV_PREFIX + "API_KEYS"].split(",") if key.strip())
     if values.get("rate_limit") == 0 and "sessions_per_minute" not in values:
         # "0 turns the limit off, for benchmarks and trusted harnesses": all of it.
         values["sessions_per_minute"] = 0
@@ -173,6 +200,10 @@ def describe(config: Config) -> str:
 def validate(config: Config) -> None:
     if not 0 <= config.port <= 65535:
         raise SystemExit(f"sectionchat: --port {config.port} is not a port number")
+    if config.api_port is not None and not config.api_keys:
+        raise SystemExit("sectionchat: --api-port needs an API key (--api-key or SECTIONCHAT_API_KEYS)")
+    if not 0 <= config.api_listen_port <= 65535:
+        raise SystemExit(f"sectionchat: --api-port {config.api_port} is not a port number")
     if config.rate_limit < 0:
         raise SystemExit("sectionchat: --rate-limit must be 0 (off) or positive")
     if not config.health_check_interval_s > 0:

@@ -26,6 +26,9 @@ class Peer(Protocol):
     def close(self, code: int, reason: str) -> None:
         """Close the connection (it reconnects); never blocks."""
 
+    def stored(self, records: int) -> None:
+        """A write of this peer's was decided and its reply sent: it stored `records` (0: it changed nothing)."""
+
 
 def reply(peer: Peer, frame: ServerFrame) -> None:
     peer.send(peer.codec.encode(frame))

@@ -98,6 +98,9 @@ class Connection:
     def closing(self) -> bool:
         return self._closing is not None
 
+    def stored(self, records: int) -> None:
+        pass  # the reply says it all
+
     def close(self, code: int, reason: str) -> None:
         """Start closing now (nothing more is queued after the close frame), finish in the background."""
         websocket = self._websocket

@@ -189,6 +189,7 @@ class Writer:
                 applied = [(self.sections.section(part.key), part.records) for part in parts]
                 events = [[section.stream.apply(record) for record in records] for section, records in applied]
                 reply(peer, decided.reply)
+                peer.stored(sum(len(records) for _, records in applied))
                 for (section, records), announced in zip(applied, events, strict=True):
                     for record, event in zip(records, announced, strict=True):
                         if not isinstance(record, ReadRecord):  # markers that moved are news to nobody
@@ -241,6 +242,7 @@ class Writer:
                 continue
             events = [section.stream.apply(record) for record in decided.records]
             reply(write.peer, decided.reply)
+            write.peer.stored(len(decided.records))
             for record, event in zip(decided.records, events, strict=True):
                 self._announce(section, record, event, write.peer)
             _settle(write.outcome)

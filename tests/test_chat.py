@@ -32,6 +32,9 @@ class CollectingPeer:
     def close(self, code: int, reason: str) -> None:
         self.closed = code
 
+    def stored(self, records: int) -> None:
+        pass
+
     def last(self) -> dict:
         return self.frames[-1]
 
