@@ -309,6 +309,7 @@ async function openSection(doc, section, sessionId, { flashSeq = null } = {}) {
       onSessionClosed: forSection(gen, onSessionChanged),
       onSessionReopened: forSection(gen, onSessionChanged),
       onSessionUpdated: forSection(gen, onSessionChanged),
+      onSessionMoved: forSection(gen, onSessionMoved),
       onMessageEdited: forSection(gen, onMessageChanged),
       onMessageDeleted: forSection(gen, onMessageChanged),
       onReaction: forSection(gen, onReaction),
@@ -345,12 +346,21 @@ function onSnapshot({ sessions, presence, reconnect }) {
   renderSessions();
   renderPresence(presence);
   fetchLastMessages();
-  if (reconnect && ui.view) {
+  if (reconnect && ui.view && !ui.view.moved) {
     if (ui.sessions.has(ui.view.sessionId)) reloadView();
-    else {
-      notify("The open session no longer exists on the server.", { kind: "info" });
-      closeSessionView();
-    }
+    else whereIsOpenSession(ui.view);
+  }
+}
+
+/** The open session is no longer in the section after a reload: moved elsewhere, or gone. */
+async function whereIsOpenSession(view) {
+  const session = await ui.chat.getSession(view.sessionId).catch(() => null);
+  if (view !== ui.view) return;
+  if (session && session.section_id !== ui.section) {
+    showMoved(session);
+  } else {
+    notify("The open session no longer exists on the server.", { kind: "info" });
+    closeSessionView();
   }
 }
 
@@ -391,6 +401,24 @@ function onSessionCreated(session) {
   if (ui.sessions.has(session.session_id)) return;
   ui.sessions.set(session.session_id, sessionItem(session));
   renderSessions();
+}
+
+/** A session moved out of this section (an editor renamed, merged or deleted it) or into it. */
+function onSessionMoved({ session }, { direction }) {
+  if (direction === "in") {
+    onSessionCreated(session);
+    fetchLastMessages(); // its preview
+    return;
+  }
+  ui.sessions.delete(session.session_id);
+  renderSessions();
+  if (ui.view?.sessionId === session.session_id) showMoved(session);
+}
+
+/** The open session now lives in another section: say where, with a way to follow it. */
+function showMoved(session) {
+  ui.view.moved = session;
+  renderSessionHead();
 }
 
 /** Closed, reopened or updated (title, metadata): the client has updated the session object. */
@@ -732,28 +760,34 @@ function closeSessionView() {
 }
 
 function renderSessionHead() {
-  const item = ui.sessions.get(ui.view.sessionId);
-  const session = item.session;
+  const session = currentSession();
+  if (!session) return;
+  const moved = ui.view.moved;
   $("session-title").textContent = sessionTitle(session);
   $("session-meta").textContent = `Started by ${session.created_by} · ${fullTime(session.created_at)}`;
   $("session-view").dataset.closed = session.closed ? "true" : "false";
-  $("closed-note").hidden = !session.closed;
-  $("close-session").hidden = session.closed;
-  $("reopen-session").hidden = !session.closed;
+  if (moved) $("session-view").dataset.movedTo = moved.section_id;
+  else delete $("session-view").dataset.movedTo;
+  $("closed-note").hidden = !session.closed || Boolean(moved);
+  $("moved-note").hidden = !moved;
+  if (moved) $("moved-text").textContent = `This session moved to section “${moved.section_id}”.`;
+  $("close-session").hidden = session.closed || Boolean(moved);
+  $("reopen-session").hidden = !session.closed || Boolean(moved);
   resetCloseButton();
   updateComposer();
 }
 
 function currentSession() {
-  return ui.view ? ui.sessions.get(ui.view.sessionId)?.session ?? null : null;
+  return ui.view ? ui.sessions.get(ui.view.sessionId)?.session ?? ui.view.moved ?? null : null;
 }
 
 function updateComposer() {
   const session = currentSession();
-  const closed = !session || session.closed;
+  const closed = !session || session.closed || Boolean(ui.view?.moved);
   $("message-input").disabled = closed;
   $("send").disabled = closed;
-  $("message-input").placeholder = session ? (closed ? "This session is closed" : `Message “${sessionTitle(session)}”`) : "";
+  const why = ui.view?.moved ? "This session moved to another section" : "This session is closed";
+  $("message-input").placeholder = session ? (closed ? why : `Message “${sessionTitle(session)}”`) : "";
   if (closed) closeMentions();
 }
 
@@ -1685,6 +1719,10 @@ function wireEvents() {
     document.body.dataset.view = "list";
     const current = ui.view && $("sessions").querySelector(`[aria-current="true"]`);
     (current ?? $("new-session-title")).focus();
+  });
+  $("moved-go").addEventListener("click", () => {
+    const moved = ui.view?.moved;
+    if (moved) openSection(moved.document_id, moved.section_id, moved.session_id);
   });
   $("close-session").addEventListener("click", onCloseSession);
   $("reopen-session").addEventListener("click", onReopenSession);

@@ -76,6 +76,15 @@ export interface SectionSummary {
   mentions: number;
 }
 
+/** The reply to `move_sessions` (what `moveSessions` resolves with), revision 1.1. */
+export interface SessionsMoved {
+  document_id: string;
+  from_section_id: string;
+  to_section_id: string;
+  /** The moved sessions as they are after the move (`section_id` is the target's). */
+  sessions: Session[];
+}
+
 export interface Limits {
   max_frame_bytes: number;
   max_text_chars: number;
@@ -182,6 +191,27 @@ export interface MessageHow extends How {
   session: Session;
 }
 
+/** A `session_moved` event, as a subscription hands it to `onSessionMoved`. */
+export interface SessionMove {
+  /** The session as it is after the move (`section_id` is `to_section_id`); the subscription's own object. */
+  session: Session;
+  from_section_id: string;
+  to_section_id: string;
+}
+
+export interface MoveHow extends How {
+  /** "out": this subscription's section was the source (the session has left it); "in": it arrived. */
+  direction: "in" | "out";
+}
+
+export interface MoveSessionsOptions {
+  documentId: string;
+  fromSectionId: string;
+  toSectionId: string;
+  /** 1–1,000 distinct ids; absent or null: every session of the source section. */
+  sessionIds?: string[] | null;
+}
+
 export interface Snapshot {
   sessions: Session[];
   presence: string[];
@@ -248,6 +278,11 @@ export interface SubscriptionHandlers {
   /** Revision 1.1: title or metadata changed. */
   onSessionUpdated?(session: Session, how: How): void;
   onSessionReopened?(session: Session, how: How): void;
+  /**
+   * Revision 1.1: a session moved out of this section (`direction: "out"`: drop it) or into it
+   * (`"in"`: add it; its messages come with `history`). Once per move and subscription.
+   */
+  onSessionMoved?(move: SessionMove, how: MoveHow): void;
   /** Revision 1.1: our read marker moved (`own`: our markRead; else another connection of ours). */
   onRead?(marker: ReadMarker, how: { own: boolean }): void;
   /** Revision 1.1: our unread count of a session changed. */
@@ -271,6 +306,7 @@ export interface SubscriptionEvents {
   reaction: [Reaction, MessageHow];
   session_updated: [Session, How];
   session_reopened: [Session, How];
+  session_moved: [SessionMove, MoveHow];
   read: [ReadMarker, { own: boolean }];
   unread: [UnreadChange];
   presence: [PresenceChange];
@@ -482,6 +518,12 @@ export class SectionChat extends Emitter<ClientEvents> {
   updateSession(sessionId: string, changes: { title?: string | null; metadata?: JsonObject | null }): Promise<Session>;
   /** Reopen a closed session (`conflict` if it is open). */
   reopenSession(sessionId: string): Promise<Session>;
+  /**
+   * Move the named sessions (or every session of the source) to another section of the
+   * document, atomically, with their ids, messages, seqs and read markers. Waits in the
+   * outbox while offline; resent after a drop (a repeat gets the same reply).
+   */
+  moveSessions(options: MoveSessionsOptions): Promise<SessionsMoved>;
 
   // Subscriptions and watches
   subscribe(documentId: string, sectionId: string, handlers?: SubscriptionHandlers): Promise<Subscription>;

@@ -13,6 +13,10 @@
 // same way; several of one kind queued for the same target while offline
 // collapse into the last one (one edit, one reaction state, the highest read
 // marker), so what goes out when the connection is back is sent once.
+// Moves (`moveSessions`, when an editor renames, merges or deletes a section)
+// go through the same outbox; a `session_moved` event, which comes in both
+// sections' streams, takes the session out of the source's subscription and
+// into the target's.
 //
 //   import { SectionChat } from "/static/sectionchat.js";
 //   const chat = new SectionChat(undefined, { name: "alice" });
@@ -47,6 +51,9 @@ const DEFAULTS = Object.freeze({
 // The 1.1 writes are retry-safe by their nature: an edit sets a text, a delete
 // leaves a tombstone, `react` with an explicit `on` sets a state, `mark_read`
 // only moves forward, `update_session` sets fields; a repeat changes nothing.
+// `move_sessions` too: a named session already in the target counts as moved, so a
+// resent move gets the same reply (without `session_ids`, a resend moves what is
+// in the source then: nothing more, unless someone created a session there since).
 // Not `close_session`/`reopen_session`: a repeat of one that landed is `conflict`.
 const RETRY_SAFE = new Set([
   "get_session",
@@ -60,6 +67,7 @@ const RETRY_SAFE = new Set([
   "react",
   "mark_read",
   "update_session",
+  "move_sessions",
   "watch_document",
   "unwatch_document",
 ]);
@@ -104,6 +112,9 @@ export function describeError(error) {
   }
   if (error.code === "forbidden" && /author|creator/.test(error.message)) {
     return "Only its author (or a moderator) may change that.";
+  }
+  if (error.code === "too_large" && error.request?.type === "move_sessions") {
+    return "That section has too many chats to move at once (more than 1,000). Move them in batches, naming their ids.";
   }
   if (error.code === "too_large" && /reaction/.test(error.message)) return "That message already has as many different reactions as it can take.";
   if (error.code === "too_large") {
@@ -177,6 +188,7 @@ const HANDLER_NAMES = {
   onReaction: "reaction",
   onSessionUpdated: "session_updated",
   onSessionReopened: "session_reopened",
+  onSessionMoved: "session_moved",
   onRead: "read",
   onUnread: "unread",
   onPresence: "presence",
@@ -835,6 +847,24 @@ export class SectionChat extends Emitter {
     return (await this.request("reopen_session", { session_id: sessionId }, { retry: false })).session;
   }
 
+  /**
+   * Move sessions of a document from one section to another (revision 1.1), as
+   * an editor does when a section is renamed, merged into another, split or
+   * deleted: `sessionIds` (1–1,000 ids) or, when absent, every session of
+   * `fromSectionId`. Resolves with `{document_id, from_section_id,
+   * to_section_id, sessions}`, the sessions as they are after the move (with
+   * their ids, messages, seqs and read markers). The server moves them
+   * atomically. Made offline, it waits in the outbox and is sent once when the
+   * connection is back; resent if the socket dropped before the reply (a named
+   * session already in the target counts as moved, so the reply is the same).
+   * Subscriptions of either section follow (`onSessionMoved`).
+   */
+  async moveSessions({ documentId, fromSectionId, toSectionId, sessionIds = null } = {}) {
+    const fields = { document_id: documentId, from_section_id: fromSectionId, to_section_id: toSectionId };
+    if (sessionIds != null) fields.session_ids = [...sessionIds];
+    return this._plain(await this.request("move_sessions", fields));
+  }
+
   /** A reply frame without its `type` and `reply_to`. */
   _plain(reply) {
     const { type: _type, reply_to: _replyTo, ...rest } = reply;
@@ -889,6 +919,9 @@ export class SectionChat extends Emitter {
    *   onReaction({session_id, seq, reaction, user, on, at}, {own, replay, session}),
    *   onSessionUpdated(session, {own, replay}), onSessionReopened(session, {own, replay}),
    *   onRead({session_id, seq}, {own}), onUnread({session_id, unread, read}),
+   *   onSessionMoved({session, from_section_id, to_section_id}, {own, replay, direction}):
+   *       direction "out" (this section was the source: the session has left it)
+   *       or "in" (it arrived, with its last_seq; load its messages with history)
    *   onDocumentDeleted({document_id})
    * Each stored event reaches the handlers once, in order, including our own
    * actions (`own: true`) and events replayed after a reconnect (`replay: true`).
@@ -1061,10 +1094,15 @@ export class SectionChat extends Emitter {
     }
     // Messages after the marker that we cannot count here: ask the server (once, soon).
     this._setUnread(sub, sessionId, Math.min(sub.unreadOf(sessionId), session.last_seq - read), read);
+    this._refreshReadSoon(sub);
+  }
+
+  /** Ask the server for the section's read state (once, soon); _noteReadState applies the answer. */
+  _refreshReadSoon(sub) {
     clearTimeout(sub._unreadTimer);
     sub._unreadTimer = setTimeout(() => {
       if (!sub.active) return;
-      this.listSessions(sub.documentId, sub.sectionId).catch(() => {}); // _noteReadState applies it
+      this.listSessions(sub.documentId, sub.sectionId).catch(() => {});
     }, 250);
   }
 
@@ -1223,6 +1261,9 @@ export class SectionChat extends Emitter {
         if (sub?.subscribed) this._applyStored(sub, frame, { own: false, replay: false });
         break;
       }
+      case "session_moved":
+        this._onSessionMoved(frame);
+        break;
       case "read": {
         const sub = this._sessionIndex.get(frame.session_id);
         if (!sub?.subscribed) break;
@@ -1289,6 +1330,11 @@ export class SectionChat extends Emitter {
         return;
       case "sessions":
         this._noteReadState(reply);
+        return;
+      case "sessions_moved":
+        for (const session of reply.sessions) {
+          this._applyMoveToBoth({ session, from_section_id: reply.from_section_id, to_section_id: reply.to_section_id }, { own: true, replay: false });
+        }
         return;
     }
     if (sub?.active && sub.epoch !== null) this._applyStored(sub, reply, { own: true, replay: false });
@@ -1360,7 +1406,76 @@ export class SectionChat extends Emitter {
         sub._emit("session_updated", session, how);
         return;
       }
+      case "session_moved":
+        // A replay: this subscription's own stream says so (its read state follows in the reply).
+        if (sub.sectionId === event.from_section_id) this._moveOut(sub, event, how);
+        else if (sub.sectionId === event.to_section_id) this._moveIn(sub, event, how, null);
+        return;
     }
+  }
+
+  // Moves (revision 1.1) ----------------------------------------------------------------
+
+  /**
+   * A live `session_moved`. It is stored in both sections' streams, each with its
+   * own offset, and the frame does not say which stream it comes from. With one
+   * of the two sections subscribed it is that one's. With both (two frames come,
+   * one per stream) it is the one whose next offset it is, the source first when
+   * both are at the same place (its twin then goes to the target); where it is
+   * neither's (our own writes come back as replies, without offsets), no offset
+   * moves: a later event catches up, and a recovery that replays this one
+   * changes nothing, because a move is applied by where the session is.
+   */
+  _onSessionMoved(frame) {
+    const documentId = frame.session.document_id;
+    const live = [frame.from_section_id, frame.to_section_id]
+      .map((sectionId) => this._subs.get(sectionKey(documentId, sectionId)))
+      .filter((sub) => sub?.subscribed);
+    if (!live.length) return;
+    const owner = live.length === 1 ? live[0] : live.find((sub) => sub.offset + 1 === frame.offset);
+    if (owner && frame.offset > owner.offset) owner.offset = frame.offset;
+    this._applyMoveToBoth(frame, { own: false, replay: false });
+  }
+
+  /** Apply a move to the subscriptions of its source and of its target, whichever we have. */
+  _applyMoveToBoth(move, how) {
+    const documentId = move.session.document_id;
+    const source = this._subs.get(sectionKey(documentId, move.from_section_id));
+    const target = this._subs.get(sectionKey(documentId, move.to_section_id));
+    const carried = source?.active && source.epoch !== null ? this._moveOut(source, move, how) : null;
+    if (target?.active && target.epoch !== null) this._moveIn(target, move, how, carried);
+  }
+
+  /** The session left `sub`'s section; returns its read state there (or null if it was not there). */
+  _moveOut(sub, move, how) {
+    const id = move.session.session_id;
+    const session = sub.sessions.get(id);
+    if (!session) return null; // gone already (our own reply, then the event; or a replay)
+    const carried = sub.readState ? { read: sub.readOf(id), unread: sub.unreadOf(id) } : null;
+    sub.sessions.delete(id);
+    sub.read.delete(id);
+    sub.unread.delete(id);
+    if (this._sessionIndex.get(id) === sub) this._sessionIndex.delete(id);
+    // The object handed to callbacks so far now says where it went.
+    const lastSeq = Math.max(session.last_seq, move.session.last_seq);
+    const lastActivity = later(session.last_activity_at, move.session.last_activity_at);
+    Object.assign(session, move.session, { last_seq: lastSeq, last_activity_at: lastActivity });
+    sub._emit("session_moved", { session, from_section_id: move.from_section_id, to_section_id: move.to_section_id }, { ...how, direction: "out" });
+    return carried;
+  }
+
+  /** The session arrived in `sub`'s section (with its read state from the source, when we had it). */
+  _moveIn(sub, move, how, carried) {
+    const id = move.session.session_id;
+    if (sub.sessions.has(id)) return; // here already
+    this._indexSession(sub, move.session);
+    if (carried) {
+      sub.read.set(id, carried.read);
+      sub.unread.set(id, carried.unread);
+    } else if (sub.readState && !how.replay) {
+      this._refreshReadSoon(sub); // markers move with the session; ask for ours (a replay's reply carries them)
+    }
+    sub._emit("session_moved", { session: sub.sessions.get(id), from_section_id: move.from_section_id, to_section_id: move.to_section_id }, { ...how, direction: "in" });
   }
 
   /** A session's `last_activity_at` moves to `at` if that is later (it never goes back). */

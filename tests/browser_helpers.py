@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlencode
 
-from playwright.async_api import Browser, BrowserContext, ConsoleMessage, Dialog, Page, expect
+from playwright.async_api import Browser, BrowserContext, ConsoleMessage, Dialog, Page, WebSocketRoute, expect
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -59,6 +61,11 @@ def page_url(port: int, **params: str) -> str:
 
 async def open_tab(browser: Browser, port: int, *, viewport: dict | None = None, **params: str) -> Tab:
     """A fresh browser context (its own storage, like another person) on the chat page."""
+    return await open_page(browser, page_url(port, **params), viewport)
+
+
+async def open_page(browser: Browser, url: str, viewport: dict | None = None) -> Tab:
+    """A fresh browser context on any page, recording its console errors and dismissing its dialogs."""
     context = await browser.new_context(viewport=viewport or WIDE)
     page = await context.new_page()
     tab = Tab(context, page)
@@ -74,5 +81,46 @@ async def open_tab(browser: Browser, port: int, *, viewport: dict | None = None,
     page.on("console", on_console)
     page.on("pageerror", lambda error: tab.console_errors.append(f"uncaught: {error}"))
     page.on("dialog", on_dialog)
-    await page.goto(page_url(port, **params))
+    await page.goto(url)
     return tab
+
+
+class Proxy:
+    """Playwright between the page and the server: counts what the page sends, can cut and hold the socket."""
+
+    def __init__(self) -> None:
+        self.hold = asyncio.Event()  # set: new connection attempts are refused
+        self.routes: list[tuple[WebSocketRoute, WebSocketRoute]] = []
+        self.sent: list[dict] = []  # every JSON frame the page sent to the server
+        self.swallow_after: str | None = None  # a request type: from the first one on, that socket's replies are lost
+        self.swallowed: WebSocketRoute | None = None
+
+    async def route(self, ws: WebSocketRoute) -> None:
+        if self.hold.is_set():
+            await ws.close(code=1013, reason="try again later")
+            return
+        server = ws.connect_to_server()
+
+        def to_server(message: str | bytes) -> None:
+            if isinstance(message, str):
+                frame = json.loads(message)
+                self.sent.append(frame)
+                if frame.get("type") == self.swallow_after and self.swallowed is None:
+                    self.swallowed = ws  # from here on this connection's answers are lost
+            server.send(message)
+
+        def to_page(message: str | bytes) -> None:
+            if ws is not self.swallowed:
+                ws.send(message)
+
+        ws.on_message(to_server)
+        server.on_message(to_page)
+        self.routes.append((ws, server))
+
+    async def cut(self) -> None:
+        ws, server = self.routes[-1]
+        await ws.close(code=1011, reason="cut by the test")
+        await server.close()
+
+    def requests(self, type: str) -> list[dict]:
+        return [frame for frame in self.sent if frame.get("type") == type]

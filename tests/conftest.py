@@ -175,6 +175,20 @@ async def scrape(port: int) -> dict[tuple[str, tuple], float]:
     }
 
 
+@pytest.fixture
+async def browser() -> AsyncIterator:
+    """Debian's Chromium under Playwright, headless, for the browser tests."""
+    from browser_helpers import CHROMIUM, CHROMIUM_ARGS
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            await browser.close()
+
+
 async def redis_values(url: str) -> bytes:
     """Every value sectionchat keeps in a Redis (lists, hashes, sets, sorted sets), as bytes."""
     import redis.asyncio

@@ -11,12 +11,11 @@ import asyncio
 import json
 import re
 import shutil
-from collections.abc import AsyncIterator
 
 import pytest
-from browser_helpers import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, NARROW, open_tab
+from browser_helpers import ARTIFACTS, CHROMIUM, NARROW, Proxy, open_tab
 from conftest import ServerProcess
-from playwright.async_api import Browser, WebSocketRoute, async_playwright, expect
+from playwright.async_api import WebSocketRoute, expect
 
 from client import ScriptClient
 from server.app import running
@@ -30,16 +29,6 @@ pytestmark = [
 
 DOC, SECTION = "spec-7", "intro"
 SECRET = "browser-test-secret-browser-test-secret"
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield browser
-        finally:
-            await browser.close()
 
 
 async def new_session(client: ScriptClient, title: str, *texts: str, doc: str = DOC, section: str = SECTION) -> str:
@@ -789,47 +778,6 @@ async def test_moderator_actions_are_shown_only_to_a_moderator(browser, data_dir
                 ("a fine remark (moderated)", False),
             ]
             assert alice.console_errors == [] and mod.console_errors == []
-
-
-class Proxy:
-    """Playwright between the page and the server: counts what the page sends, can cut and hold the socket."""
-
-    def __init__(self) -> None:
-        self.hold = asyncio.Event()  # set: new connection attempts are refused
-        self.routes: list[tuple[WebSocketRoute, WebSocketRoute]] = []
-        self.sent: list[dict] = []  # every JSON frame the page sent to the server
-        self.swallow_after: str | None = None  # a request type: from the first one on, that socket's replies are lost
-        self.swallowed: WebSocketRoute | None = None
-
-    async def route(self, ws: WebSocketRoute) -> None:
-        if self.hold.is_set():
-            await ws.close(code=1013, reason="try again later")
-            return
-        server = ws.connect_to_server()
-
-        def to_server(message: str | bytes) -> None:
-            if isinstance(message, str):
-                frame = json.loads(message)
-                self.sent.append(frame)
-                if frame.get("type") == self.swallow_after and self.swallowed is None:
-                    self.swallowed = ws  # from here on this connection's answers are lost
-            server.send(message)
-
-        def to_page(message: str | bytes) -> None:
-            if ws is not self.swallowed:
-                ws.send(message)
-
-        ws.on_message(to_server)
-        server.on_message(to_page)
-        self.routes.append((ws, server))
-
-    async def cut(self) -> None:
-        ws, server = self.routes[-1]
-        await ws.close(code=1011, reason="cut by the test")
-        await server.close()
-
-    def requests(self, type: str) -> list[dict]:
-        return [frame for frame in self.sent if frame.get("type") == type]
 
 
 async def proxied_tab(browser, port: int, proxy: Proxy, **params: str):
