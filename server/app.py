@@ -32,6 +32,7 @@ from .storage.base import Storage, StorageError
 from .storage.file import FileStorage
 from .storage.redis import RedisStorage
 from .transport import IdentifiedConnection, Transport
+from .webhooks import Webhooks
 
 logger = logging.getLogger("sectionchat")
 
@@ -187,6 +188,11 @@ class App:
             reason = os.strerror(error.errno).lower() if error.errno else str(error)
             raise StartupError(f"cannot listen on {self.config.host}:{self.config.port}: {reason}") from None
         stack.push_async_callback(self._close_connections, self.server, self.transport, self.chat)
+        if self.config.webhooks:
+            assert self.config.webhook_secret is not None  # the config says so
+            webhooks = Webhooks(self.chat, self.config.webhooks, self.config.webhook_secret, self.metrics)
+            await webhooks.start()
+            stack.push_async_callback(webhooks.stop)
         if self.config.api_keys:
             await self._start_api(self.chat)
         self._sweeper = asyncio.create_task(self._sweep())

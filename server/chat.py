@@ -147,6 +147,8 @@ class Chat:
             summarize=self._summarize,
         )
         self.sections.watched = self.subscriptions.watched
+        # Told of every section that stored events, here or (through section_changed) on another node.
+        self.stored_hooks: list[Callable[[SectionKey], None]] = []
         self.writer = Writer(storage, self.sections, self.background, self._announce, self._stored)
         self._handlers: dict[type, Callable[[Peer, Any], Awaitable[None]]] = {
             CreateSession: self._create_session,
@@ -333,6 +335,11 @@ class Chat:
         summaries = [section_summary(section.stream, marked, user or "") for section, marked in loaded]
         return [summary for summary in summaries if summary.sessions]
 
+    async def position(self, key: SectionKey) -> tuple[str, int]:
+        """The section's epoch and offset (its last stored event)."""
+        stream = (await self.sections.loaded(key)).stream
+        return stream.epoch, stream.offset
+
     async def stored_events(
         self, key: SectionKey, since_offset: int, epoch: str | None, limit: int
     ) -> tuple[str, int, list[StoredEvent], bool]:
@@ -513,6 +520,8 @@ class Chat:
             return
         self.subscriptions.broadcast(section.audience, event, cause)
         self.subscriptions.section_changed(section.key)
+        for hook in self.stored_hooks:
+            hook(section.key)
         mentioned = newly_mentioned(record)
         if mentioned and cause is not None:
             # Told by the node that stored it (cause: a write of ours), to its connections and the other nodes';
@@ -543,6 +552,9 @@ class Chat:
 
     def section_changed(self, key: SectionKey | None, offset: int | None = None) -> None:
         """Another node stored events in a section (None: in any section, e.g. after a reconnect)."""
+        if key is not None:
+            for hook in self.stored_hooks:
+                hook(key)
         if key is None:
             sections = list(self.sections)
         else:

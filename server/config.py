@@ -52,6 +52,9 @@ class Config:
     api_keys: tuple[str, ...] = dataclasses.field(default=(), repr=False)
     api_host: str = "127.0.0.1"
     api_port: int | None = None  # None: DEFAULT_API_PORT
+    # Webhooks
+    webhooks: tuple[str, ...] = ()
+    webhook_secret: str | None = dataclasses.field(default=None, repr=False)
 
     @property
     def api_listen_port(self) -> int:
@@ -87,9 +90,10 @@ _OPTIONS: dict[str, tuple[type, str]] = {
     "log_format": (str, "text or json (one JSON object per line)"),
     "event_loop": (str, "auto (uvloop when installed), uvloop or asyncio"),
     "api_host": (str, "address the HTTP API listens on"),
+    "webhook_secret": (str, "the Standard Webhooks secret (whsec_...) that signs every webhook"),
     "api_port": (int, f"port of the HTTP API (default {DEFAULT_API_PORT}; 0 picks a free one); needs --api-key"),
 }
-SECRETS = frozenset({"auth_secret", "api_keys"})
+SECRETS = frozenset({"auth_secret", "api_keys", "webhook_secret"})
 
 
 def _env_value(name: str, kind: type, environ: Mapping[str, str]) -> object:
@@ -115,6 +119,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="an Origin allowed to open WebSockets (repeatable); any other gets HTTP 403",
     )
     parser.add_argument(
+        "--webhook",
+        dest="webhooks",
+        action="append",
+        default=None,
+        metavar="URL",
+        help="POST every stored event here, signed (repeatable; SECTIONCHAT_WEBHOOKS: comma-separated); needs --webhook-secret",
+    )
+    parser.add_argument(
         "--api-key",
         dest="api_keys",
         action="append",
@@ -136,7 +148,7 @@ def _file_values(path: str) -> dict[str, object]:
     for raw_name, value in table.items():
         name = raw_name.replace("-", "_")
         if (
-            name in ("allowed_origins", "api_keys")
+            name in ("allowed_origins", "api_keys", "webhooks")
             and isinstance(value, list)
             and all(isinstance(v, str) for v in value)
         ):
@@ -168,6 +180,10 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> C
         for name in ("ALLOWED_ORIGINS", "ALLOWED_ORIGIN"):  # space- or comma-separated
             if ENV_PREFIX + name in environ:
                 values["allowed_origins"] = tuple(environ[ENV_PREFIX + name].replace(",", " ").split())
+    if getattr(args, "webhooks", None):
+        values["webhooks"] = tuple(args.webhooks)
+    elif ENV_PREFIX + "WEBHOOKS" in environ:
+        values["webhooks"] = tuple(url.strip() for url in environ[ENV_PREFIX + "WEBHOOKS"].split(",") if url.strip())
     if getattr(args, "api_keys", None):
         values["api_keys"] = tuple(args.api_keys)
     elif ENV_PREFIX + "API_KEYS" in environ:
@@ -200,6 +216,13 @@ def describe(config: Config) -> str:
 def validate(config: Config) -> None:
     if not 0 <= config.port <= 65535:
         raise SystemExit(f"sectionchat: --port {config.port} is not a port number")
+    if config.webhooks and not config.webhook_secret:
+        raise SystemExit("sectionchat: --webhook needs --webhook-secret (whsec_ and a base64 key)")
+    if config.webhook_secret is not None and not _valid_webhook_secret(config.webhook_secret):
+        raise SystemExit("sectionchat: --webhook-secret must be whsec_ followed by a base64 key")
+    for url in config.webhooks:
+        if not url.startswith(("http://", "https://")):
+            raise SystemExit(f"sectionchat: --webhook {url!r} is not an http:// or https:// URL")
     if config.api_port is not None and not config.api_keys:
         raise SystemExit("sectionchat: --api-port needs an API key (--api-key or SECTIONCHAT_API_KEYS)")
     if not 0 <= config.api_listen_port <= 65535:
@@ -217,3 +240,13 @@ def validate(config: Config) -> None:
     for name in ("max_frame_bytes", "max_text_chars", "max_subscriptions", "max_outgoing_bytes", "recovery_window"):
         if getattr(config, name) < 1:
             raise SystemExit(f"sectionchat: --{name.replace('_', '-')} must be at least 1")
+
+
+def _valid_webhook_secret(secret: str) -> bool:
+    from standardwebhooks.webhooks import Webhook
+
+    try:
+        Webhook(secret)
+    except Exception:  # the library's own check: bad base64, or empty
+        return False
+    return secret.startswith("whsec_")

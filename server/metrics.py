@@ -61,6 +61,18 @@ class Metrics:
             "Connections closed with 1008 for sustained rate abuse",
             registry=registry,
         )
+        self.webhook_backlog = Gauge(
+            "sectionchat_webhook_backlog",
+            "Events of the section being delivered still waiting for the webhook, by URL",
+            ["url"],
+            registry=registry,
+        )
+        self.webhook_failures = Counter(
+            "sectionchat_webhook_failures",
+            "Webhook attempts that failed (to be retried), by URL",
+            ["url"],
+            registry=registry,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

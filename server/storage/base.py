@@ -264,6 +264,18 @@ class Storage(Protocol):
     async def document_sections(self, document_id: str) -> list[SectionKey]:
         """The sections of a document that hold at least one session, oldest first."""
 
+    async def all_sections(self) -> list[SectionKey]:
+        """Every section that has ever held a session (each once)."""
+
+    async def load_progress(self, name: str) -> dict[SectionKey, tuple[str, int]]:
+        """What a consumer of the stored events (a webhook) last saved: each section's epoch and offset done."""
+
+    async def save_progress(self, name: str, progress: dict[SectionKey, tuple[str, int]]) -> None:
+        """Replace the consumer's progress durably (StorageError if it could not be saved)."""
+
+    async def lease(self, name: str, key: SectionKey, holder: str, ttl_s: float) -> bool:
+        """Take or renew the consumer's lease on the section for `holder`; False while another holds it."""
+
     async def keep_state(self, key: SectionKey, state: SectionState) -> None:
         """Keep the chat logic's state of a loaded section (of durable records only), for its next load.
 

@@ -9,6 +9,7 @@
 #   sessions.tbl                    the index up to some line, sorted, searched on disk (sessiontable.py)
 #   sections/<h(doc)>/<h(sec)>.log  a header line, then one record per line
 #   sections/<h(doc)>/<h(sec)>.state  the chat logic's state of the section up to some record (a cache)
+#   progress/<h(name)>.json         how far a consumer of the stored events (a webhook) got, per section
 #
 # Rules kept here (the fault tests in tests/test_storage_harness.py check them):
 # - An append is acknowledged once its journal entry is written and the journal
@@ -97,6 +98,7 @@ MAX_OPEN_FILES = 128
 INDEX_CHUNK_BYTES = 4 << 20  # the session index is decoded this much at a time
 FOLD_AFTER_SESSIONS = 50_000  # index lines past the session table before they are folded into it
 FOLD_RETRY_S = 30.0
+PROGRESS_DIR = "progress"  # progress/<h(name)>.json: a consumer's [document, section, epoch, offset] lines
 MAX_RECORD_BYTES = 1 << 20  # no record's line is longer (frames are at most 64 KiB)
 READ_GAP_BYTES = 64 * 1024  # a page's records this close together are read in one pread
 OUTCOME_DEADLINE_S = 10.0  # how long a write whose outcome is unknown waits for the storage to find out
@@ -161,6 +163,7 @@ _decode_entry = msgspec.json.Decoder(JournalEntry).decode
 _decode_legacy_entry = msgspec.json.Decoder(LegacyJournalEntry).decode
 _encode_kept = msgspec.msgpack.Encoder().encode
 _decode_kept = msgspec.msgpack.Decoder(KeptState).decode
+_decode_progress = msgspec.json.Decoder(list[tuple[str, str, str, int]]).decode
 
 
 def _name(identifier: str) -> str:
@@ -1558,6 +1561,43 @@ class FileStorage:
                 )
         finally:
             self._folder = None
+
+    async def all_sections(self) -> list[SectionKey]:
+        try:
+            found = await self._read(self.table.all_sections)
+        except DamagedTable as error:
+            raise StorageError(str(error)) from None
+        seen = set(found)
+        return found + [key for keys in self._tail_sections.values() for key in keys if key not in seen]
+
+    def _progress_path(self, name: str) -> Path:
+        return self.root / PROGRESS_DIR / f"{_name(name)}.json"
+
+    async def load_progress(self, name: str) -> dict[SectionKey, tuple[str, int]]:
+        try:
+            data = await self._read(self.disk.read_at, self._progress_path(name), -1, 0)
+            entries = _decode_progress(data) if data else []
+        except msgspec.MsgspecError:
+            logger.warning("%s is unreadable: starting it afresh", self._progress_path(name))
+            entries = []
+        return {
+            SectionKey(document_id, section_id): (epoch, offset) for document_id, section_id, epoch, offset in entries
+        }
+
+    async def save_progress(self, name: str, progress: dict[SectionKey, tuple[str, int]]) -> None:
+        entries = [(*key, epoch, offset) for key, (epoch, offset) in progress.items()]
+        path = self._progress_path(name)
+        try:
+            await aiofiles.os.wrap(self._write_progress)(path, _encode(entries))
+        except OSError as error:
+            raise StorageError(f"cannot save progress: {_error_text(error)}") from None
+
+    def _write_progress(self, path: Path, data: bytes) -> None:
+        sync_all(self.disk, set(), set(self.disk.makedirs(path.parent)))
+        self.disk.write_atomically(path, data)
+
+    async def lease(self, name: str, key: SectionKey, holder: str, ttl_s: float) -> bool:
+        return True  # one process per data dir (its LOCK): nobody else delivers
 
     async def release(self, key: SectionKey) -> None:
         loaded = self._loaded.pop(key, None)

@@ -178,6 +178,15 @@ return 0
 """
 
 
+# KEYS: a lease. ARGV: holder, ttl ms. 1 if the holder has it now (taken or renewed), 0 if another does.
+_LEASE = """
+local current = redis.call('GET', KEYS[1])
+if current and current ~= ARGV[1] then
+    return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
 FORMAT_KEY = "sc:format"
 KEY_FORMAT = b"2"  # 2: a section's keys carry its document's hash tag (1: its own)
 _FORMAT_1_META = re.compile(rb"sc:\{[0-9a-f]{24}\}:meta")
@@ -257,6 +266,7 @@ class RedisStorage:
         self.writes = connect(url, socket_timeout=write_timeout_s, retries=0)
         self._append_script = self.writes.register_script(_APPEND)
         self._resolve_script = self.writes.register_script(_RESOLVE)
+        self._lease_script = self.writes.register_script(_LEASE)
         self.resolve_budget_s = resolve_budget_s
         self.check_timeout_s = check_timeout_s
         # Appends sent whose outcome is not known yet, by section.
@@ -540,6 +550,43 @@ class RedisStorage:
         except RedisError as error:
             raise StorageError(f"Redis: {error}") from None
         return [SectionKey(*_decode_key(entry)) for entry in cast(list[bytes], entries)]
+
+    async def all_sections(self) -> list[SectionKey]:
+        try:
+            found: dict[SectionKey, None] = {}
+            async for name in self.client.scan_iter(match="sc:doc:*", count=1000):
+                for entry in cast(list[bytes], await self.client.zrange(name, 0, -1)):
+                    found[SectionKey(*_decode_key(entry))] = None
+        except RedisError as error:
+            raise StorageError(f"Redis: {error}") from None
+        return list(found)
+
+    async def load_progress(self, name: str) -> dict[SectionKey, tuple[str, int]]:
+        try:
+            entries = cast(dict[bytes, bytes], await self.client.hgetall(f"sc:progress:{_hash(name)}"))
+        except RedisError as error:
+            raise StorageError(f"Redis: {error}") from None
+        progress = {}
+        for field, value in entries.items():
+            epoch, _, offset = value.decode().rpartition(" ")
+            progress[SectionKey(*_decode_key(field))] = (epoch, int(offset))
+        return progress
+
+    async def save_progress(self, name: str, progress: dict[SectionKey, tuple[str, int]]) -> None:
+        if not progress:
+            return
+        mapping = {_encode(list(key)): f"{epoch} {offset}" for key, (epoch, offset) in progress.items()}
+        try:
+            await self.writes.hset(f"sc:progress:{_hash(name)}", mapping=mapping)  # type: ignore[arg-type]
+        except RedisError as error:
+            raise StorageError(f"Redis: {error}") from None
+
+    async def lease(self, name: str, key: SectionKey, holder: str, ttl_s: float) -> bool:
+        lease = f"{section_prefix(key)}:lease:{_hash(name)}"
+        try:
+            return bool(await self._lease_script(keys=[lease], args=[holder, int(ttl_s * 1000)]))
+        except RedisError as error:
+            raise StorageError(f"Redis: {error}") from None
 
     async def keep_state(self, key: SectionKey, state: SectionState) -> None:
         pass  # a section's records are read from Redis in one round trip: nothing to gain

@@ -159,6 +159,17 @@ class SessionTable:
                 raise DamagedTable(f"unreadable section line for document {document_id!r} in {self.path}") from None
         return found
 
+    def all_sections(self) -> list[SectionKey]:
+        """Every section in the table (its section lines come last: '#' sorts after '"')."""
+        found = []
+        for line in self._lines_from(b"#"):
+            head, _, section_id = line.partition(b"\t")
+            try:
+                found.append(SectionKey(_decode_id(head[1 : head.rindex(b" ")]), _decode_id(section_id)))
+            except (ValueError, msgspec.MsgspecError):
+                raise DamagedTable(f"unreadable section line in {self.path}") from None
+        return found
+
     def _lines_from(self, target: bytes) -> Iterator[bytes]:
         """The table's lines from the first whose key is not below `target` (each without its newline)."""
         view = self._open_view() if self.header.sessions else None
