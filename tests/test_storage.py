@@ -404,3 +404,28 @@ async def test_append_parts_stores_every_part_or_none(storage):
     assert (await storage.read_after(KEY, 0)).records[-1] == out
     assert (await storage.read_after(other, 0)).records[-1] == into
     assert await storage.find_section("s1") in (other, KEY)  # the index may lag a move: the source forwards
+
+
+async def test_sections_progress_and_leases_for_consumers_of_the_stream(storage, tmp_path):
+    """What webhooks keep through the storage: every section, their progress (surviving a reopen), leases."""
+    keys = [KEY, SectionKey("doc", "other"), SectionKey("another doc", "x")]
+    for n, key in enumerate(keys):
+        await storage.load_section(key)
+        await storage.append(key, "e", [SessionCreatedRecord(offset=1, session=session(f"s{n}", key))])
+    assert sorted(await storage.all_sections()) == sorted(keys)
+    progress = {KEY: ("e", 1), keys[2]: ("e2", 7)}
+    await storage.save_progress("webhook http://x/", progress)
+    await storage.save_progress("webhook http://x/", {**progress, KEY: ("e", 2)})
+    assert await storage.load_progress("webhook http://y/") == {}
+    await storage.close()
+    again = FileStorage(tmp_path / "data") if isinstance(storage, FileStorage) else RedisStorage(storage.url)
+    await again.open()
+    try:
+        assert await again.load_progress("webhook http://x/") == {KEY: ("e", 2), keys[2]: ("e2", 7)}
+        assert sorted(await again.all_sections()) == sorted(keys)  # from the table and the index after it
+        assert await again.lease("w", KEY, "node-1", 5.0)
+        assert await again.lease("w", KEY, "node-1", 5.0)  # renewed by its holder
+        assert await again.lease("w", KEY, "node-2", 5.0) is isinstance(again, FileStorage)  # files: one process
+    finally:
+        await again.close()
+    await storage.open()
