@@ -107,8 +107,11 @@ class Receiver:
         if not await self.chat.storage.lease(self.name, key, self.holder, LEASE_S):
             self.held.discard(key)
             return False
-        if key not in self.held:  # taken over (or a first look): another node may have got further
+        if key not in self.held:
             self.held.add(key)
+            if not self.chat.storage.shared:
+                return True  # nobody else delivers: the progress in memory is the latest
+            # Taken over (or a first look): another node may have got further.
             saved = (await self.chat.storage.load_progress(self.name)).get(key)
             if saved is not None and (key not in self.progress or saved[1] > self.progress[key][1]):
                 self.progress[key] = saved
