@@ -85,6 +85,7 @@ class Receiver:
             self.due.add(key)  # picked up when the running delivery finishes its page
 
     async def _deliver_section(self, key: SectionKey) -> None:
+        again = False
         try:
             async with self.slots:
                 while True:
@@ -94,6 +95,7 @@ class Receiver:
                     if not await self._deliver_page(key) and key not in self.due:
                         break
                 await self._save()
+            again = key in self.due  # stored while the progress was being saved
         except StorageError as error:
             logger.warning("webhook %s: cannot read section %s: %s; retrying at the next rescan", self.url, key, error)
         except asyncio.CancelledError:
@@ -102,6 +104,8 @@ class Receiver:
             logger.exception("webhook %s: delivery of section %s failed", self.url, key)
         finally:
             self.running.pop(key, None)
+            if again:
+                self.mark_due(key)
 
     async def _lease(self, key: SectionKey) -> bool:
         if not await self.chat.storage.lease(self.name, key, self.holder, LEASE_S):

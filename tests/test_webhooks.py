@@ -169,3 +169,13 @@ def test_a_webhook_without_a_secret_is_a_startup_error(data_dir):
         server.start(timeout=10)
     assert "--webhook needs --webhook-secret" in str(refused.value)
     server.close()
+
+
+async def test_an_event_stored_while_a_section_saves_its_progress_is_still_delivered(receiver, data_dir):
+    """The last event of a burst comes while the section's delivery saves its progress: it must not wait for another."""
+    config = Config(port=0, data_dir=str(data_dir), rate_limit=0, webhooks=(receiver.url,), webhook_secret=SECRET)
+    async with running(config) as app, ScriptClient.connect(app.url, name="alice") as alice:
+        for n in range(10):
+            sid = (await alice.call("create_session", document_id="d", section_id=f"s{n}"))["session"]["session_id"]
+            await alice.call("send_message", session_id=sid, text="the last event for now")
+            await receiver.until(lambda n=n: receiver.offsets(f"s{n}") == [1, 2], timeout=10)
