@@ -1,0 +1,5 @@
+"""`python -m examples.assistant --help`, from the repository's root."""
+
+from .service import main
+
+main()
