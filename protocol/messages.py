@@ -438,6 +438,12 @@ class SessionsMoved(ServerFrame, tag="sessions_moved"):
     sessions: list[Session]
 
 
+class DocumentDeleted(ServerFrame, tag="document_deleted"):
+    """To the document's subscribers and watchers, whose subscriptions to it end."""
+
+    document_id: str
+
+
 class Mentioned(ServerFrame, tag="mentioned"):
     document_id: str
     section_id: str
@@ -555,6 +561,7 @@ ServerMessage = Union[
     Mentioned,
     SessionMoved,
     SessionsMoved,
+    DocumentDeleted,
     DocumentSummary,
     Unwatched,
     SectionSummaryEvent,

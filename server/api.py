@@ -64,7 +64,7 @@ from protocol.messages import (
 )
 
 from .chat import Chat
-from .storage.base import SectionKey
+from .storage.base import OutcomeUnknown, SectionKey, StorageError
 
 logger = logging.getLogger("sectionchat.api")
 
@@ -185,6 +185,12 @@ class MovedBody(Struct):
     sessions: list[Session]
 
 
+class DeletedBody(Struct):
+    document_id: str
+    sessions_deleted: int
+    messages_deleted: int
+
+
 class MessageBody(Struct):
     message: Message
 
@@ -296,6 +302,7 @@ class Api:
             Route("GET", "/api/v1/documents/{document_id}/sessions", self.list_sessions, SessionsPage, SessionsQuery),
             Route("GET", "/api/v1/documents/{document_id}/summary", self.summary, SummaryBody, SummaryQuery),
             Route("POST", "/api/v1/documents/{document_id}/move", self.move, MovedBody, body=MoveBody),
+            Route("DELETE", "/api/v1/documents/{document_id}", self.delete_document, DeletedBody),
             Route(
                 "POST",
                 "/api/v1/sessions/{session_id}/messages",
@@ -339,6 +346,10 @@ class Api:
             return _error(error.code, error.message, error.headers)
         except ChatError as error:
             return _error(error.code, error.message)
+        except OutcomeUnknown as error:
+            return _error(errors.UNAVAILABLE, f"the outcome is unknown, retry it: {error}")
+        except StorageError as error:
+            return _error(errors.UNAVAILABLE, f"storage is unavailable; nothing was done: {error}")
         except web.HTTPException as error:  # aiohttp's own: unknown path, wrong method, body too large
             code = {405: errors.BAD_REQUEST, 413: errors.TOO_LARGE}.get(error.status, errors.NOT_FOUND)
             response = _error(
@@ -426,6 +437,11 @@ class Api:
         user = fields.pop("user")
         frame = await self._ask(user, MoveSessions(document_id=_segment(request, "document_id"), **fields))
         return _reply(MovedBody, frame)
+
+    async def delete_document(self, request: web.Request) -> web.Response:
+        document_id = _segment(request, "document_id")
+        sessions, messages = await self.chat.delete_document(document_id)
+        return _json(DeletedBody(document_id, sessions, messages))
 
     async def send_message(self, request: web.Request) -> web.Response:
         body = await _body(request, SendBody)

@@ -205,6 +205,8 @@ class App:
         logger.info(
             "listening on %s:%d (http://%s:%d/, ws://%s:%d/ws)", host, self.port, host, self.port, host, self.port
         )
+        if self.api_port is not None:
+            logger.info("api listening on %s:%d", self.config.api_host, self.api_port)
 
     async def _start_api(self, chat: Chat) -> None:
         """The HTTP API on its own port; it stops before the connections close (no write after the last)."""
@@ -220,8 +222,7 @@ class App:
             reason = os.strerror(error.errno).lower() if error.errno else str(error)
             where = f"{self.config.api_host}:{self.config.api_listen_port}"
             raise StartupError(f"cannot listen for the HTTP API on {where}: {reason}") from None
-        host, self.api_port = runner.addresses[0][:2]
-        logger.info("api listening on %s:%d", host, self.api_port)
+        self.api_port = runner.addresses[0][1]  # logged after the main "listening on" line, which tools wait for
 
     async def _sweep(self) -> None:
         assert self.chat is not None

@@ -149,6 +149,7 @@ class Chat:
         self.sections.watched = self.subscriptions.watched
         # Told of every section that stored events, here or (through section_changed) on another node.
         self.stored_hooks: list[Callable[[SectionKey], None]] = []
+        self.deleted_hooks: list[Callable[[str, list[SectionKey]], None]] = []  # a document deleted, its sections
         self.writer = Writer(storage, self.sections, self.background, self._announce, self._stored)
         self._handlers: dict[type, Callable[[Peer, Any], Awaitable[None]]] = {
             CreateSession: self._create_session,
@@ -334,6 +335,32 @@ class Chat:
         loaded = [(await self.sections.loaded(key), await self._marked(key)) for key in keys]
         summaries = [section_summary(section.stream, marked, user or "") for section, marked in loaded]
         return [summary for summary in summaries if summary.sessions]
+
+    async def delete_document(self, document_id: str) -> tuple[int, int]:
+        """Remove every session, message, read marker and stored event of the document: (sessions, messages) removed.
+
+        With every one of its sections' writers held: nothing is written to it
+        meanwhile. Its subscribers and watchers are told and let go; its
+        sections start afresh, with new epochs. Deleting again removes nothing.
+        """
+        keys = await self.storage.document_sections(document_id)
+        streams = [*keys, *map(reads_key, keys)]
+        async with self.writer.holding(streams):
+            sections = [await self.sections.loaded(key) for key in keys]
+            states = [state for section in sections for state in section.stream.sessions.values()]
+            session_ids = [state.session.session_id for state in states]
+            messages = sum(state.session.last_seq for state in states)  # tombstones count
+            try:
+                if keys:
+                    await self.storage.delete_document(document_id, streams, session_ids)
+            finally:  # whatever storage says, the next use reads what it holds
+                for key in streams:
+                    self.sections.section(key).reset()
+        self.subscriptions.document_deleted(document_id, [section.audience for section in sections])
+        for hook in self.deleted_hooks:
+            hook(document_id, keys)
+        logger.info("document %r deleted: %d sessions, %d messages", document_id, len(session_ids), messages)
+        return len(session_ids), messages
 
     async def position(self, key: SectionKey) -> tuple[str, int]:
         """The section's epoch and offset (its last stored event)."""

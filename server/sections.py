@@ -49,6 +49,12 @@ class Section:
         self.sync_scheduled = False  # a catch-up with other nodes' writes is on its way
         self.movers = 0  # moves waiting for its lock: its writer lets them go first
 
+    def reset(self) -> None:
+        """Its stored stream is gone (the document was deleted): the next use loads it afresh, with a new epoch."""
+        self.stream = Stream(self.key, self.stream.recent.maxlen or 0)
+        self.loaded = False
+        self.kept_offset = 0
+
     def evictable(self, now: float, idle_s: float) -> bool:
         return (
             self.pins == 0

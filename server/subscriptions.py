@@ -24,7 +24,7 @@ from collections.abc import Callable
 from protocol import errors
 from protocol.codec import Codec
 from protocol.errors import ChatError
-from protocol.messages import Presence, SectionSummary, SectionSummaryEvent, ServerFrame
+from protocol.messages import DocumentDeleted, Presence, SectionSummary, SectionSummaryEvent, ServerFrame
 
 from .metrics import Metrics
 from .peer import Peer
@@ -159,6 +159,18 @@ class Subscriptions:
                 for peer in due:
                     self._sent.setdefault(peer, {})[key] = summary
                 _deliver(due, SectionSummaryEvent(document_id=document_id, summary=summary))
+
+    def document_deleted(self, document_id: str, audiences: list[Audience]) -> None:
+        """Tell each subscriber and watcher of the document once; their subscriptions and watches of it end."""
+        told: set[Peer] = set()
+        for audience in audiences:
+            for peer in list(audience.subscribers):
+                self.unsubscribe(peer, audience.key)
+                told.add(peer)
+        for peer in list(self._watchers.get(document_id, ())):
+            self.unwatch(peer, document_id)
+            told.add(peer)
+        _deliver(list(told), DocumentDeleted(document_id=document_id))
 
     def subscribe(self, peer: Peer, audience: Audience) -> None:
         """Add the peer to the audience (again: nothing changes); the caller replies with a snapshot."""

@@ -107,6 +107,19 @@ class Receiver:
             if again:
                 self.mark_due(key)
 
+    async def document_deleted(self, document_id: str, keys: list[SectionKey]) -> None:
+        for key in keys:
+            task = self.running.pop(key, None)
+            if task is not None:
+                task.cancel()
+            self.due.discard(key)
+            self.progress.pop(key, None)
+            self.unsaved.pop(key, None)
+            self._waiting(key, 0)
+        await self._save(always=True)
+        body = {"type": "document_deleted", "document_id": document_id}
+        await self._send(body, webhook_id(SectionKey(document_id, ""), "deleted", int(time.time())), document_id)
+
     async def _lease(self, key: SectionKey) -> bool:
         if not await self.chat.storage.lease(self.name, key, self.holder, LEASE_S):
             self.held.discard(key)
@@ -151,8 +164,11 @@ class Receiver:
         """POST one event until the receiver takes it (2xx within TIMEOUT_S)."""
         # The frame as a subscriber gets it, plus where it is from.
         body = {**msgspec.to_builtins(event), "document_id": key.document_id, "section_id": key.section_id}
-        data = _encode({**body, "epoch": epoch}).decode()
-        message_id = webhook_id(key, epoch, offset)
+        await self._send({**body, "epoch": epoch}, webhook_id(key, epoch, offset), f"{key} at offset {offset}", key)
+
+    async def _send(self, body: dict, message_id: str, what: str, key: SectionKey | None = None) -> None:
+        """POST a body, signed anew for each attempt, until the receiver answers 2xx (backing off meanwhile)."""
+        data = _encode(body).decode()
         delay = BACKOFF_S
         while True:
             now = datetime.now(tz=UTC)
@@ -171,13 +187,14 @@ class Receiver:
             except (aiohttp.ClientError, TimeoutError) as error:
                 reason = str(error) or type(error).__name__
             self.metrics.webhook_failures.labels(self.url).inc()
-            logger.info("webhook %s: %s for %s at offset %d; retrying in %.0f s", self.url, reason, key, offset, delay)
+            logger.info("webhook %s: %s for %s; retrying in %.0f s", self.url, reason, what, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, BACKOFF_MAX_S)
-            await self.chat.storage.lease(self.name, key, self.holder, LEASE_S + delay)
+            if key is not None:
+                await self.chat.storage.lease(self.name, key, self.holder, LEASE_S + delay)
 
-    async def _save(self) -> None:
-        if not self.unsaved:
+    async def _save(self, *, always: bool = False) -> None:
+        if not self.unsaved and not always:
             return
         unsaved, self.unsaved = self.unsaved, {}
         try:
@@ -204,12 +221,18 @@ class Webhooks:
             receiver.progress = await self.chat.storage.load_progress(receiver.name)
             self.receivers.append(receiver)
         self.chat.stored_hooks.append(self.section_stored)
+        self.chat.deleted_hooks.append(self.document_deleted)
         self._scanner = asyncio.get_running_loop().create_task(self._rescan())
 
     @property
     def rescan_s(self) -> float | None:
         """How often every section is looked at again: with other nodes (their leases end), else only at start."""
         return RESCAN_S if self.chat.storage.shared else None
+
+    def document_deleted(self, document_id: str, keys: list[SectionKey]) -> None:
+        """Its undelivered events are dropped; each URL gets one `document_deleted` instead."""
+        for receiver in self.receivers:
+            asyncio.get_running_loop().create_task(receiver.document_deleted(document_id, keys))
 
     def section_stored(self, key: SectionKey) -> None:
         for receiver in self.receivers:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -170,9 +170,7 @@ class Writer:
         """Decide a move on the four streams it touches, store it atomically, apply, reply, announce."""
         keys = (source, target, reads_key(source), reads_key(target))
         while True:
-            async with AsyncExitStack() as held:
-                for key in sorted(keys):  # one order for every move: none waits for another in a circle
-                    await held.enter_async_context(self._take(key))
+            async with self.holding(keys):
                 sections = [self.sections.section(key) for key in keys]
                 decided = plan(*(section.stream for section in sections))
                 parts = [
@@ -196,6 +194,14 @@ class Writer:
                             self._announce(section, record, event, peer)
                     self._stored(section, records)
                 return
+
+    @asynccontextmanager
+    async def holding(self, keys: Iterable[SectionKey]) -> AsyncIterator[None]:
+        """Every one of these sections' writers (a move, a document's deletion), taken in one order for all."""
+        async with AsyncExitStack() as held:
+            for key in sorted(set(keys)):  # one order for everyone: none waits for another in a circle
+                await held.enter_async_context(self._take(key))
+            yield
 
     @asynccontextmanager
     async def _take(self, key: SectionKey) -> AsyncIterator[None]:

@@ -31,6 +31,7 @@ PATHS = [
     ("get", "/api/v1/documents/{document_id}/sessions"),
     ("get", "/api/v1/documents/{document_id}/summary"),
     ("post", "/api/v1/documents/{document_id}/move"),
+    ("delete", "/api/v1/documents/{document_id}"),
     ("post", "/api/v1/sessions/{session_id}/messages"),
     ("get", "/api/v1/sessions/{session_id}/messages"),
     ("patch", "/api/v1/sessions/{session_id}/messages/{seq}"),

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import itertools
 import os
 import random
 import shutil
@@ -53,6 +54,7 @@ from server.storage.base import (
     MessageDeletedRecord,
     MessageEditedRecord,
     MessageRecord,
+    OutcomeUnknown,
     SectionKey,
     SectionLog,
     SessionCreatedRecord,
@@ -533,6 +535,98 @@ async def test_a_move_is_all_or_nothing_at_every_power_cut():
                     await check_move(after, session_ids, moved)
                 except AssertionError as error:
                     raise AssertionError(f"power cut at call {cut} of {calls} ({moved}): {error}") from error
+
+
+async def delete_workload(storage: FileStorage) -> dict:
+    """Sessions and messages in two documents, one of them deleted, then a session in it again: what was acked."""
+    chat = Chat(storage, sessions_per_minute=0)
+    peer = Peer("deleter")
+    acked: dict = {"doomed": [], "kept": [], "deleted": "not tried", "after": None}
+    request = itertools.count(1)
+    for document_id in ("doomed", "kept"):
+        for n in range(2):
+            rid = next(request)
+            await chat.handle(peer, CreateSession(id=rid, document_id=document_id, section_id=f"s{n}"))
+            reply = _outcome(peer, rid)[1]
+            if reply is None:
+                await chat.close()
+                return acked
+            sid = reply["session"]["session_id"]
+            rid = next(request)
+            await chat.handle(peer, SendMessage(id=rid, session_id=sid, text=f"text {document_id} {n}"))
+            if _outcome(peer, rid)[0] == "acked":
+                acked[document_id].append(sid)
+    try:
+        await chat.delete_document("doomed")
+        acked["deleted"] = "acked"
+    except OutcomeUnknown:
+        acked["deleted"] = "unknown"
+    except StorageError:
+        acked["deleted"] = "refused"
+    rid = next(request)
+    await chat.handle(peer, CreateSession(id=rid, document_id="doomed", section_id="s0"))
+    reply = _outcome(peer, rid)[1]
+    if reply is not None:
+        acked["after"] = reply["session"]["session_id"]
+    await chat.close()
+    return acked
+
+
+async def check_delete(root: Path, acked: dict) -> None:
+    storage = FileStorage(root)
+    await storage.open()  # replays the journal, then deletes it: only the section files are left
+    try:
+        found: dict[str, set[str]] = {}
+        for document_id in ("doomed", "kept"):
+            found[document_id] = set()
+            for n in range(2):
+                stream = Stream(SectionKey(document_id, f"s{n}"), 0)
+                for record in (await storage.read_after(stream.key, 0)).records:
+                    stream.apply(record)
+                found[document_id] |= set(stream.sessions)
+        assert set(acked["kept"]) <= found["kept"], "a session of the other document was lost"
+        everything = b"".join(path.read_bytes() for path in root.rglob("*") if path.is_file())
+        assert b"text kept" in everything or not acked["kept"]
+        if acked["deleted"] == "acked":
+            assert not set(acked["doomed"]) & found["doomed"], "a deleted session came back"
+            assert b"text doomed" not in everything, "the deleted text is still on disk"
+        elif acked["deleted"] == "refused":
+            assert set(acked["doomed"]) <= found["doomed"], "a refused deletion deleted"
+        if acked["after"] is not None:
+            assert acked["after"] in found["doomed"], "the session made after the deletion was lost"
+    finally:
+        await storage.close()
+
+
+@pytest.mark.timeout(300)
+async def test_a_document_deletion_is_all_or_nothing_at_every_power_cut():
+    """The deletion's marker, its removals and the journal's replay: a power cut anywhere brings nothing back."""
+    with Case() as case:
+        disk = SimulatedDisk(case.data)
+        storage = _fast(FileStorage(case.data, disk=disk), 1 << 20)
+        await storage.open()
+        await delete_workload(storage)
+        await storage.close()
+        calls = disk.calls
+    rng = random.Random(17)
+    for cut in range(1, calls + 2):
+        for lucky in (None, random.Random(rng.random())):
+            with Case() as case:
+                disk = SimulatedDisk(case.data)
+                disk.cut_at = cut
+                storage = _fast(FileStorage(case.data, disk=disk), 1 << 20)
+                try:
+                    await storage.open()
+                except StorageError:
+                    continue
+                acked = await delete_workload(storage)
+                await storage.close()
+                after = case.fresh("after")
+                disk.materialize(after, lucky)
+                try:
+                    await check_delete(after, acked)
+                except AssertionError as error:
+                    raise AssertionError(f"power cut at call {cut} of {calls} ({acked['deleted']}): {error}") from error
 
 
 def _copy(outcomes: Outcomes) -> dict:

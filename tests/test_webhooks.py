@@ -38,12 +38,13 @@ class Receiver:
     async def handle(self, request: web.Request) -> web.Response:
         data = await request.read()
         payload = self.verifier.verify(data, dict(request.headers))  # raises on a bad signature
-        self.attempts.append((payload["section_id"], payload["offset"]))
-        if self.fail.get(payload["section_id"], 0) > 0:
-            self.fail[payload["section_id"]] -= 1
+        where = (payload.get("section_id", ""), payload.get("offset", 0))  # document_deleted has neither
+        self.attempts.append(where)
+        if self.fail.get(where[0], 0) > 0:
+            self.fail[where[0]] -= 1
             return web.Response(status=500)
         self.events.append(payload)
-        self.ids[(payload["section_id"], payload["offset"])].add(request.headers["webhook-id"])
+        self.ids[where].add(request.headers["webhook-id"])
         self.arrived.set()
         return web.Response(status=204)
 
@@ -179,3 +180,21 @@ async def test_an_event_stored_while_a_section_saves_its_progress_is_still_deliv
             sid = (await alice.call("create_session", document_id="d", section_id=f"s{n}"))["session"]["session_id"]
             await alice.call("send_message", session_id=sid, text="the last event for now")
             await receiver.until(lambda n=n: receiver.offsets(f"s{n}") == [1, 2], timeout=10)
+
+
+async def test_deleting_a_document_drops_its_undelivered_events_and_sends_document_deleted(receiver, data_dir):
+    receiver.fail["s"] = 1000  # its events never get through before the deletion
+    config = Config(
+        port=0, data_dir=str(data_dir), rate_limit=0, webhooks=(receiver.url,), webhook_secret=SECRET,
+        api_keys=("k",), api_port=0,
+    )  # fmt: skip
+    async with running(config) as app, ScriptClient.connect(app.url, name="alice") as alice:
+        await alice.call("create_session", document_id="d", section_id="s")
+        async with asyncio.timeout(10):
+            while not receiver.attempts:
+                await asyncio.sleep(0.02)  # a bounded poll: the first refused attempt has no event of its own
+        sessions, _ = await app.chat.delete_document("d")
+        assert sessions == 1
+        await receiver.until(lambda: any(e["type"] == "document_deleted" for e in receiver.events), timeout=10)
+        assert [e for e in receiver.events if e["type"] != "document_deleted"] == []
+        assert receiver.events[-1] == {"type": "document_deleted", "document_id": "d"}

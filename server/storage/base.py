@@ -276,6 +276,14 @@ class Storage(Protocol):
     async def lease(self, name: str, key: SectionKey, holder: str, ttl_s: float) -> bool:
         """Take or renew the consumer's lease on the section for `holder`; False while another holds it."""
 
+    async def delete_document(self, document_id: str, keys: list[SectionKey], session_ids: list[str]) -> None:
+        """Remove every record of these sections (all of the document's, read streams included) durably.
+
+        Their next load finds nothing (a new stream, a new epoch). Text leaves the
+        storage at once or, on files, when the journal segments that held it are
+        checkpointed (within about a second). Running it again changes nothing.
+        """
+
     async def keep_state(self, key: SectionKey, state: SectionState) -> None:
         """Keep the chat logic's state of a loaded section (of durable records only), for its next load.
 

@@ -63,11 +63,12 @@ import time
 import zlib
 from array import array
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import NamedTuple, Union, cast
+from typing import Any, NamedTuple, Union, cast
 
 import aiofiles.os
 import msgspec
@@ -98,6 +99,7 @@ MAX_OPEN_FILES = 128
 INDEX_CHUNK_BYTES = 4 << 20  # the session index is decoded this much at a time
 FOLD_AFTER_SESSIONS = 50_000  # index lines past the session table before they are folded into it
 FOLD_RETRY_S = 30.0
+DELETED_DIR = "deleted"  # deleted/<h(doc)>.json: a document deleted whose records old journal segments still hold
 PROGRESS_DIR = "progress"  # progress/<h(name)>.json: a consumer's [document, section, epoch, offset] lines
 MAX_RECORD_BYTES = 1 << 20  # no record's line is longer (frames are at most 64 KiB)
 READ_GAP_BYTES = 64 * 1024  # a page's records this close together are read in one pread
@@ -145,6 +147,13 @@ class KeptState(msgspec.Struct, array_like=True):
     data: bytes
 
 
+class DeletedDocument(msgspec.Struct, array_like=True):
+    """A deleted document: no journal segment up to `upto` may write its section files again."""
+
+    document_id: str
+    upto: int
+
+
 class LegacyJournalEntry(msgspec.Struct, array_like=True):
     """An entry of the single `journal` file of format 1."""
 
@@ -164,6 +173,7 @@ _decode_legacy_entry = msgspec.json.Decoder(LegacyJournalEntry).decode
 _encode_kept = msgspec.msgpack.Encoder().encode
 _decode_kept = msgspec.msgpack.Decoder(KeptState).decode
 _decode_progress = msgspec.json.Decoder(list[tuple[str, str, str, int]]).decode
+_decode_deleted = msgspec.json.Decoder(DeletedDocument).decode
 
 
 def _name(identifier: str) -> str:
@@ -270,6 +280,14 @@ class Segment:
     new_dirs: set[Path] = field(default_factory=set)  # directories that got new entries meanwhile
 
 
+class DeletionInDoubt(OSError):
+    """A deletion failed after its marker may have become durable."""
+
+    def __init__(self, error: OSError):
+        super().__init__(error.errno, error.strerror)
+        self.error = error
+
+
 class WrongPositions(Exception):
     """A kept state's positions do not lead to the records they name (the file was damaged)."""
 
@@ -360,6 +378,7 @@ class Journal:
         # sealed (at most every ERASURE_SEAL_S) so that the checkpoint deletes them all.
         self._seal_wanted = False
         self._seal_timer: asyncio.TimerHandle | None = None
+        self._jobs: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []  # run between batches (see `exclusive`)
 
     # The write path ---------------------------------------------------------------
 
@@ -375,9 +394,17 @@ class Journal:
 
     async def _flush(self) -> None:
         try:
-            while self._pending or self.broken is not None or self._seal_wanted:
+            while self._pending or self.broken is not None or self._seal_wanted or self._jobs:
                 if self.broken is not None:
                     await self._recover()
+                    continue
+                if self._jobs:
+                    job, done = self._jobs.pop(0)
+                    try:
+                        done.set_result(await aiofiles.os.wrap(job)())
+                    except OSError as error:
+                        done.set_exception(error)
+                    self._start_checkpoint()
                     continue
                 batch, self._pending = self._pending, []
                 seal, self._seal_wanted = self._seal_wanted, False
@@ -413,6 +440,14 @@ class Journal:
                     self.metrics.fsync_batch_size.observe(len(batch))
         finally:
             self._flusher = None
+
+    async def exclusive(self, job: Callable[[], Any]) -> Any:
+        """Run `job` in a worker thread between two batches, with the segments and descriptors to itself."""
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._jobs.append((job, done))
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+        return await asyncio.shield(done)
 
     def _seal_soon(self) -> None:
         if self._seal_timer is None:
@@ -702,6 +737,7 @@ class Journal:
         self.disk.unlink(segment.path)
         self.sealed.remove(segment)  # gone: a rebuild must not look for it
         self.disk.sync_path(self.dir)
+        self.storage.forget_deletions(upto=segment.number)  # before any later segment goes
 
     # Lifecycle ------------------------------------------------------------------------
 
@@ -752,6 +788,7 @@ class Journal:
         self._drop_descriptor()
         _delete_oldest_first(self.disk, self.dir, [segment.path for segment in segments])
         self.sealed, self.current = [], None
+        self.storage.forget_deletions(upto=None)
 
 
 def _delete_oldest_first(disk: Disk, directory: Path, segments: list[Path]) -> None:
@@ -899,6 +936,7 @@ class FileStorage:
         self._folder: asyncio.Task[None] | None = None
         self._closing = asyncio.Event()
         self._loaded: dict[SectionKey, LoadedSection] = {}
+        self._deleted: dict[str, int] = {}  # documents deleted -> the last journal segment holding their records
         self._loaded_sessions: dict[str, SectionKey] = {}  # the sessions of loaded sections
         self._keeping: set[SectionKey] = set()  # sections whose state is being written
         self.readable = asyncio.Event()  # cleared while derived files are being rebuilt
@@ -947,8 +985,13 @@ class FileStorage:
             self._migrate_v1(legacy)
         if not journal_dir.is_dir():
             sync_all(disk, set(), set(disk.makedirs(journal_dir)))
+        for marker in sorted((self.root / DELETED_DIR).glob("*.json")):  # deletions the journal may undo
+            deleted = _decode_deleted(disk.read_file(marker))
+            self._deleted[deleted.document_id] = deleted.upto
+            self._remove_document_files(deleted.document_id)
         self.rebuild_derived([Segment(int(p.stem), p) for p in _segments(journal_dir)])
         self.journal.start()
+        self.forget_deletions(upto=None)
         format_path = self.root / "FORMAT"
         if not format_path.exists() or format_path.read_bytes() != FORMAT:
             disk.write_atomically(format_path, FORMAT)
@@ -1004,6 +1047,12 @@ class FileStorage:
             entries, good = _intact_entries(content)
             for entry in entries:
                 key = SectionKey(entry.document_id, entry.section_id)
+                if self._deleted.get(entry.document_id, -1) >= segment.number:
+                    # Of a document deleted since: only its session index lines stay (positions).
+                    if entry.index_at >= 0:
+                        created = placed_sessions([_decode_record(bytes(raw)) for raw in entry.records], key.section_id)
+                        _plan_write(writes, self.index.path, entry.index_at, _index_lines(created, key))
+                    continue
                 path = self._section_path(key)
                 lines = b"".join(bytes(raw) + b"\n" for raw in entry.records)
                 if entry.section_at == 0:
@@ -1598,6 +1647,65 @@ class FileStorage:
 
     async def lease(self, name: str, key: SectionKey, holder: str, ttl_s: float) -> bool:
         return True  # one process per data dir (its LOCK): nobody else delivers
+
+    async def delete_document(self, document_id: str, keys: list[SectionKey], session_ids: list[str]) -> None:
+        try:
+            await self.journal.exclusive(partial(self._delete_document, document_id))
+        except DeletionInDoubt as doubt:
+            raise OutcomeUnknown(
+                f"the deletion may be recorded ({_error_text(doubt.error)}); it completes when retried or at the next start"
+            ) from None
+        except OSError as error:
+            raise StorageError(f"cannot delete the document: {_error_text(error)}; nothing was deleted") from None
+        finally:
+            for key in keys:
+                await self.release(key)
+
+    def _delete_document(self, document_id: str) -> None:
+        """In the journal's worker thread, between batches: mark the document deleted durably, then remove it.
+
+        A new segment first, so that every record of the document is in a
+        segment up to `upto`; the marker makes replay skip them (and finish the
+        removal) until those segments are checkpointed and deleted.
+        """
+        journal = self.journal
+        journal._start_segment()  # a failure here changes nothing
+        assert journal.current is not None
+        upto = journal.current.number - 1
+        marker = self.root / DELETED_DIR / f"{_name(document_id)}.json"
+        try:
+            sync_all(self.disk, set(), set(self.disk.makedirs(marker.parent)))
+            self.disk.write_atomically(marker, _encode(DeletedDocument(document_id, upto)))
+            self._deleted[document_id] = upto
+            self._remove_document_files(document_id)
+        except OSError as error:
+            raise DeletionInDoubt(error) from None  # the marker may be durable: then the deletion is
+
+    def _remove_document_files(self, document_id: str) -> None:
+        directory = self._sections_dir / _name(document_id)
+        if not directory.is_dir():
+            return
+        segments = [*self.journal.sealed, *([self.journal.current] if self.journal.current else [])]
+        for path in sorted(directory.iterdir()):
+            self.journal.descriptors.forget(path)
+            self.disk.unlink(path)
+            for segment in segments:  # nothing left there for a checkpoint to sync
+                segment.touched.discard(path)
+        self.disk.sync_path(directory)
+
+    def forget_deletions(self, upto: int | None) -> None:
+        """In a worker thread: the markers of deletions whose segments are all gone (None: every one)."""
+        forgotten = False
+        for document_id, last in list(self._deleted.items()):
+            if upto is None or last <= upto:
+                try:
+                    self.disk.unlink(self.root / DELETED_DIR / f"{_name(document_id)}.json")
+                except FileNotFoundError:
+                    pass
+                del self._deleted[document_id]
+                forgotten = True
+        if forgotten:
+            self.disk.sync_path(self.root / DELETED_DIR)
 
     async def release(self, key: SectionKey) -> None:
         loaded = self._loaded.pop(key, None)

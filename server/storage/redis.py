@@ -588,6 +588,19 @@ class RedisStorage:
         except RedisError as error:
             raise StorageError(f"Redis: {error}") from None
 
+    async def delete_document(self, document_id: str, keys: list[SectionKey], session_ids: list[str]) -> None:
+        doomed = [name for key in keys for name in (*section_keys(key), fence_key(key))]
+        try:
+            async with self.writes.pipeline(transaction=True) as pipe:  # one MULTI: all of it or none
+                pipe.delete(*doomed, f"sc:doc:{_hash(document_id)}")
+                if session_ids:
+                    pipe.hdel(SESSIONS_KEY, *session_ids)
+                await pipe.execute()
+        except RedisError as error:
+            raise StorageError(f"Redis: {error}") from None
+        for session_id in session_ids:
+            self._session_sections.pop(session_id, None)
+
     async def keep_state(self, key: SectionKey, state: SectionState) -> None:
         pass  # a section's records are read from Redis in one round trip: nothing to gain
 
