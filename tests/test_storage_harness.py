@@ -509,32 +509,11 @@ async def check_move(root: Path, session_ids: list[str], moved: str) -> None:
 @pytest.mark.timeout(300)
 async def test_a_move_is_all_or_nothing_at_every_power_cut():
     """Both sections' records (and the read markers) of a move are one journal group: a power cut keeps all or none."""
-    with Case() as case:
-        disk = SimulatedDisk(case.data)
-        storage = _fast(FileStorage(case.data, disk=disk), 1 << 20)
-        await storage.open()
-        await move_workload(storage)
-        await storage.close()
-        calls = disk.calls
-    rng = random.Random(13)
-    for cut in range(1, calls + 2):
-        for lucky in (None, random.Random(rng.random())):
-            with Case() as case:
-                disk = SimulatedDisk(case.data)
-                disk.cut_at = cut
-                storage = _fast(FileStorage(case.data, disk=disk), 1 << 20)
-                try:
-                    await storage.open()
-                except StorageError:
-                    continue
-                session_ids, moved = await move_workload(storage)
-                await storage.close()
-                after = case.fresh("after")
-                disk.materialize(after, lucky)
-                try:
-                    await check_move(after, session_ids, moved)
-                except AssertionError as error:
-                    raise AssertionError(f"power cut at call {cut} of {calls} ({moved}): {error}") from error
+
+    async def check(root: Path, outcome: tuple[list[str], str]) -> None:
+        await check_move(root, *outcome)
+
+    await cut_power_at_every_call(move_workload, check, seed=13)
 
 
 async def delete_workload(storage: FileStorage) -> dict:
@@ -601,14 +580,19 @@ async def check_delete(root: Path, acked: dict) -> None:
 @pytest.mark.timeout(300)
 async def test_a_document_deletion_is_all_or_nothing_at_every_power_cut():
     """The deletion's marker, its removals and the journal's replay: a power cut anywhere brings nothing back."""
+    await cut_power_at_every_call(delete_workload, check_delete, seed=17)
+
+
+async def cut_power_at_every_call(workload, check, *, seed: int) -> None:
+    """Run `workload` once to count its calls, then again with the power cut at each, synced-only and lucky."""
     with Case() as case:
         disk = SimulatedDisk(case.data)
         storage = _fast(FileStorage(case.data, disk=disk), 1 << 20)
         await storage.open()
-        await delete_workload(storage)
+        await workload(storage)
         await storage.close()
         calls = disk.calls
-    rng = random.Random(17)
+    rng = random.Random(seed)
     for cut in range(1, calls + 2):
         for lucky in (None, random.Random(rng.random())):
             with Case() as case:
@@ -619,14 +603,14 @@ async def test_a_document_deletion_is_all_or_nothing_at_every_power_cut():
                     await storage.open()
                 except StorageError:
                     continue
-                acked = await delete_workload(storage)
+                outcome = await workload(storage)
                 await storage.close()
                 after = case.fresh("after")
                 disk.materialize(after, lucky)
                 try:
-                    await check_delete(after, acked)
+                    await check(after, outcome)
                 except AssertionError as error:
-                    raise AssertionError(f"power cut at call {cut} of {calls} ({acked['deleted']}): {error}") from error
+                    raise AssertionError(f"power cut at call {cut} of {calls} ({outcome}): {error}") from error
 
 
 def _copy(outcomes: Outcomes) -> dict:
