@@ -69,7 +69,9 @@ from .storage.base import OutcomeUnknown, SectionKey, StorageError
 logger = logging.getLogger("sectionchat.api")
 
 MAX_BODY_BYTES = 64 * 1024
+UNAUTHORIZED = "unauthorized"  # not a chat code: no rule of the chat was asked
 STATUS = {
+    UNAUTHORIZED: 401,
     errors.BAD_REQUEST: 400,
     errors.UNKNOWN_TYPE: 400,
     errors.FORBIDDEN: 403,
@@ -368,11 +370,7 @@ class Api:
         # Every key is compared, each in constant time: the answer takes as long whichever matched.
         matched = [hmac.compare_digest(offered, key) for key in self._keys]
         if scheme.lower() != "bearer" or not any(matched):
-            raise web.HTTPUnauthorized(
-                text=_encode(ErrorBody(ErrorDetail("unauthorized", "a valid API key is required", False))).decode(),
-                content_type="application/json",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
+            raise ApiError(UNAUTHORIZED, "a valid API key is required", {"WWW-Authenticate": "Bearer"})
 
     # Asking the chat -----------------------------------------------------------------
 

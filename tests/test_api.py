@@ -185,7 +185,9 @@ async def test_ids_with_slashes_percent_spaces_and_non_ascii_round_trip(api):
 async def test_errors_status_codes_and_the_error_body(api):
     client, app = api
     status, body = await client.call("GET", "/api/v1/sessions/nope", key=None)
-    assert status == 401
+    assert status == 401 and body["error"]["code"] == "unauthorized"
+    async with client.http.get(client.base + "/api/v1/sessions/nope") as r:
+        assert r.status == 401 and r.headers["WWW-Authenticate"] == "Bearer"
     assert (await client.call("GET", "/api/v1/sessions/nope", key="wrong"))[0] == 401
     status, body = await client.call("GET", "/api/v1/sessions/nope")
     assert status == 404 and body["error"] == {
