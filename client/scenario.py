@@ -41,6 +41,9 @@ from protocol.codec import SUBPROTOCOLS
 
 __all__ = [
     "ACTION_KEYS",
+    "API_KEYS",
+    "ApiCall",
+    "ApiSpec",
     "CLIENT_COMMANDS",
     "Action",
     "ClientSpec",
@@ -95,12 +98,20 @@ class ClientSpec(msgspec.Struct, forbid_unknown_fields=True):
     connect: bool = True  # false: stays unconnected until a `connect` step
 
 
+class ApiSpec(msgspec.Struct, forbid_unknown_fields=True):
+    """`api: {url, key}`: the HTTP API that `api` steps call (--api-url and --api-key win over these)."""
+
+    url: str | None = None  # e.g. http://127.0.0.1:8766
+    key: str | None = None
+
+
 class ScenarioSpec(msgspec.Struct, forbid_unknown_fields=True):
     clients: dict[str, Any]  # name -> ClientSpec, checked one by one to name the client in errors
     steps: list[Any]
     name: str | None = None
     description: str | None = None
     timeout: PositiveSeconds | None = None
+    api: ApiSpec | None = None
 
 
 class Action(msgspec.Struct, forbid_unknown_fields=True):
@@ -119,9 +130,24 @@ class Action(msgspec.Struct, forbid_unknown_fields=True):
     timeout: PositiveSeconds | None = None
 
 
+class ApiCall(msgspec.Struct, forbid_unknown_fields=True):
+    """`- api: {method, path, ...}`: one HTTP API call, its expected `{status, body}` and what to save of it."""
+
+    method: str
+    path: str  # starts with /api/; a ${NAME} in it is percent-encoded
+    query: dict[str, Any] | None = None
+    body: Any = msgspec.UNSET
+    key: str | None = None  # this call's API key instead of the run's (e.g. a wrong one, for 401)
+    expect: Any = msgspec.UNSET  # a shape of {status, body, headers}; without it, any 2xx passes
+    save: dict[str, str] | None = None  # paths in {status, body, headers}
+    timeout: PositiveSeconds | None = None
+
+
 ACTION_KEYS = [f.encode_name for f in msgspec.structs.fields(Action)]
+API_KEYS = [f.encode_name for f in msgspec.structs.fields(ApiCall)]
+API_METHODS = ("GET", "POST", "PATCH", "PUT", "DELETE")
 CLIENT_COMMANDS = ("connect", "disconnect", "reconnect")
-RESERVED_NAMES = {"sleep", *ACTION_KEYS}
+RESERVED_NAMES = {"sleep", "api", *ACTION_KEYS}
 
 
 @dataclass
@@ -129,11 +155,12 @@ class Step:
     index: int  # 1-based
     line: int
     source: list[str]  # the step's lines in the file, for reports
-    kind: str  # "sleep" | "command" | "action"
+    kind: str  # "sleep" | "command" | "action" | "api"
     client: str | None = None
     seconds: float = 0.0
     command: str | None = None
     action: Action | None = None
+    api: ApiCall | None = None
 
 
 @dataclass
@@ -144,6 +171,11 @@ class Scenario:
     clients: dict[str, ClientSpec]
     steps: list[Step]
     lines: list[str] = field(repr=False, default_factory=list)
+    api: ApiSpec | None = None
+
+    @property
+    def uses_api(self) -> bool:
+        return any(step.kind == "api" for step in self.steps)
 
 
 class ScenarioError(Exception):
@@ -335,7 +367,13 @@ def load_scenario(path: str, predefined: set[str] = frozenset()) -> Scenario:  #
     if problems:
         raise ScenarioError(problems)
     return Scenario(
-        path=path, name=spec.name or Path(path).stem, timeout=spec.timeout, clients=clients, steps=steps, lines=lines
+        path=path,
+        name=spec.name or Path(path).stem,
+        timeout=spec.timeout,
+        clients=clients,
+        steps=steps,
+        lines=lines,
+        api=spec.api,
     )
 
 
@@ -405,6 +443,20 @@ class _Flow:
             self._command(step, where)
         elif step.kind == "action":
             self._action(step, where)
+        elif step.kind == "api":
+            assert step.api is not None
+            call = step.api
+            self._known([call.path, call.query, call.body, call.key, call.expect], where)
+            self.known.update(call.save or {})
+
+    def _known(self, used: list[Any], where: str) -> None:
+        for name in references(used):
+            if name not in self.known:
+                hint = difflib.get_close_matches(name, sorted(self.known), 1)
+                self.problems.append(
+                    f"{where}: ${{{name}}} is not saved by any earlier step"
+                    + (f" (did you mean ${{{hint[0]}}}?)" if hint else "")
+                )
 
     def _command(self, step: Step, where: str) -> None:
         assert step.client is not None
@@ -431,13 +483,7 @@ class _Flow:
             action.expect_welcome,
             action.expect_close,
         ]
-        for name in references(used):
-            if name not in self.known:
-                hint = difflib.get_close_matches(name, sorted(self.known), 1)
-                self.problems.append(
-                    f"{where}: ${{{name}}} is not saved by any earlier step"
-                    + (f" (did you mean ${{{hint[0]}}}?)" if hint else "")
-                )
+        self._known(used, where)
         self.known.update(action.save or {})
         if action.expect_close is not msgspec.UNSET:
             self.connected[step.client] = False
@@ -455,6 +501,8 @@ def _parse_step(raw: Any, index: int, where: str, clients: dict[str, ClientSpec]
         return None
     if "sleep" in raw:
         return _parse_sleep(raw, index, where, problems)
+    if "api" in raw and "api" not in clients:
+        return _parse_api(raw, index, where, problems)
     client = _step_client(raw, where, clients, problems)
     if client is None:
         return None
@@ -499,6 +547,65 @@ def _step_client(raw: dict[Any, Any], where: str, clients: dict[str, ClientSpec]
             + f"; the clients are {', '.join(clients)}"
         )
     return None
+
+
+def _parse_api(raw: dict[Any, Any], index: int, where: str, problems: list[str]) -> Step | None:
+    """`- api: {method, path, ...}` with the keys beside it (`expect`, `save`, `timeout`)."""
+    value = raw["api"]
+    if not isinstance(value, dict):
+        problems.append(f"{where}: api: give a mapping such as `{{method: GET, path: /api/v1/sessions/ID}}`")
+        return None
+    merged = dict(value)
+    for key, sub in raw.items():
+        if key == "api":
+            continue
+        if key in merged:
+            problems.append(f"{where}: `{key}` is given twice (inside and beside api: ...)")
+            return None
+        merged[key] = sub
+    unknown = [str(key) for key in merged if key not in API_KEYS]
+    for key in unknown:
+        hint = difflib.get_close_matches(key, API_KEYS, 1)
+        problems.append(
+            f"{where}: unknown key `{key}` of an api step"
+            + (f" (did you mean `{hint[0]}`?)" if hint else f"; known: {', '.join(API_KEYS)}")
+        )
+    if unknown:
+        return None
+    try:
+        call = msgspec.convert(merged, ApiCall)
+    except msgspec.ValidationError as error:
+        field_name, message = _validation_problem(error)
+        problems.append(f"{where}: api.{field_name}: {message}" if field_name else f"{where}: api: {message}")
+        return None
+    before = len(problems)
+    _check_api(call, where, problems)
+    return Step(index, 0, [], "api", api=call) if len(problems) == before else None
+
+
+def _check_api(call: ApiCall, where: str, problems: list[str]) -> None:
+    if call.method.upper() not in API_METHODS:
+        problems.append(f"{where}: api.method: one of {', '.join(API_METHODS)}, not {call.method!r}")
+    if not call.path.startswith("/"):
+        problems.append(f"{where}: api.path: a path that starts with /, e.g. /api/v1/sessions")
+    for name, value in (call.query or {}).items():
+        if isinstance(value, dict | list):
+            problems.append(f"{where}: api.query.{name}: a query parameter is a string, number or boolean")
+    if call.body is not _UNSET:
+        _check_generators(call.body, f"{where}: api.body", problems)
+    if call.expect is not _UNSET:
+        if not isinstance(call.expect, dict):
+            problems.append(f"{where}: api.expect: a shape of {{status, body, headers}}, e.g. {{status: 201}}")
+        else:
+            for key in call.expect:
+                if key not in ("status", "body", "headers"):
+                    problems.append(f"{where}: api.expect.{key}: an api step's reply has status, body and headers")
+            _check_shape(call.expect, f"{where}: api.expect", problems)
+    for name, path in (call.save or {}).items():
+        if not NAME.fullmatch(name) or name == "run_id":
+            problems.append(f"{where}: save.{name}: a variable name is letters, digits and _ (and not run_id)")
+        if parse_path(path) is None:
+            problems.append(f"{where}: save.{name}: {path!r} is not a path like body.session.session_id")
 
 
 def _parse_command(

@@ -33,10 +33,12 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 from urllib.parse import quote, urlsplit, urlunsplit
 
+import aiohttp
 import msgspec
 import yaml
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from yarl import URL
 
 from client.matching import NAME, lookup, match, parse_path, render, substitute
 from client.scenario import Action, ClientSpec, Scenario, ScenarioError, Step, load_scenario, yaml_scalar
@@ -281,6 +283,20 @@ class _Turn:
     matched: Frame | None = None
 
 
+@dataclass
+class ApiTarget:
+    """The HTTP API that `api` steps call: its base URL (http://HOST:PORT) and key."""
+
+    url: str
+    key: str | None
+
+
+def _query_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value if isinstance(value, str) else json.dumps(value)
+
+
 class Runner:
     def __init__(
         self,
@@ -290,8 +306,11 @@ class Runner:
         variables: dict[str, Any],
         record: Recorder,
         verbose: bool = False,
+        api: ApiTarget | None = None,
     ):
         self.scenario = scenario
+        self.api = api
+        self._http: aiohttp.ClientSession | None = None
         self.verbose = verbose
         self.default_timeout = timeout or scenario.timeout or DEFAULT_TIMEOUT_S
         self.variables = {"run_id": secrets.token_hex(4), **variables}
@@ -303,6 +322,7 @@ class Runner:
             "sleep": self._sleep,
             "command": self._command,
             "action": self._action,
+            "api": self._api,
         }
         # The parts of an action by their key (Action's fields), in the order they run.
         self._parts: dict[str, Callable[[_Turn, Any], Awaitable[None]]] = {
@@ -340,6 +360,8 @@ class Runner:
                     )
         finally:
             await asyncio.gather(*(peer.close() for peer in self.peers.values()), return_exceptions=True)
+            if self._http is not None:
+                await self._http.close()
 
     def _next_id(self) -> int:
         self._ids += 1
@@ -480,16 +502,93 @@ class Runner:
             )
 
     def _save(self, turn: _Turn) -> None:
-        for name, path in (turn.action.save or {}).items():
+        if turn.action.save:
             assert turn.matched is not None
+            self._save_from(turn.action.save, turn.matched, "frame")
+
+    def _save_from(self, save: dict[str, str], matched: Any, what: str) -> None:
+        for name, path in save.items():
             parts = parse_path(path)
             assert parts is not None
             try:
-                self.variables[name] = lookup(turn.matched, parts)
+                self.variables[name] = lookup(matched, parts)
             except KeyError:
+                raise StepFailed(f"save.{name}: the {what} has no {path}", [f"  {what}:", *_pretty(matched)]) from None
+
+    # An HTTP API call: `- api: {method, path, query, body, key}` with `expect: {status, body, headers}`.
+
+    async def _api(self, step: Step) -> None:
+        assert step.api is not None and self.api is not None
+        call = step.api
+        method = call.method.upper()
+        encoded = {name: quote(_query_value(value), safe="") for name, value in self.variables.items()}
+        request: Frame = {"method": method, "path": substitute(call.path, encoded)}
+        if call.query:
+            request["query"] = {
+                name: _query_value(value) for name, value in substitute(call.query, self.variables).items()
+            }
+        if call.body is not msgspec.UNSET:
+            request["body"] = substitute(call.body, self.variables)
+        key = substitute(call.key, self.variables) if call.key is not None else self.api.key
+        reply = await self._api_call(request, key, call.timeout or self.default_timeout)
+        shown = {name: reply[name] for name in ("status", "body")}
+        sent = ["  api sent:", *_pretty(request)]
+        if call.expect is msgspec.UNSET:
+            if not 200 <= reply["status"] < 300:
                 raise StepFailed(
-                    f"save.{name}: the frame has no {path}", ["  frame:", *_pretty(turn.matched)]
-                ) from None
+                    f"api {method} {request['path']} answered {reply['status']}", sent + ["  got:", *_pretty(shown)]
+                )
+        else:
+            expect = substitute(call.expect, self.variables)
+            differences = match(expect, reply)
+            if differences:
+                if "headers" in expect:
+                    shown = reply
+                raise StepFailed(
+                    f"api {method} {request['path']} got a reply that does not match",
+                    sent + _mismatch("a reply", expect, shown, differences),
+                )
+        if call.save:
+            self._save_from(call.save, reply, "reply")
+
+    async def _api_call(self, request: Frame, key: str | None, timeout: float) -> Frame:
+        """{status, body, headers} of one HTTP call (body: the JSON, else the text; header names in lower case)."""
+        assert self.api is not None
+        if self._http is None:
+            self._http = aiohttp.ClientSession()
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        data = None
+        if "body" in request:
+            data = json.dumps(request["body"], ensure_ascii=False).encode()
+            headers["Content-Type"] = "application/json"
+        url = URL(self.api.url.rstrip("/") + request["path"], encoded=True)  # the path is percent-encoded already
+        self.record("api", "send", request)
+        try:
+            async with self._http.request(
+                request["method"],
+                url,
+                params=request.get("query"),
+                data=data,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=timeout),
+            ) as response:
+                content = await response.read()
+                status, reply_headers = (
+                    response.status,
+                    {name.lower(): value for name, value in response.headers.items()},
+                )
+        except (aiohttp.ClientError, TimeoutError) as error:
+            raise StepFailed(
+                f"api {request['method']} {self.api.url}{request['path']} failed: {error or type(error).__name__}",
+                ["  api sent:", *_pretty(request)],
+            ) from None
+        body: Any
+        try:
+            body = json.loads(content) if content else None
+        except ValueError:
+            body = content.decode(errors="replace")
+        self.record("api", "recv", {"status": status, "body": body})
+        return {"status": status, "body": body, "headers": reply_headers}
 
     async def _take(self, peer: Peer, wanted: Callable[[Frame], bool], timeout: float, what: str, shape: Any) -> Frame:
         frame = await peer.take(wanted, timeout)
@@ -535,6 +634,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--url",
         default=os.environ.get("SECTIONCHAT_URL", DEFAULT_URL),
         help=f"the server's WebSocket URL (default: $SECTIONCHAT_URL or {DEFAULT_URL}); ws://HOST:PORT means ws://HOST:PORT/ws",
+    )
+    parser.add_argument(
+        "--api-url",
+        default=os.environ.get("SECTIONCHAT_API_URL"),
+        metavar="URL",
+        help="the HTTP API's base URL for `api` steps, e.g. http://127.0.0.1:8766 (default: $SECTIONCHAT_API_URL, else the scenario's api.url)",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("SECTIONCHAT_API_KEY"),
+        metavar="KEY",
+        help="the API key `api` steps send (default: $SECTIONCHAT_API_KEY, else the scenario's api.key)",
     )
     parser.add_argument(
         "--record", metavar="FILE", help="write a JSON-lines transcript of every frame sent and received"
@@ -585,7 +696,9 @@ async def _run_all(
     failed = 0
     for scenario in scenarios:
         record.scenario = scenario.name
-        runner = Runner(scenario, url, args.timeout, variables, record, verbose=args.verbose)
+        runner = Runner(
+            scenario, url, args.timeout, variables, record, verbose=args.verbose, api=_api_target(scenario, args)
+        )
         started = time.monotonic()
         if args.verbose:
             print(
@@ -605,6 +718,34 @@ async def _run_all(
     if len(scenarios) > 1:
         print(f"{len(scenarios) - failed} of {len(scenarios)} scenarios passed", flush=True)
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def _api_target(scenario: Scenario, args: argparse.Namespace) -> ApiTarget | None:
+    """Where this scenario's `api` steps go: the command line (or environment) first, then its `api` section."""
+    spec = scenario.api
+    url = args.api_url or (spec.url if spec is not None else None)
+    key = args.api_key or (spec.key if spec is not None else None)
+    return ApiTarget(url, key) if url else None
+
+
+def _check_api_targets(scenarios: list[Scenario], args: argparse.Namespace) -> bool:
+    """Every scenario with `api` steps has an http(s) URL to send them to (else a message, and False)."""
+    fine = True
+    for scenario in scenarios:
+        target = _api_target(scenario, args)
+        if not scenario.uses_api:
+            continue
+        if target is None:
+            print(
+                f"sectionchat script: {scenario.path} has api steps: give --api-url (or $SECTIONCHAT_API_URL, "
+                "or api.url in the file)",
+                file=sys.stderr,
+            )
+            fine = False
+        elif urlsplit(target.url).scheme not in ("http", "https") or not urlsplit(target.url).netloc:
+            print(f"sectionchat script: --api-url: not an http:// URL: {target.url!r}", file=sys.stderr)
+            fine = False
+    return fine
 
 
 def main(argv: list[str]) -> int:
@@ -638,7 +779,7 @@ async def amain(argv: list[str]) -> int:
     if variables is None:
         return EXIT_USAGE
     scenarios = _load_all(args.scenarios, set(variables))
-    if scenarios is None:
+    if scenarios is None or not _check_api_targets(scenarios, args):
         return EXIT_USAGE
     stream = None
     if args.record:
