@@ -28,7 +28,7 @@ import re
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import msgspec
@@ -55,6 +55,7 @@ from bench.loadgen import (
     WorkerSpec,
     worker_main,
 )
+from bench.requests import Run, Summary
 from bench.runs import (
     BUSY_CORES,
     Window,
@@ -88,36 +89,6 @@ class ApiSpec:
     seconds: float
     max_requests: int
     sections: int = SECTIONS
-
-
-@dataclass
-class Run:
-    operation: str
-    clients: int
-    target: str
-    index: int
-    rate: float  # replies per second inside the measured window
-    completed: int
-    window_s: float
-    p50_ms: float
-    p99_ms: float
-    server_cpu: float | None  # fraction of one core during the window
-    loadgen_cpu: float | None
-    other_cpu: float | None  # cores busy with anything else on the machine
-    steal_cpu: float | None
-    attempts: int = 1
-    source: dict | None = None
-
-
-@dataclass
-class Summary:
-    operation: str
-    clients: int
-    runs: dict[str, list[Run]] = field(default_factory=dict)
-    discarded: list[Run] = field(default_factory=list)
-
-    def rates(self, target: str) -> list[float]:
-        return [run.rate for run in self.runs.get(target, [])]
 
 
 # The HTTP load generator ---------------------------------------------------------

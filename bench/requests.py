@@ -66,7 +66,7 @@ class Run:
     p50_ms: float
     p99_ms: float
     server_cpu: float | None  # fraction of one core during the window
-    loadgen_cpu: float  # fraction of one core, summed over worker processes
+    loadgen_cpu: float | None  # fraction of one core, summed over worker processes (None: not measured)
     other_cpu: float | None  # cores busy with anything else on the machine during the window
     steal_cpu: float | None  # cores taken by the hypervisor (virtual machines)
     attempts: int = 1  # > 1 when earlier attempts ran on a busy machine and were retried
