@@ -17,9 +17,10 @@ from __future__ import annotations
 import difflib
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 import yaml
@@ -145,6 +146,7 @@ class ApiCall(msgspec.Struct, forbid_unknown_fields=True):
 
 ACTION_KEYS = [f.encode_name for f in msgspec.structs.fields(Action)]
 API_KEYS = [f.encode_name for f in msgspec.structs.fields(ApiCall)]
+M = TypeVar("M", bound=msgspec.Struct)
 API_METHODS = ("GET", "POST", "PATCH", "PUT", "DELETE")
 CLIENT_COMMANDS = ("connect", "disconnect", "reconnect")
 RESERVED_NAMES = {"sleep", "api", *ACTION_KEYS}
@@ -555,28 +557,9 @@ def _parse_api(raw: dict[Any, Any], index: int, where: str, problems: list[str])
     if not isinstance(value, dict):
         problems.append(f"{where}: api: give a mapping such as `{{method: GET, path: /api/v1/sessions/ID}}`")
         return None
-    merged = dict(value)
-    for key, sub in raw.items():
-        if key == "api":
-            continue
-        if key in merged:
-            problems.append(f"{where}: `{key}` is given twice (inside and beside api: ...)")
-            return None
-        merged[key] = sub
-    unknown = [str(key) for key in merged if key not in API_KEYS]
-    for key in unknown:
-        hint = difflib.get_close_matches(key, API_KEYS, 1)
-        problems.append(
-            f"{where}: unknown key `{key}` of an api step"
-            + (f" (did you mean `{hint[0]}`?)" if hint else f"; known: {', '.join(API_KEYS)}")
-        )
-    if unknown:
-        return None
-    try:
-        call = msgspec.convert(merged, ApiCall)
-    except msgspec.ValidationError as error:
-        field_name, message = _validation_problem(error)
-        problems.append(f"{where}: api.{field_name}: {message}" if field_name else f"{where}: api: {message}")
+    extra = {key: sub for key, sub in raw.items() if key != "api"}
+    call = _merged(ApiCall, "api", value, extra, API_KEYS, " of an api step", where, problems)
+    if call is None:
         return None
     before = len(problems)
     _check_api(call, where, problems)
@@ -622,30 +605,46 @@ def _parse_command(
     return Step(index, 0, [], "command", client=client, command=value)
 
 
-def _parse_action(
-    client: str, value: dict[Any, Any], extra: dict[Any, Any], where: str, problems: list[str]
-) -> Action | None:
-    """The action of `- client: {...}` with the keys beside it (`- client: {...}, save: ...`)."""
+def _merged(
+    kind: type[M],
+    name: str,
+    value: dict[Any, Any],
+    extra: dict[Any, Any],
+    known: Sequence[str],
+    what: str,
+    where: str,
+    problems: list[str],
+) -> M | None:
+    """`- name: {...}` and the keys beside it as one `kind`; None (and the problems said) if they are not one."""
     merged = dict(value)
     for key, sub in extra.items():
         if key in merged:
-            problems.append(f"{where}: `{key}` is given twice (inside and beside {client}: ...)")
+            problems.append(f"{where}: `{key}` is given twice (inside and beside {name}: ...)")
             return None
         merged[key] = sub
-    unknown = [str(key) for key in merged if key not in ACTION_KEYS]
+    unknown = [str(key) for key in merged if key not in known]
     for key in unknown:
-        hint = difflib.get_close_matches(key, ACTION_KEYS, 1)
+        hint = difflib.get_close_matches(key, known, 1)
         problems.append(
-            f"{where}: unknown key `{key}`"
-            + (f" (did you mean `{hint[0]}`?)" if hint else f"; known: {', '.join(ACTION_KEYS)}")
+            f"{where}: unknown key `{key}`{what}"
+            + (f" (did you mean `{hint[0]}`?)" if hint else f"; known: {', '.join(known)}")
         )
     if unknown:
         return None
     try:
-        action = msgspec.convert(merged, Action)
+        return msgspec.convert(merged, kind)
     except msgspec.ValidationError as error:
         field_name, message = _validation_problem(error)
-        problems.append(f"{where}: {client}.{field_name}: {message}" if field_name else f"{where}: {client}: {message}")
+        problems.append(f"{where}: {name}.{field_name}: {message}" if field_name else f"{where}: {name}: {message}")
+        return None
+
+
+def _parse_action(
+    client: str, value: dict[Any, Any], extra: dict[Any, Any], where: str, problems: list[str]
+) -> Action | None:
+    """The action of `- client: {...}` with the keys beside it (`- client: {...}, save: ...`)."""
+    action = _merged(Action, client, value, extra, ACTION_KEYS, "", where, problems)
+    if action is None:
         return None
     before = len(problems)
     _check_action(client, action, where, problems)
