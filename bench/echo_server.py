@@ -14,13 +14,22 @@
 # (sectionchat's now carry 10 and 11 fields, about 60 bytes more per reply);
 # `message_edited` carries the 1.1 Message, as sectionchat's does.
 #
+# With --durable FILE it is the durable echo: the physical limit of an
+# acknowledged write on this disk. Each request's bytes are appended to one
+# file and its reply waits until an fdatasync covers them; requests that arrive
+# while one sync runs go out together with the next (group commit), the write
+# and the sync in a worker thread so the loop goes on reading. Nothing else is
+# added: no index, no per-section files, no records of its own.
+#
 #     python -m bench.echo_server --port 0
+#     python -m bench.echo_server --port 0 --durable /var/tmp/echo.log
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import itertools
+import os
 import signal
 import sys
 
@@ -189,8 +198,45 @@ def greet(websocket: ServerConnection, server: str) -> tuple[str, bytes]:
     return user, encode(welcome)
 
 
+class GroupCommit:
+    """One append-only file; `append` returns once an fdatasync covers its bytes."""
+
+    def __init__(self, path: str):
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self.pending: list[bytes] = []
+        self.waiters: list[asyncio.Future[None]] = []
+        self.flusher: asyncio.Task[None] | None = None
+
+    async def append(self, data: bytes) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self.pending.append(data)
+        self.waiters.append(waiter)
+        if self.flusher is None:
+            self.flusher = asyncio.create_task(self._flush())
+        await waiter
+
+    async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self.pending:
+                data, waiters = b"\n".join(self.pending) + b"\n", self.waiters
+                self.pending, self.waiters = [], []
+                await loop.run_in_executor(None, self._write, data)
+                for waiter in waiters:
+                    waiter.set_result(None)
+        finally:
+            self.flusher = None
+
+    def _write(self, data: bytes) -> None:
+        os.write(self.fd, data)
+        os.fdatasync(self.fd)
+
+
+journal: GroupCommit | None = None  # set by --durable
+
+
 async def handle(websocket: ServerConnection) -> None:
-    user, welcome = greet(websocket, "echo/0")
+    user, welcome = greet(websocket, "echo/0" if journal is None else "durable-echo/0")
     seqs: dict[str, int] = {}
     try:
         await websocket.send(welcome, text=True)
@@ -253,6 +299,8 @@ async def handle(websocket: ServerConnection) -> None:
                         )
                     case _:
                         reply = Pong(reply_to=request.id)
+                if journal is not None and not isinstance(request, Ping):
+                    await journal.append(data)
             await websocket.send(encode(reply), text=True)
     except ConnectionClosed:
         pass
@@ -265,7 +313,8 @@ async def main(host: str, port: int) -> None:
         loop.add_signal_handler(signum, stop.set_result, None)
     async with serve(handle, host, port, compression=None, max_size=MAX_FRAME_BYTES, server_header=None) as server:
         bound_host, bound_port = server.sockets[0].getsockname()[:2]
-        print(f"echo baseline listening on {bound_host}:{bound_port}", file=sys.stderr, flush=True)
+        kind = "echo" if journal is None else "durable echo"
+        print(f"{kind} baseline listening on {bound_host}:{bound_port}", file=sys.stderr, flush=True)
         await stop
 
 
@@ -279,5 +328,12 @@ if __name__ == "__main__":
         default="auto",
         help="the same choice as sectionchat's (auto: uvloop when installed)",
     )
+    parser.add_argument(
+        "--durable",
+        metavar="FILE",
+        help="append every request to FILE and reply once an fdatasync covers it (group commit)",
+    )
     arguments = parser.parse_args()
+    if arguments.durable:
+        journal = GroupCommit(arguments.durable)
     run_with_loop(main(arguments.host, arguments.port), arguments.event_loop)

@@ -11,6 +11,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -52,13 +53,15 @@ class ServerProcess(ListeningProcess):
         self.scratch = scratch
 
     @classmethod
-    def sectionchat(cls, scratch: Path, *extra: str) -> ServerProcess:
-        """The real server: durable file storage in a fresh data dir, abuse limits off."""
+    def sectionchat(cls, scratch: Path, *extra: str, profile: Path | None = None) -> ServerProcess:
+        """The real server: durable file storage in a fresh data dir, abuse limits off.
+
+        `profile`: where to write a profile of the run, written when the server stops: .prof is
+        cProfile's (in the server's process: exact call counts, every call slower), .txt py-spy's
+        collapsed stacks, anything else a py-spy flame graph (SVG; py-spy samples from outside).
+        """
         data_dir = scratch / "data"
-        command = [
-            sys.executable,
-            "-m",
-            "server",
+        arguments = [
             "serve",
             "--host",
             HOST,
@@ -71,12 +74,41 @@ class ServerProcess(ListeningProcess):
             *sectionchat_limits_off(),
             *extra,
         ]
-        return cls("sectionchat", command, scratch)
+        command = [sys.executable, "-m", "server", *arguments]
+        if profile is not None and profile.suffix == ".prof":
+            command = [sys.executable, "-m", "cProfile", "-o", str(profile), "-m", "server", *arguments]
+        elif profile is not None:
+            spy = Path(sys.executable).with_name("py-spy")
+            fmt = "raw" if profile.suffix == ".txt" else "flamegraph"
+            command = [str(spy), "record", "--nonblocking", "--rate", "250", "--format", fmt, "-o", str(profile), "--"]
+            command += [sys.executable, "-m", "server", *arguments]
+        server = cls("sectionchat", command, scratch)
+        server.profiled = profile is not None and profile.suffix != ".prof"
+        return server
 
     @classmethod
     def echo(cls, scratch: Path) -> ServerProcess:
         """The baseline: raw websockets + msgspec, decode and encode, nothing else."""
         return cls("echo", [sys.executable, "-m", "bench.echo_server", "--host", HOST, "--port", "0"], scratch)
+
+    @classmethod
+    def durable_echo(cls, scratch: Path) -> ServerProcess:
+        """The physical limit of an acknowledged write: the echo, each request group-committed to one file."""
+        command = [sys.executable, "-m", "bench.echo_server", "--host", HOST, "--port", "0"]
+        return cls("durable", [*command, "--durable", str(scratch / "echo.log")], scratch)
+
+    profiled = False  # run under py-spy: stopping it stops the server, and py-spy then writes its file
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        if self.profiled and self.running:
+            children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
+            for child in children:
+                os.kill(int(child), signal.SIGTERM)
+            try:
+                self.wait(timeout + 30)  # py-spy writes the flame graph once the server is gone
+            except subprocess.TimeoutExpired:
+                pass
+        return super().stop(timeout)
 
     def start(self, timeout: float = 30.0) -> ServerProcess:
         """Start the process and wait for its "listening on" line."""

@@ -1,6 +1,8 @@
 # Request-rate benchmark: create_session and send_message round trips per second,
-# sectionchat (durable file storage) against the raw websockets + msgspec echo
-# baseline, alternating runs, each server its own process, the load generated
+# sectionchat (durable file storage) against two baselines: the durable echo
+# (raw websockets + msgspec, each request group-committed to one file with
+# fdatasync before its reply: the physical limit of an acknowledged write on
+# this disk) and the plain echo (the same without the file), alternating runs, each server its own process, the load generated
 # by separate worker processes. Revision 1.1's edit_message and react on request
 # (--operations react,edit_message): each client edits / reacts to seq 1 of its
 # own session, alternating text A/B and on/off so that every request is a stored write.
@@ -9,7 +11,7 @@
 #     .venv/bin/python -m bench.requests --clients 1,10,50,200 --json out.json
 #     .venv/bin/python -m bench.requests --operations react,edit_message
 #
-# Rules kept here: runs alternate (sectionchat, echo, sectionchat, echo, …) so
+# Rules kept here: runs alternate (sectionchat, durable, echo, sectionchat, …) so
 # that drift on a shared machine hits both alike; every sectionchat run gets a
 # fresh data dir; everything is bounded in time (and in requests per client);
 # only 127.0.0.1 is used. Results are medians over runs and the ratio of medians.
@@ -46,11 +48,11 @@ from bench.harness import (
     scratch_dir,
 )
 from bench.loadgen import DOCUMENT_ID, SECTIONS, WorkerResult, WorkerSpec, worker_main
-from bench.runs import fmt_load, fmt_source, source_state
+from bench.runs import fmt_load, fmt_ratio_spread, fmt_source, ratio_spread, source_state
 
 OPERATIONS = ("create_session", "send_message")  # the default: revision 1.0's writes
 ALL_OPERATIONS = OPERATIONS + ("edit_message", "react")  # revision 1.1's, on request
-TARGETS = ("sectionchat", "echo")
+TARGETS = ("sectionchat", "durable", "echo")  # the durable echo and the plain echo
 BUSY_CORES = 0.25  # other work above this during a window makes a run "busy"
 
 
@@ -83,14 +85,11 @@ class Summary:
     def rates(self, target: str) -> list[float]:
         return [run.rate for run in self.runs.get(target, [])]
 
-    def ratio(self) -> float:
-        echo = median(self.rates("echo"))
-        return median(self.rates("sectionchat")) / echo if echo > 0 else float("nan")
+    def ratio(self, baseline: str = "echo") -> float:
+        return ratio_spread(self.rates("sectionchat"), self.rates(baseline))[0]
 
-    def pair_ratios(self) -> list[float]:
-        return [s / e for s, e in zip(self.rates("sectionchat"), self.rates("echo"), strict=True) if e > 0] or [
-            float("nan")
-        ]
+    def pair_ratios(self, baseline: str = "echo") -> list[float]:
+        return ratio_spread(self.rates("sectionchat"), self.rates(baseline))[1] or [float("nan")]
 
 
 def parse_clients(text: str) -> list[int]:
@@ -117,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench.requests",
         description="create_session / send_message (and 1.1's edit_message / react) round trips per second: "
-        "sectionchat (durable) vs raw websockets+msgspec echo",
+        "sectionchat (durable) vs a durable (group-commit fdatasync) and a plain raw websockets+msgspec echo",
     )
     parser.add_argument("--runs", type=int, default=5, help="runs per server, alternating (default 5)")
     parser.add_argument(
@@ -159,6 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=2,
         help=f"repeat a run up to this many times while other work used > {BUSY_CORES} cores during it, keeping the quietest attempt (default 2; 0 keeps every run as it came)",
     )
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="run sectionchat under py-spy and write one flame graph per run into DIR "
+        "(<operation>-c<clients>-<run>.svg; --profile-format raw: py-spy's collapsed stacks in .txt; "
+        "cprofile: cProfile's stats in .prof, from inside the server, every call slower); the rates are then lower",
+    )
+    parser.add_argument(
+        "--profile-format", choices=("svg", "raw", "cprofile"), default="svg", help="see --profile (default svg)"
+    )
     parser.add_argument("--json", metavar="FILE", help="also write every run and summary as JSON")
     parser.add_argument("--quiet", action="store_true", help="print only the table")
     return parser
@@ -166,7 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_once(args: argparse.Namespace, operation: str, clients: int, target: str, index: int, ctx) -> Run:
     scratch = scratch_dir(args.data_root)
-    server = ServerProcess.sectionchat(scratch) if target == "sectionchat" else ServerProcess.echo(scratch)
+    if target == "sectionchat":
+        profile = None
+        if args.profile:
+            suffix = {"raw": "txt", "cprofile": "prof"}.get(args.profile_format, "svg")
+            profile = Path(args.profile).resolve() / f"{operation}-c{clients}-{index + 1}.{suffix}"
+            profile.parent.mkdir(parents=True, exist_ok=True)
+        server = ServerProcess.sectionchat(scratch, profile=profile)
+    else:
+        server = ServerProcess.durable_echo(scratch) if target == "durable" else ServerProcess.echo(scratch)
     workers: list = []
     source = source_state()
     try:
@@ -271,10 +288,6 @@ def busy_runs(summaries: list[Summary]) -> tuple[int, int, int]:
     return sum(is_busy(r) for r in runs), len(runs), sum(r.attempts > 1 for r in runs)
 
 
-def fmt_ratio(value: float) -> str:
-    return f"{value:.2f}"
-
-
 def fmt_ms(value: float) -> str:
     return f"{value:.1f}"
 
@@ -299,28 +312,29 @@ def table(summaries: list[Summary]) -> str:
         "request",
         "clients",
         "sectionchat /s median (min–max)",
-        "echo /s median (min–max)",
-        "ratio (pair min–max)",
-        "p50 ms sc / echo",
-        "p99 ms sc / echo",
-        "server CPU sc / echo",
-        "per server CPU-s sc / echo",
+        "durable echo /s",
+        "echo /s",
+        "vs durable echo (pair min–max)",
+        "vs echo (pair min–max)",
+        "p50 ms sc / durable / echo",
+        "p99 ms sc / durable / echo",
+        "server CPU sc / durable / echo",
+        "per server CPU-s sc / durable / echo",
     ]
     rows = []
     for s in summaries:
-        sc, echo = s.runs["sectionchat"], s.runs["echo"]
-        pairs = s.pair_ratios()
+        runs = [s.runs[target] for target in TARGETS]
         rows.append(
             [
                 s.operation,
                 str(s.clients),
-                fmt_spread(s.rates("sectionchat")),
-                fmt_spread(s.rates("echo")),
-                f"{fmt_ratio(s.ratio())} ({fmt_ratio(min(pairs))}–{fmt_ratio(max(pairs))})",
-                f"{fmt_ms(median([r.p50_ms for r in sc]))} / {fmt_ms(median([r.p50_ms for r in echo]))}",
-                f"{fmt_ms(median([r.p99_ms for r in sc]))} / {fmt_ms(median([r.p99_ms for r in echo]))}",
-                f"{fmt_cpu(sc)} / {fmt_cpu(echo)}",
-                f"{fmt_per_cpu(sc)} / {fmt_per_cpu(echo)}",
+                *(fmt_spread(s.rates(target)) for target in TARGETS),
+                f"**{fmt_ratio_spread(s.rates('sectionchat'), s.rates('durable'))}**",
+                fmt_ratio_spread(s.rates("sectionchat"), s.rates("echo")),
+                " / ".join(fmt_ms(median([r.p50_ms for r in target])) for target in runs),
+                " / ".join(fmt_ms(median([r.p99_ms for r in target])) for target in runs),
+                " / ".join(map(fmt_cpu, runs)),
+                " / ".join(map(fmt_per_cpu, runs)),
             ]
         )
     return markdown_table(header, rows)
@@ -397,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table(summaries))
     print(
         f"\nRuns per server: {args.runs}, alternating; rate = replies received inside the {args.seconds:g} s window. "
-        f"ratio = sectionchat median / echo median; pair min–max over (run i, run i) pairs. "
+        f"ratio = sectionchat median / baseline median; pair min–max over (run i, run i) pairs; "
+        "the durable echo group-commits each request to one file with fdatasync before replying. "
         f"Total {elapsed:.0f} s. Server source: {'; '.join(sources) or fmt_source(source_at_end)}"
         + (" (it changed during the invocation)" if len(sources) > 1 else "")
         + "."
@@ -435,10 +450,14 @@ def main(argv: list[str] | None = None) -> int:
                     "operation": s.operation,
                     "clients": s.clients,
                     "sectionchat_median": median(s.rates("sectionchat")),
+                    "durable_median": median(s.rates("durable")),
                     "echo_median": median(s.rates("echo")),
                     "ratio": s.ratio(),
                     "pair_ratio_min": min(s.pair_ratios()),
                     "pair_ratio_max": max(s.pair_ratios()),
+                    "durable_ratio": s.ratio("durable"),
+                    "durable_pair_ratio_min": min(s.pair_ratios("durable")),
+                    "durable_pair_ratio_max": max(s.pair_ratios("durable")),
                     "sectionchat_per_cpu_second_median": median(
                         [v for v in map(per_cpu_second, s.runs["sectionchat"]) if v is not None] or [float("nan")]
                     ),

@@ -52,7 +52,7 @@ def test_requests_benchmark_runs_tiny_and_prints_both_rows(tmp_path: Path) -> No
     assert set(summaries) == {"create_session", "send_message"}
     for summary in summaries.values():
         targets = sorted(run["target"] for run in summary["runs"])
-        assert targets == ["echo", "sectionchat"]
+        assert targets == ["durable", "echo", "sectionchat"]
         assert all(run["completed"] > 0 for run in summary["runs"])
     # Every sectionchat run cleans up its fresh data dir.
     assert not list(tmp_path.glob("sectionchat-bench-*"))
