@@ -230,15 +230,24 @@ class Writer:
         return Batch(writes, decided, records, store)
 
     async def _wait(self, writes: Writes, store: asyncio.Future[None], more_allowed: bool) -> None:
-        """Wait for the batch in flight, or, if another may be decided meanwhile, for new writes."""
-        if not more_allowed:
-            await asyncio.wait([store])
-            return
-        writes.wakeup = asyncio.get_running_loop().create_future()
+        """Wait for the batch in flight, or, if another may be decided meanwhile, for new writes.
+
+        One future and one callback: asyncio.wait() costs several times that, once per batch.
+        """
+        wakeup: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def stored(_: asyncio.Future[None]) -> None:
+            if not wakeup.done():
+                wakeup.set_result(None)
+
+        store.add_done_callback(stored)
+        if more_allowed:
+            writes.wakeup = wakeup
         try:
-            await asyncio.wait([store, writes.wakeup], return_when=asyncio.FIRST_COMPLETED)
+            await wakeup
         finally:
             writes.wakeup = None
+            store.remove_done_callback(stored)
 
     def _finish(self, section: Section, batch: Batch) -> None:
         """The batch is durable: apply it, reply, announce, in the order it was decided."""

@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import NamedTuple, Protocol, Union
 
 from msgspec import Struct
@@ -241,10 +241,15 @@ class Storage(Protocol):
     async def read_records(self, key: SectionKey, offsets: list[int]) -> list[StoredRecord]:
         """The records at these offsets of a loaded section (a page: reads what it returns, not the section)."""
 
-    async def append(
+    def append(
         self, key: SectionKey, epoch: str, records: list[StoredRecord], erase: Sequence[Erasure] = ()
-    ) -> None:
+    ) -> Awaitable[None]:
         """Store records durably right after offset `records[0].offset - 1`.
+
+        A coroutine, or a future when the backend can begin the append at once
+        (file storage: the writer's hot path then needs no task per append);
+        either way, once begun the append is carried out whether or not anybody
+        still waits for it.
 
         `epoch` names a new section's stream. `erase`: earlier records (or
         these) of the document that are stored `erased` from now on, in the

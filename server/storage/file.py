@@ -382,15 +382,11 @@ class Journal:
 
     # The write path ---------------------------------------------------------------
 
-    async def commit(self, items: list[PendingAppend]) -> None:
-        """Write these entries (one batch: a group is never split), and wait until they are durable."""
+    def submit(self, items: list[PendingAppend]) -> None:
+        """Queue these entries for the next batch (a group is never split); each item's outcome says when durable."""
         self._pending += items
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush())
-        # Shielded: once queued, the write happens whether or not the caller waits. A group's
-        # outcomes are one outcome (gather retrieves every one).
-        outcome = items[0].outcome if len(items) == 1 else asyncio.gather(*(item.outcome for item in items))
-        await asyncio.shield(outcome)
 
     async def _flush(self) -> None:
         try:
@@ -1496,12 +1492,28 @@ class FileStorage:
                     lengths.append(len(line))
         return epoch, records, at + end, len(content) - end
 
-    async def append(
+    def append(
         self, key: SectionKey, epoch: str, records: list[StoredRecord], erase: Sequence[Erasure] = ()
-    ) -> None:
-        await self.append_parts([Part(key, epoch, records)], erase)
+    ) -> asyncio.Future[None]:
+        # Begun here and now, without a task of its own: the writer's hot path (see Storage.append).
+        try:
+            [item] = self._pending_appends([Part(key, epoch, records)], erase)
+        except StorageError as error:
+            refused: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            refused.set_exception(error)
+            return refused
+        self.journal.submit([item])
+        return item.outcome
 
     async def append_parts(self, parts: list[Part], erase: Sequence[Erasure] = ()) -> None:
+        items = self._pending_appends(parts, erase)
+        # A group's outcomes are one outcome (gather retrieves every one); shielded: once
+        # queued, the write happens whether or not the caller waits.
+        self.journal.submit(items)
+        await asyncio.shield(asyncio.gather(*(item.outcome for item in items)))
+
+    def _pending_appends(self, parts: list[Part], erase: Sequence[Erasure]) -> list[PendingAppend]:
+        """The journal's items for these parts, one group (or StorageError: nothing may be appended now)."""
         sections = [self._loaded.get(part.key) for part in parts]
         for part, section in zip(parts, sections, strict=True):
             if section is None:
@@ -1533,7 +1545,7 @@ class FileStorage:
             )
         # One entry a part, in one group: the journal replays all of them or none.
         items[0].erase, items[0].group = list(erase), len(items) - 1
-        await self.journal.commit(items)
+        return items
 
     # The session index ------------------------------------------------------
 
