@@ -183,6 +183,7 @@ class App:
                 ping_interval=self.config.ping_interval_s,
                 ping_timeout=self.config.ping_timeout_s,
                 logger=logging.getLogger("websockets.server"),
+                backlog=self.config.listen_backlog,
             )
         except OSError as error:
             reason = os.strerror(error.errno).lower() if error.errno else str(error)

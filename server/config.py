@@ -20,6 +20,10 @@ class Config:
     # Network
     host: str = "127.0.0.1"
     port: int = 8765
+    # Connections the kernel queues before they are accepted (it caps this at
+    # net.core.somaxconn): asyncio's default of 100 drops SYNs when thousands
+    # of clients reconnect at once after a restart, each costing them a 1 s retransmit.
+    listen_backlog: int = 2048
     # Storage
     data_dir: str = "./data"
     storage: str = "file"
@@ -65,6 +69,10 @@ class Config:
 _OPTIONS: dict[str, tuple[type, str]] = {
     "host": (str, "address to listen on"),
     "port": (int, "port to listen on; 0 picks a free one"),
+    "listen_backlog": (
+        int,
+        "connections waiting to be accepted (capped by net.core.somaxconn); sized for reconnect storms",
+    ),
     "data_dir": (str, "directory for file storage"),
     "storage": (str, "'file' or redis://HOST:PORT/DB"),
     "auth_secret": (str, "HS256 secret: turns on token mode"),
@@ -237,7 +245,9 @@ def validate(config: Config) -> None:
         raise SystemExit(f"sectionchat: --log-format {config.log_format!r} is not one of text, json")
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise SystemExit(f"sectionchat: --log-level {config.log_level!r} is not one of debug, info, warning, error")
-    for name in ("max_frame_bytes", "max_text_chars", "max_subscriptions", "max_outgoing_bytes", "recovery_window"):
+    for name in (
+        "max_frame_bytes", "max_text_chars", "max_subscriptions", "max_outgoing_bytes", "recovery_window", "listen_backlog",
+    ):  # fmt: skip
         if getattr(config, name) < 1:
             raise SystemExit(f"sectionchat: --{name.replace('_', '-')} must be at least 1")
 

@@ -6,8 +6,10 @@ import asyncio
 import json
 import re
 import resource
+import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -281,3 +283,40 @@ def test_import_rejects_garbage(tmp_path):
     result = sectionchat("import", "-", "--data-dir", str(tmp_path / "d"), stdin=b'{"hello": 1}\n')
     assert result.returncode == 1
     assert result.stderr.decode().startswith("sectionchat: line 1:")
+
+
+def connected_while_stopped(port: int, attempts: int, wait_s: float) -> int:
+    """Connect `attempts` sockets to a server that cannot accept (SIGSTOPped): how many the kernel queued for it."""
+    sockets = [socket.socket() for _ in range(attempts)]
+    try:
+        for sock in sockets:
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", port))
+        pending, done = set(sockets), 0
+        deadline = time.monotonic() + wait_s
+        while pending and time.monotonic() < deadline:
+            _, writable, _ = select.select([], list(pending), [], max(0.0, deadline - time.monotonic()))
+            for sock in writable:
+                pending.discard(sock)
+                done += sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+        return done
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("backlog", "expected"), [(None, 300), ("50", 51)])
+def test_listen_backlog_holds_a_reconnect_storm(server_process, backlog, expected):
+    """The kernel queues --listen-backlog connections (default 2,048) while the server is busy; asyncio's 100 would drop SYNs.
+
+    With the server stopped, 300 connects: all are queued by default; with a backlog of 50, only 51 are.
+    """
+    server = server_process(*(("--listen-backlog", backlog) if backlog else ()))
+    server.process.send_signal(signal.SIGSTOP)
+    try:
+        # A connect the kernel queues completes at once on loopback; one it drops stays unanswered.
+        wait_s = 10.0 if backlog is None else 1.0
+        assert connected_while_stopped(server.port, 300, wait_s) == expected
+    finally:
+        server.process.send_signal(signal.SIGCONT)
