@@ -21,8 +21,13 @@ from .transfer import TransferError, export_document, import_lines
 
 
 class _UTCFormatter(logging.Formatter):
+    _second: tuple[int, str] = (-1, "")  # the last second formatted: strftime once a second, not once a line
+
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        second = int(record.created)
+        if second != self._second[0]:
+            self._second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+        return f"{self._second[1]}.{int(record.msecs):03d}Z"
 
 
 class _JSONFormatter(_UTCFormatter):
@@ -41,6 +46,11 @@ class _JSONFormatter(_UTCFormatter):
 
 
 def configure_logging(level: str, log_format: str = "text") -> None:
+    # Every connection logs two lines, thousands a second in a reconnect storm: no
+    # record looks up its caller's file and line, thread or process, none of which
+    # the formats show (the logging HOWTO's "Optimization").
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
         handler.setFormatter(_JSONFormatter())
