@@ -306,12 +306,14 @@ async def handle(websocket: ServerConnection) -> None:
         pass
 
 
-async def main(host: str, port: int) -> None:
+async def main(host: str, port: int, backlog: int = 100) -> None:
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set_result, None)
-    async with serve(handle, host, port, compression=None, max_size=MAX_FRAME_BYTES, server_header=None) as server:
+    async with serve(
+        handle, host, port, compression=None, max_size=MAX_FRAME_BYTES, server_header=None, backlog=backlog
+    ) as server:
         bound_host, bound_port = server.sockets[0].getsockname()[:2]
         kind = "echo" if journal is None else "durable echo"
         print(f"{kind} baseline listening on {bound_host}:{bound_port}", file=sys.stderr, flush=True)
@@ -333,7 +335,13 @@ if __name__ == "__main__":
         metavar="FILE",
         help="append every request to FILE and reply once an fdatasync covers it (group commit)",
     )
+    parser.add_argument(
+        "--backlog",
+        type=int,
+        default=100,
+        help="the listen backlog (default asyncio's 100; the storm benchmark uses sectionchat's)",
+    )
     arguments = parser.parse_args()
     if arguments.durable:
         journal = GroupCommit(arguments.durable)
-    run_with_loop(main(arguments.host, arguments.port), arguments.event_loop)
+    run_with_loop(main(arguments.host, arguments.port, arguments.backlog), arguments.event_loop)

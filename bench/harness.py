@@ -87,9 +87,9 @@ class ServerProcess(ListeningProcess):
         return server
 
     @classmethod
-    def echo(cls, scratch: Path) -> ServerProcess:
+    def echo(cls, scratch: Path, *extra: str) -> ServerProcess:
         """The baseline: raw websockets + msgspec, decode and encode, nothing else."""
-        return cls("echo", [sys.executable, "-m", "bench.echo_server", "--host", HOST, "--port", "0"], scratch)
+        return cls("echo", [sys.executable, "-m", "bench.echo_server", "--host", HOST, "--port", "0", *extra], scratch)
 
     @classmethod
     def durable_echo(cls, scratch: Path) -> ServerProcess:
