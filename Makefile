@@ -21,14 +21,12 @@ check: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
+# Every target's benchmark against its baseline, each ratio with its min–max over runs (about 20 minutes).
 bench: $(VENV)/.installed
-	$(BIN)/python -m bench.requests
+	$(BIN)/python -m bench.all
 
-# Every benchmark and the plots (about 8 minutes, plus about 15 for bench-growth).
-bench-all: $(VENV)/.installed
-	$(BIN)/python -m bench.requests
-	$(BIN)/python -m bench.fanout
-	$(BIN)/python -m bench.memory
+# That, plus scale-out over Redis, the plots and the growth curves (about 40 minutes).
+bench-all: bench
 	$(BIN)/python -m bench.scaling
 	$(BIN)/python -m bench.plots
 	$(BIN)/python -m bench.growth
