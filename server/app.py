@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -202,6 +203,10 @@ class App:
         self._checker = asyncio.create_task(self._check_storage_periodically())
         stack.push_async_callback(_cancelled, self._checker)  # before storage closes under a check in flight
         self.state = "serving"
+        # What starting built (modules, routes, the storage's index) lives as long as the
+        # process: out of the collector's way, every full collection traverses only what
+        # connections and sections made since.
+        gc.freeze()
         host = self.server.sockets[0].getsockname()[0]
         logger.info(
             "listening on %s:%d (http://%s:%d/, ws://%s:%d/ws)", host, self.port, host, self.port, host, self.port
@@ -237,8 +242,17 @@ class App:
         if self.state in ("draining", "stopped"):
             return
         self.state = "draining"
+        # Closing thousands of connections allocates in bursts, and each burst set off a full
+        # collection over every connection's objects: 5,000 took 3.5 s to close instead of 2.
+        # Cycles can wait until the server has stopped (the process then exits).
+        collecting = gc.isenabled()
+        gc.disable()
         logger.info("shutting down")
-        await self._stack.aclose()
+        try:
+            await self._stack.aclose()
+        finally:
+            if collecting:
+                gc.enable()
         self.state = "stopped"
         logger.info("stopped")
 
