@@ -270,7 +270,11 @@ async def storm(server: ServerProcess, target: str, count: int, sections: int) -
 def run_once(args: argparse.Namespace, target: str, index: int) -> Run:
     scratch = scratch_dir(args.data_root)
     if target == "sectionchat":
-        server = ServerProcess.sectionchat(scratch)
+        profile = None
+        if args.profile is not None:  # the file is written again by the restart: it shows the storm and the shutdown
+            profile = Path(args.profile).resolve() / f"storm-{index + 1}.svg"
+            profile.parent.mkdir(parents=True, exist_ok=True)
+        server = ServerProcess.sectionchat(scratch, profile=profile)
     else:  # with sectionchat's default listen backlog: the same kernel queue for both
         server = ServerProcess.echo(scratch, "--backlog", str(Config.listen_backlog))
     try:
@@ -339,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--sections", type=int, default=100, help="sections the storm's clients subscribe to (default 100)"
     )
     parser.add_argument("--data-root", default=None, help="where the fresh data dirs go (default: the system temp dir)")
+    parser.add_argument(
+        "--profile", metavar="DIR", help="run sectionchat under py-spy: a flame graph per run in DIR (storm-<run>.svg)"
+    )
     parser.add_argument("--json", metavar="FILE", help="also write every run as JSON")
     return parser
 

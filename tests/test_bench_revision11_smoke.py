@@ -59,7 +59,7 @@ def test_requests_benchmark_runs_edits_and_reactions_tiny(tmp_path: Path) -> Non
     summaries = {s["operation"]: s for s in document["summaries"]}
     assert set(summaries) == {"edit_message", "react"}
     for summary in summaries.values():
-        assert sorted(run["target"] for run in summary["runs"]) == ["echo", "sectionchat"]
+        assert sorted(run["target"] for run in summary["runs"]) == ["durable", "echo", "sectionchat"]
         assert all(run["completed"] > 0 and run["source"]["commit"] for run in summary["runs"])
     assert not list(tmp_path.glob("sectionchat-bench-*"))
 
