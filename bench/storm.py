@@ -140,48 +140,21 @@ async def request(client: LightClient, replies: Replies, key: object, frame: byt
     return decoded
 
 
-async def seed(port: int, sections: int) -> None:
-    """A session and a message in every section (sectionchat only): something to recover."""
-    replies = Replies()
-    client, _ = await open_client(port, "seeder", replies, "seeder")
-    for n in range(sections):
-        created = await request(
-            client,
-            replies,
-            "seeder",
-            msgspec.json.encode(
-                {"type": "create_session", "id": n, "document_id": DOCUMENT_ID, "section_id": f"s-{n}"}
-            ),
-        )
-        session_id = created["session"]["session_id"]
-        await request(
-            client,
-            replies,
-            "seeder",
-            msgspec.json.encode({"type": "send_message", "id": n, "session_id": session_id, "text": "before"}),
-        )
-    client.close()
-    await client.lost
-
-
-async def post_one_each(port: int, sections: int) -> None:
-    """One more message in every section's first session, stored while the clients are away."""
+async def message_each(port: int, sections: int, text: str, *, create: bool) -> None:
+    """A message in every section (sectionchat only): in a new session, or in the section's first one."""
     replies = Replies()
     client, _ = await open_client(port, "poster", replies, "poster")
+
+    async def call(**frame: object) -> dict:
+        return await request(client, replies, "poster", msgspec.json.encode(frame))
+
     for n in range(sections):
-        listed = await request(
-            client,
-            replies,
-            "poster",
-            msgspec.json.encode({"type": "list_sessions", "id": n, "document_id": DOCUMENT_ID, "section_id": f"s-{n}"}),
-        )
-        session_id = listed["sessions"][0]["session_id"]
-        await request(
-            client,
-            replies,
-            "poster",
-            msgspec.json.encode({"type": "send_message", "id": n, "session_id": session_id, "text": "missed"}),
-        )
+        where = {"document_id": DOCUMENT_ID, "section_id": f"s-{n}"}
+        if create:
+            session_id = (await call(type="create_session", id=n, **where))["session"]["session_id"]
+        else:
+            session_id = (await call(type="list_sessions", id=n, **where))["sessions"][0]["session_id"]
+        await call(type="send_message", id=n, session_id=session_id, text=text)
     client.close()
     await client.lost
 
@@ -200,7 +173,7 @@ async def storm(server: ServerProcess, target: str, count: int, sections: int) -
     replies = Replies()
     since: dict[int, tuple[str, int]] = {}
     if target == "sectionchat":
-        await seed(server.port, sections)
+        await message_each(server.port, sections, "before", create=True)  # something to recover
 
     async def first(i: int) -> LightClient:
         client, _ = await open_client(server.port, f"u{i}", replies, i)
@@ -218,7 +191,7 @@ async def storm(server: ServerProcess, target: str, count: int, sections: int) -
     await asyncio.wait_for(asyncio.gather(*(client.lost for client in clients)), 30)
     server.start()
     if target == "sectionchat":
-        await post_one_each(server.port, sections)
+        await message_each(server.port, sections, "missed", create=False)  # stored while the clients are away
     cpu_before, drops_before = server.cpu_seconds(), listen_drops()
     retries = 0
     recovered = 0
