@@ -203,10 +203,6 @@ class App:
         self._checker = asyncio.create_task(self._check_storage_periodically())
         stack.push_async_callback(_cancelled, self._checker)  # before storage closes under a check in flight
         self.state = "serving"
-        # What starting built (modules, routes, the storage's index) lives as long as the
-        # process: out of the collector's way, every full collection traverses only what
-        # connections and sections made since.
-        gc.freeze()
         host = self.server.sockets[0].getsockname()[0]
         logger.info(
             "listening on %s:%d (http://%s:%d/, ws://%s:%d/ws)", host, self.port, host, self.port, host, self.port
@@ -302,6 +298,11 @@ async def serve_until_signalled(config: Config) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
     await app.start()
+    # What starting built (modules, routes, the storage's index) lives as long as the
+    # process: frozen out of the collector's way, every full collection traverses only
+    # what connections and sections made since.
+    gc.collect()
+    gc.freeze()
     try:
         await stop.wait()
     finally:
