@@ -66,3 +66,22 @@ def test_requests_benchmark_runs_as_a_script() -> None:
     )
     assert finished.returncode == 0, finished.stderr
     assert "--clients" in finished.stdout
+
+
+@pytest.mark.timeout(60)
+def test_requests_benchmark_profiles_the_server_with_cprofile(tmp_path: Path) -> None:
+    """--profile-format cprofile leaves one stats file per run, written by the server as it stops, with its write path in it."""
+    import pstats
+
+    finished = subprocess.run(
+        [
+            sys.executable, "-m", "bench.requests", "--runs", "1", "--clients", "2", "--seconds", "0.3",
+            "--warmup", "0.1", "--busy-retries", "0", "--operations", "send_message", "--data-root", str(tmp_path),
+            "--profile", str(tmp_path / "profiles"), "--profile-format", "cprofile",
+        ],
+        cwd=ROOT, capture_output=True, text=True, timeout=50,
+    )  # fmt: skip
+    assert finished.returncode == 0, finished.stderr[-4000:]
+    stats = pstats.Stats(str(tmp_path / "profiles" / "send_message-c2-1.prof"))
+    functions = {function for _, _, function in stats.stats}  # type: ignore[attr-defined]
+    assert {"_finish", "_serve_one", "send_message"} <= functions
