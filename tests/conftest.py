@@ -36,6 +36,23 @@ async def app(data_dir: Path) -> AsyncIterator:
         yield app
 
 
+API_KEY = "the-backend-key"
+
+
+def api_config(data_dir: Path, **fields) -> Config:
+    """A server with its HTTP API on a free port (key API_KEY), rate limits off."""
+    return Config(
+        port=0, data_dir=str(data_dir), rate_limit=0, sessions_per_minute=0, api_keys=(API_KEY,), api_port=0, **fields
+    )
+
+
+@pytest.fixture
+async def api_app(data_dir: Path) -> AsyncIterator:
+    """`app` with the HTTP API on (`api_config`)."""
+    async with running(api_config(data_dir)) as app:
+        yield app
+
+
 @pytest.fixture
 def connect(app):
     """connect(name) -> an async context manager for a ScriptClient to `app`."""
@@ -69,6 +86,14 @@ class ServerProcess(ListeningProcess):
     @property
     def output(self) -> bytes:  # type: ignore[override]
         return self.output_bytes()
+
+    async def api_port(self, timeout: float = 10.0) -> int:
+        """The HTTP API's port, from its `api listening on` line (logged right after the WebSocket one)."""
+        marker = b"api listening on 127.0.0.1:"
+        async with asyncio.timeout(timeout):
+            while marker not in self.output:
+                await asyncio.sleep(0.05)
+        return int(self.output.split(marker)[1].split()[0])
 
     def read_rest(self) -> str:
         """Everything the process printed, once it has exited."""

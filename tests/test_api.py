@@ -6,7 +6,6 @@ real JSON Schema validator (jsonschema), so the document and the server agree.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 from urllib.parse import quote
@@ -14,16 +13,14 @@ from urllib.parse import quote
 import aiohttp
 import jsonschema
 import pytest
-from conftest import ServerProcess
+from conftest import API_KEY, ServerProcess
 
 from client import ScriptClient
 from client.process import NotListening
-from server.app import running
-from server.config import Config
 
 pytestmark = pytest.mark.timeout(60)
 
-KEY = "an-api-key-of-the-backend"
+KEY = API_KEY
 PATHS = [
     ("post", "/api/v1/sessions"),
     ("get", "/api/v1/sessions/{session_id}"),
@@ -75,14 +72,13 @@ def _matches(template: str, path: str) -> bool:
 
 
 @pytest.fixture
-async def api(data_dir):
-    config = Config(port=0, data_dir=str(data_dir), rate_limit=0, sessions_per_minute=0, api_keys=(KEY,), api_port=0)
-    async with running(config) as app, aiohttp.ClientSession() as http:
-        base = f"http://127.0.0.1:{app.api_port}"
+async def api(api_app):
+    async with aiohttp.ClientSession() as http:
+        base = f"http://127.0.0.1:{api_app.api_port}"
         async with http.get(base + "/api/v1/openapi.json") as r:
             assert r.status == 200
             spec = await r.json()
-        yield Api(http, base, spec), app
+        yield Api(http, base, spec), api_app
 
 
 async def test_the_openapi_document_has_every_path_of_the_table_and_is_valid(api):
@@ -230,10 +226,7 @@ async def test_the_api_logs_where_it_listens_and_keys_come_from_the_environment(
     monkeypatch.setenv("SECTIONCHAT_API_KEYS", "one, two")
     server = ServerProcess(data_dir, "--api-port", "0").start()
     try:
-        async with asyncio.timeout(10):
-            while b"api listening on" not in server.output:
-                await asyncio.sleep(0.05)  # the log line comes right after the WebSocket one
-        port = int(server.output.split(b"api listening on 127.0.0.1:")[1].split()[0])
+        port = await server.api_port()
         async with aiohttp.ClientSession() as http:
             for key, expected in (("one", 404), ("two", 404), ("three", 401)):
                 headers = {"Authorization": f"Bearer {key}"}

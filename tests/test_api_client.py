@@ -3,29 +3,21 @@
 from __future__ import annotations
 
 import pytest
+from conftest import API_KEY
 
 from client import ScriptClient
 from client.api import ApiClient, Unauthorized
 from client.chat import BadRequest, Conflict, NotFound
 from protocol.messages import MessageDeleted, MessageEdited, MessageEvent, ReactionEvent, SessionCreated
-from server.app import running
-from server.config import Config
 
 pytestmark = pytest.mark.timeout(60)
 
-KEY = "the-backend-key"
+KEY = API_KEY
 
 
 @pytest.fixture
-async def server(data_dir):
-    config = Config(port=0, data_dir=str(data_dir), rate_limit=0, sessions_per_minute=0, api_keys=(KEY,), api_port=0)
-    async with running(config) as app:
-        yield app
-
-
-@pytest.fixture
-async def api(server):
-    async with ApiClient(f"http://127.0.0.1:{server.api_port}", KEY) as client:
+async def api(api_app):
+    async with ApiClient(f"http://127.0.0.1:{api_app.api_port}", KEY) as client:
         yield client
 
 
@@ -128,7 +120,7 @@ async def test_ids_round_trip(api: ApiClient, odd: str):
     assert (await api.delete_document(odd)).sessions_deleted == 1
 
 
-async def test_errors_carry_their_class_code_and_status(api: ApiClient, server):
+async def test_errors_carry_their_class_code_and_status(api: ApiClient, api_app):
     with pytest.raises(NotFound) as not_found:
         await api.get_session("no-such-session")
     assert not_found.value.code == "not_found" and not_found.value.status == 404  # type: ignore[attr-defined]
@@ -146,14 +138,14 @@ async def test_errors_carry_their_class_code_and_status(api: ApiClient, server):
     with pytest.raises(BadRequest):
         await api.history(sid, limit=0)
 
-    async with ApiClient(f"http://127.0.0.1:{server.api_port}", "wrong") as wrong:
+    async with ApiClient(f"http://127.0.0.1:{api_app.api_port}", "wrong") as wrong:
         with pytest.raises(Unauthorized) as unauthorized:
             await wrong.get_session(sid)
     assert unauthorized.value.status == 401
 
 
-async def test_writes_reach_websocket_subscribers(api: ApiClient, server):
-    async with ScriptClient.connect(server.url, name="alice") as alice:
+async def test_writes_reach_websocket_subscribers(api: ApiClient, api_app):
+    async with ScriptClient.connect(api_app.url, name="alice") as alice:
         await alice.call("subscribe", document_id="doc", section_id="intro")
         sid = (await api.create_session("bot", "doc", "intro", title="From the backend")).session.session_id
         assert (await alice.next_event("session_created"))["session"]["session_id"] == sid

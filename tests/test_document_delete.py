@@ -9,15 +9,14 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import NO_RATE_LIMITS, ServerProcess, redis_values
+from conftest import API_KEY, NO_RATE_LIMITS, ServerProcess, api_config, redis_values
 
 from client import ScriptClient
 from server.app import running
-from server.config import Config
 
 pytestmark = pytest.mark.timeout(90)
 
-KEY = "the-backend-key"
+KEY = API_KEY
 SECRET_TEXT = "the secret of the doomed document"
 KEPT_TEXT = "what the other document says"
 
@@ -72,8 +71,7 @@ async def check_deleted(url: str, ids: dict[str, str]) -> None:
 
 
 async def test_deleting_a_document_removes_everything_of_it_and_tells_its_subscribers_and_watchers(data_dir):
-    config = Config(port=0, data_dir=str(data_dir), rate_limit=0, sessions_per_minute=0, api_keys=(KEY,), api_port=0)
-    async with running(config) as app:
+    async with running(api_config(data_dir)) as app:
         ids = await seed(app.url)
         async with (
             ScriptClient.connect(app.url, name="sub") as sub,
@@ -111,10 +109,7 @@ async def test_a_deletion_survives_kill_9_in_the_middle(data_dir, wait_for_reply
     server = ServerProcess(data_dir, *args).start()
     try:
         ids = await seed(server.url)
-        async with asyncio.timeout(10):
-            while b"api listening on 127.0.0.1:" not in server.output:
-                await asyncio.sleep(0.05)
-        api_port = int(server.output.split(b"api listening on 127.0.0.1:")[1].split()[0])
+        api_port = await server.api_port()
         if wait_for_reply:
             assert (await delete(api_port, "doomed"))[0] == 200
         else:
@@ -124,11 +119,8 @@ async def test_a_deletion_survives_kill_9_in_the_middle(data_dir, wait_for_reply
         server.kill()
         server.close()
         server = ServerProcess(data_dir, *args).start()
-        async with asyncio.timeout(10):
-            while b"api listening on 127.0.0.1:" not in server.output:
-                await asyncio.sleep(0.05)
+        api_port = await server.api_port()
         if not wait_for_reply:  # not acknowledged: the client retries, and the retry finishes it
-            api_port = int(server.output.split(b"api listening on 127.0.0.1:")[1].split()[0])
             assert (await delete(api_port, "doomed"))[0] == 200
         await check_deleted(server.url, ids)
         await gone_from(data_dir)
@@ -137,11 +129,7 @@ async def test_a_deletion_survives_kill_9_in_the_middle(data_dir, wait_for_reply
 
 
 async def test_deleting_a_document_on_redis_removes_its_keys(data_dir, redis_server):
-    config = Config(
-        port=0, data_dir=str(data_dir), rate_limit=0, sessions_per_minute=0, api_keys=(KEY,), api_port=0,
-        storage=redis_server.url,
-    )  # fmt: skip
-    async with running(config) as app:
+    async with running(api_config(data_dir, storage=redis_server.url)) as app:
         ids = await seed(app.url)
         assert SECRET_TEXT.encode() in await redis_values(redis_server.url)
         assert (await delete(app.api_port, "doomed"))[1]["sessions_deleted"] == 2

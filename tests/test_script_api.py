@@ -7,27 +7,19 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import API_KEY
 
 from client.script import amain
-from server.app import running
-from server.config import Config
 
 pytestmark = pytest.mark.timeout(60)
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples" / "api").glob("*.yaml"))
-KEY = "the-scenario-key"
+KEY = API_KEY
 
 
-@pytest.fixture
-async def server(data_dir):
-    config = Config(port=0, data_dir=str(data_dir), rate_limit=0, sessions_per_minute=0, api_keys=(KEY,), api_port=0)
-    async with running(config) as app:
-        yield app
-
-
-def options(server) -> list[str]:
-    return ["--url", server.url, "--api-url", f"http://127.0.0.1:{server.api_port}", "--api-key", KEY]
+def options(api_app) -> list[str]:
+    return ["--url", api_app.url, "--api-url", f"http://127.0.0.1:{api_app.api_port}", "--api-key", KEY]
 
 
 def scenario(tmp_path: Path, text: str) -> str:
@@ -41,10 +33,10 @@ def test_the_example_is_there():
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda path: path.stem)
-async def test_each_api_example_passes_twice(example: Path, server, capsys, tmp_path):
+async def test_each_api_example_passes_twice(example: Path, api_app, capsys, tmp_path):
     record = tmp_path / "run.jsonl"
     for _ in range(2):  # ${run_id}: a second run against the same server meets none of the first one's data
-        assert await amain([str(example), *options(server), "--record", str(record)]) == 0
+        assert await amain([str(example), *options(api_app), "--record", str(record)]) == 0
         out = capsys.readouterr().out
         assert out.startswith(f"PASS {example}") and len(out.splitlines()) == 1, out
     entries = [json.loads(line) for line in record.read_text().splitlines()]
@@ -53,7 +45,7 @@ async def test_each_api_example_passes_twice(example: Path, server, capsys, tmp_
     assert calls[1]["frame"]["status"] == 201
 
 
-async def test_the_key_comes_from_the_environment_or_the_file(server, capsys, tmp_path, monkeypatch):
+async def test_the_key_comes_from_the_environment_or_the_file(api_app, capsys, tmp_path, monkeypatch):
     path = scenario(
         tmp_path,
         f"""
@@ -64,11 +56,11 @@ async def test_the_key_comes_from_the_environment_or_the_file(server, capsys, tm
             expect: {{status: 404, body: {{error: {{code: not_found}}}}}}
         """,
     )
-    monkeypatch.setenv("SECTIONCHAT_API_URL", f"http://127.0.0.1:{server.api_port}")
-    assert await amain([path, "--url", server.url]) == 0, capsys.readouterr()
+    monkeypatch.setenv("SECTIONCHAT_API_URL", f"http://127.0.0.1:{api_app.api_port}")
+    assert await amain([path, "--url", api_app.url]) == 0, capsys.readouterr()
 
 
-async def test_a_mismatch_fails_with_the_status_and_body(server, capsys, tmp_path):
+async def test_a_mismatch_fails_with_the_status_and_body(api_app, capsys, tmp_path):
     path = scenario(
         tmp_path,
         """
@@ -78,13 +70,13 @@ async def test_a_mismatch_fails_with_the_status_and_body(server, capsys, tmp_pat
             expect: {status: 200}
         """,
     )
-    assert await amain([path, *options(server)]) == 1
+    assert await amain([path, *options(api_app)]) == 1
     out = capsys.readouterr().out
     assert "step 1 of 1, line 3" in out
     assert "$.status: expected 200, got 201" in out
 
 
-async def test_without_expect_an_error_status_fails(server, capsys, tmp_path):
+async def test_without_expect_an_error_status_fails(api_app, capsys, tmp_path):
     path = scenario(
         tmp_path,
         """
@@ -93,7 +85,7 @@ async def test_without_expect_an_error_status_fails(server, capsys, tmp_path):
           - api: {method: GET, path: /api/v1/sessions/unknown}
         """,
     )
-    assert await amain([path, *options(server)]) == 1
+    assert await amain([path, *options(api_app)]) == 1
     assert "answered 404" in capsys.readouterr().out
 
 
