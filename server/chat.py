@@ -547,8 +547,6 @@ class Chat:
             return
         self.subscriptions.broadcast(section.audience, event, cause)
         self.subscriptions.section_changed(section.key)
-        for hook in self.stored_hooks:
-            hook(section.key)
         mentioned = newly_mentioned(record)
         if mentioned and cause is not None:
             # Told by the node that stored it (cause: a write of ours), to its connections and the other nodes';
@@ -575,6 +573,9 @@ class Chat:
             self.metrics.messages_stored.inc(messages)
         if sessions:
             self.metrics.sessions_created.inc(sessions)
+        if records:
+            for hook in self.stored_hooks:  # once a batch (other nodes' batches: section_changed)
+                hook(section.key)
         self.sections.stored(section)
 
     # Other nodes (see server/cluster.py) ----------------------------------------
